@@ -1,0 +1,200 @@
+"""Validated configuration of a currsearch experiment.
+
+A configuration file is TOML (``.toml``) or YAML (``.yaml``/``.yml``) with the sections
+``[data]``, ``[model]``, ``[optim]``, ``[train]`` and ``[record]``; every key is optional
+and defaults to a setup that runs on the embedded corpus in seconds on a laptop CPU.
+Unknown keys and invalid values raise :class:`~currsearch.errors.ConfigError` naming the
+key and the accepted values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class DataConfig(_Section):
+    """Corpus, tokenizer and batch plan.
+
+    ``num_batches`` is T, the number of batches in the ordered window (one optimizer
+    step each); every batch holds ``batch_size`` sequences of ``seq_len`` tokens.
+    """
+
+    corpus: str = Field("default", description="'default' (embedded corpus), local files/dir, or a hub dataset name")
+    text_field: str = "text"
+    domain_field: str = "domain"
+    tokenizer: Optional[str] = Field(None, description="local pretrained tokenizer dir; None trains a byte-level BPE")
+    vocab_size: int = Field(1024, ge=260, le=65536)
+    seq_len: int = Field(64, ge=8, le=4096)
+    batch_size: int = Field(8, ge=1, le=4096)
+    num_batches: int = Field(32, ge=2, le=100000)
+    batching: Literal["domain", "mixed"] = "domain"
+    eval_seqs_per_domain: int = Field(16, ge=1)
+    plan_seed: int = 0
+
+
+class ModelConfig(_Section):
+    """A GPT-2-style causal LM built from a small config, or a local model directory."""
+
+    path: Optional[str] = Field(None, description="local transformers model dir; None builds GPT-2 from the sizes below")
+    n_layer: int = Field(2, ge=1, le=48)
+    n_embd: int = Field(64, ge=8, le=4096)
+    n_head: int = Field(4, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class OptimConfig(_Section):
+    """AdamW with decoupled weight decay (Loshchilov & Hutter, 2019), global-norm clipping.
+
+    The learning-rate schedule spans the warm-up phase and the ordered window together
+    (``train.warmup_steps + data.num_batches`` steps).
+    """
+
+    lr: float = Field(2e-3, gt=0, le=1.0)
+    schedule: Literal["constant", "warmup_cosine"] = "constant"
+    warmup_frac: float = Field(0.05, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="max global gradient L2 norm; None disables clipping")
+
+
+class TrainConfig(_Section):
+    """Seed, device and the optional warm-up phase before the ordered window.
+
+    With ``warmup_steps > 0`` the model first trains on a separate mixed split; with
+    ``carry_optimizer_state`` its Adam moments and step count carry into the window (the
+    realistic mid-training case), otherwise the window starts with a fresh Adam state.
+    """
+
+    seed: int = 0
+    warmup_steps: int = Field(300, ge=0)
+    carry_optimizer_state: bool = False
+    device: str = "cpu"
+    dtype: Literal["float32", "float64"] = "float32"
+    eval_batch_size: int = Field(64, ge=1)
+
+
+class RecordConfig(_Section):
+    """What the recorder stores (see :mod:`currsearch.record`)."""
+
+    terms: tuple[str, ...] = ("updates", "readouts")
+    anchor_stride: int = Field(1, ge=1)
+    projection: Literal["rademacher", "gaussian", "countsketch"] = "rademacher"
+    projection_dim: int = Field(512, ge=1)
+    projection_seed: int = 0
+    max_disk_bytes: float = Field(8e9, gt=0)
+    max_memory_bytes: float = Field(8e9, gt=0)
+    max_seconds: float = Field(6 * 3600, gt=0)
+
+
+class Config(_Section):
+    """The whole experiment configuration."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    record: RecordConfig = RecordConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable dict of every value, defaults included."""
+        return self.model_dump(mode="json")
+
+    def fingerprint(self, *sections: str) -> str:
+        """SHA-256 (hex) of the canonical JSON of the given sections (all when none)."""
+        d = self.to_dict()
+        if sections:
+            d = {k: d[k] for k in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+    def replace(self, **sections: dict[str, Any]) -> "Config":
+        """Return a copy with some keys of some sections replaced, validated.
+
+        Example: ``cfg.replace(data={"num_batches": 16})``.
+        """
+        d = self.to_dict()
+        for name, values in sections.items():
+            if name not in d:
+                raise ConfigError(f"unknown config section {name!r}; sections are {sorted(d)}")
+            d[name].update(values)
+        return config_from_dict(d)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {loc}: unknown key; remove it or check its spelling")
+        else:
+            lines.append(f"  - {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def config_from_dict(d: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate a nested dict into a :class:`Config`.
+
+    Raises:
+        ConfigError: an unknown key or an invalid value, with its dotted location.
+    """
+    try:
+        return Config.model_validate(d or {})
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load and validate a TOML or YAML config file; ``None`` gives the defaults.
+
+    Raises:
+        ConfigError: the file is missing, has an unknown suffix, does not parse, or holds
+            an invalid value.
+    """
+    if path is None:
+        return Config()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing .toml or .yaml file")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            d = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            d = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"config file {str(p)!r} must end in .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"config file {str(p)!r} does not parse: {err}") from None
+    except Exception as err:  # yaml.YAMLError
+        raise ConfigError(f"config file {str(p)!r} does not parse: {err}") from None
+    if d is not None and not isinstance(d, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(d).__name__}")
+    return config_from_dict(d or {}, source=str(p))

@@ -1,0 +1,1 @@
+"""Embedded default text corpus (train.jsonl, validation.jsonl); rebuild with ``python -m currsearch.corpus.build``."""

@@ -1,0 +1,180 @@
+"""BatchPlan: the corpus packed into T batches (the unit of ordering) and eval sets.
+
+Packing (deterministic given the corpus, tokenizer and ``data.plan_seed``): the documents of
+each domain are tokenized, joined with the end-of-text token and cut into sequences of
+``seq_len`` tokens; each domain's sequences are shuffled with the plan seed. Window batches
+take ``batch_size`` sequences each: with ``batching = "domain"`` every batch comes from one
+domain (domains get T // D batches, the first T % D one more); with ``"mixed"`` the
+sequences of all domains are pooled and shuffled. Batch indices are then shuffled, so the
+reference order ``0, 1, ..., T-1`` interleaves domains at random. Sequences not used by the window form the
+warm-up pool (mixed). Eval sets are the first ``eval_seqs_per_domain`` sequences of each
+domain's validation split, plus ``"all"`` (their union).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import Config
+from .errors import CorpusError
+
+
+@dataclass
+class BatchPlan:
+    """Batches, eval sets and per-batch metadata.
+
+    Attributes:
+        batches: int64 ``[T, batch_size, seq_len]`` token ids of the window batches.
+        domains: domain name of each batch (``"mixed"`` for mixed batches), length T.
+        metadata: per batch, a dict with ``domain``, ``n_tokens`` (int), ``unigram_nll``
+            (mean negative log unigram probability of its tokens under the train split,
+            nats/token: a difficulty proxy) and ``bytes_per_token`` (UTF-8 bytes per token).
+        eval_names: names of the E eval sets: the sorted domain names, then ``"all"``.
+        eval_sets: int64 ``[N_e, seq_len]`` per eval set name.
+        warmup_pool: int64 ``[N_w, seq_len]`` train sequences outside the window (mixed).
+        domain_names: sorted names of the corpus domains.
+    """
+
+    batches: torch.Tensor
+    domains: list[str]
+    metadata: list[dict]
+    eval_names: list[str]
+    eval_sets: dict[str, torch.Tensor]
+    warmup_pool: torch.Tensor
+    domain_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_batches(self) -> int:
+        """T, the number of window batches."""
+        return int(self.batches.shape[0])
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the batches, eval sets, warm-up pool and domain labels."""
+        h = hashlib.sha256()
+        for t in [self.batches, self.warmup_pool] + [self.eval_sets[n] for n in self.eval_names]:
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.contiguous().numpy().tobytes())
+        h.update("|".join(self.domains + self.eval_names).encode())
+        return h.hexdigest()
+
+    def warmup_batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
+        """Warm-up batch ``step`` (int64 ``[batch_size, seq_len]``): epochs over the pool,
+        reshuffled each epoch with ``seed``."""
+        n = self.warmup_pool.shape[0]
+        per_epoch = n // batch_size
+        epoch, i = divmod(step, per_epoch)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        return self.warmup_pool[perm[i * batch_size : (i + 1) * batch_size]]
+
+
+def _sequences(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(eos)
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len], dtype=torch.int64).view(n, seq_len)
+
+
+def build_plan(cfg: Config, corpus, tokenizer) -> BatchPlan:
+    """Pack ``corpus`` (``load_corpus`` output) into a :class:`BatchPlan` for ``cfg.data``.
+
+    Raises:
+        CorpusError: a domain has too few train sequences for its share of the T batches,
+            too few validation sequences for its eval set, or nothing is left for the
+            warm-up pool when ``train.warmup_steps > 0``; the message gives the numbers and
+            which setting to lower.
+    """
+    d = cfg.data
+    T, B, S = d.num_batches, d.batch_size, d.seq_len
+    names = sorted(set(corpus["train"]["domain"]))
+    g = torch.Generator().manual_seed(d.plan_seed)
+
+    train_seqs, eval_sets = {}, {}
+    for name in names:
+        texts = [t for t, dom in zip(corpus["train"]["text"], corpus["train"]["domain"]) if dom == name]
+        seqs = _sequences(texts, tokenizer, S)
+        train_seqs[name] = seqs[torch.randperm(seqs.shape[0], generator=g)]
+        vtexts = [t for t, dom in zip(corpus["validation"]["text"], corpus["validation"]["domain"]) if dom == name]
+        vseqs = _sequences(vtexts, tokenizer, S)
+        if vseqs.shape[0] < d.eval_seqs_per_domain:
+            raise CorpusError(
+                f"domain {name!r} has {vseqs.shape[0]} validation sequences of {S} tokens, fewer than "
+                f"data.eval_seqs_per_domain = {d.eval_seqs_per_domain}; lower it or data.seq_len, or add validation text"
+            )
+        eval_sets[name] = vseqs[: d.eval_seqs_per_domain]
+    eval_sets["all"] = torch.cat([eval_sets[n] for n in names])
+
+    D = len(names)
+    if d.batching == "domain":
+        counts = {n: T // D + (1 if i < T % D else 0) for i, n in enumerate(names)}
+        batches, domains, used = [], [], {}
+        for n in names:
+            need = counts[n] * B
+            have = train_seqs[n].shape[0]
+            if have < need:
+                raise CorpusError(
+                    f"domain {n!r} has {have} train sequences of {S} tokens but its {counts[n]} batches need {need}; "
+                    f"lower data.num_batches ({T}), data.batch_size ({B}) or data.seq_len, or add text"
+                )
+            batches.append(train_seqs[n][:need].view(counts[n], B, S))
+            domains += [n] * counts[n]
+            used[n] = need
+        batches_t = torch.cat(batches)
+    else:
+        per = math.ceil(T * B / D)
+        short = {n: train_seqs[n].shape[0] for n in names if train_seqs[n].shape[0] < per}
+        if short:
+            raise CorpusError(
+                f"mixed batching needs {per} train sequences per domain; too few in {short}; "
+                f"lower data.num_batches, data.batch_size or data.seq_len"
+            )
+        pool = torch.cat([train_seqs[n][:per] for n in names])
+        pool = pool[torch.randperm(pool.shape[0], generator=g)][: T * B]
+        batches_t = pool.view(T, B, S)
+        domains = ["mixed"] * T
+        used = {n: per for n in names}
+
+    # Batch indices carry no order: shuffle them so the reference order 0..T-1 interleaves domains.
+    shuffle = torch.randperm(T, generator=g)
+    batches_t = batches_t[shuffle]
+    domains = [domains[i] for i in shuffle.tolist()]
+
+    rest = [train_seqs[n][used[n] :] for n in names]
+    m = min(r.shape[0] for r in rest)
+    warm = torch.stack([r[:m] for r in rest], dim=1).reshape(-1, S) if m else torch.zeros(0, S, dtype=torch.int64)
+    if cfg.train.warmup_steps > 0 and warm.shape[0] < B:
+        raise CorpusError(
+            f"no train text is left for the warm-up phase ({warm.shape[0]} sequences, need at least {B}); "
+            "set train.warmup_steps = 0 or lower data.num_batches"
+        )
+
+    # difficulty proxies
+    counts_all = Counter(torch.cat([s.reshape(-1) for s in train_seqs.values()]).tolist())
+    total = sum(counts_all.values())
+    V = max(len(tokenizer), 1)
+    logp = {tok: math.log((c + 1) / (total + V)) for tok, c in counts_all.items()}
+    metadata = []
+    for l in range(T):
+        toks = batches_t[l].reshape(-1).tolist()
+        nll = -sum(logp.get(t, math.log(1 / (total + V))) for t in toks) / len(toks)
+        n_bytes = len(tokenizer.decode(toks).encode("utf-8"))
+        metadata.append(
+            {"domain": domains[l], "n_tokens": len(toks), "unigram_nll": nll, "bytes_per_token": n_bytes / len(toks)}
+        )
+    return BatchPlan(
+        batches=batches_t.contiguous(),
+        domains=domains,
+        metadata=metadata,
+        eval_names=names + ["all"],
+        eval_sets=eval_sets,
+        warmup_pool=warm.contiguous(),
+        domain_names=names,
+    )

@@ -1,0 +1,199 @@
+"""Trainer: real AdamW training of a causal LM over any order of a BatchPlan's batches.
+
+This is the ground truth for every fidelity claim: on CPU the same config and order give
+bit-identical parameters. Training is an optional warm-up phase on the plan's mixed warm-up
+pool, followed by the ordered window of T steps (one batch each). The Adam state at the
+window start is fresh, or carried from the warm-up phase (``train.carry_optimizer_state``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .adam import AdamState, adam_direction, clip_grad, lr_at
+from .config import Config
+from .data import corpus_fingerprint, get_tokenizer, load_corpus
+from .model import FlatModel, build_model
+from .orders import validate_orders
+from .plan import BatchPlan, build_plan
+
+
+@dataclass
+class WindowStart:
+    """Parameters and optimizer state at the start of the ordered window.
+
+    Attributes:
+        theta: float ``[P]`` parameters theta_0.
+        adam: Adam moments (fresh, or carried from the warm-up phase).
+        step_offset: global step index of window step 0 (= ``train.warmup_steps``), used by
+            the learning-rate schedule.
+    """
+
+    theta: torch.Tensor
+    adam: AdamState
+    step_offset: int
+
+
+@dataclass
+class TrainResult:
+    """Outcome of training one order.
+
+    Attributes:
+        order: int64 ``[T]`` the order trained.
+        theta: float ``[P]`` final parameters.
+        adam: final Adam state.
+        train_losses: float64 ``[T]``, loss (nats/token) of the batch at step t, before its update.
+        eval_losses: float64 ``[E]``, final loss per eval set (nats/token), in ``eval_names`` order.
+        eval_names: the E eval set names (domains, then ``"all"``).
+        seconds: wall time of the window (warm-up phase excluded), seconds.
+    """
+
+    order: torch.Tensor
+    theta: torch.Tensor
+    adam: AdamState
+    train_losses: torch.Tensor
+    eval_losses: torch.Tensor
+    eval_names: list[str]
+    seconds: float
+
+    def eval_dict(self) -> dict[str, float]:
+        """``{eval set: loss in nats/token}``."""
+        return {n: float(x) for n, x in zip(self.eval_names, self.eval_losses)}
+
+    def perplexity(self) -> dict[str, float]:
+        """``{eval set: exp(loss)}``."""
+        return {n: math.exp(float(x)) for n, x in zip(self.eval_names, self.eval_losses)}
+
+    def summary(self) -> dict:
+        """JSON-serializable summary (order, losses, perplexities, seconds)."""
+        return {
+            "order": self.order.tolist(),
+            "eval_loss": self.eval_dict(),
+            "perplexity": self.perplexity(),
+            "train_loss": self.train_losses.tolist(),
+            "seconds": self.seconds,
+        }
+
+
+@functools.lru_cache(maxsize=4)
+def _prepare_data(data_json: str, warmup_steps: int):
+    from .config import config_from_dict
+    import json
+
+    cfg = config_from_dict({"data": json.loads(data_json), "train": {"warmup_steps": warmup_steps}})
+    corpus = load_corpus(cfg.data)
+    chash = corpus_fingerprint(corpus)
+    tok = get_tokenizer(cfg.data, corpus, chash)
+    plan = build_plan(cfg, corpus, tok)
+    return chash, tok, plan
+
+
+class Trainer:
+    """AdamW training over orders of a :class:`BatchPlan` (see module docstring).
+
+    Args:
+        cfg: experiment config (``optim`` and ``train`` sections are used here).
+        plan: the batch plan.
+        model: the flat model; its module's current parameters are the initial weights.
+        corpus_hash: SHA-256 of the corpus (recorded in stores), optional.
+        tokenizer: the tokenizer (kept for callers), optional.
+    """
+
+    def __init__(self, cfg: Config, plan: BatchPlan, model: FlatModel, corpus_hash: str = "", tokenizer=None):
+        self.cfg = cfg
+        self.plan = plan
+        self.model = model
+        self.corpus_hash = corpus_hash
+        self.tokenizer = tokenizer
+        self.theta_init = model.flatten()
+        self.device = model.device
+        self._start: WindowStart | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Trainer":
+        """Load the corpus, tokenizer, plan and model of ``cfg`` (data cached per process).
+
+        Raises:
+            CorpusError, ModelError, ConfigError: as the loaders do, before any training.
+        """
+        chash, tok, plan = _prepare_data(cfg.data.model_dump_json(), cfg.train.warmup_steps)
+        model = FlatModel(build_model(cfg, len(tok)))
+        return cls(cfg, plan, model, chash, tok)
+
+    @property
+    def T(self) -> int:
+        return self.plan.num_batches
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of the learning-rate schedule: warm-up phase plus window."""
+        return self.cfg.train.warmup_steps + self.T
+
+    def batch(self, l: int) -> torch.Tensor:
+        """Window batch ``l`` on the model's device, int64 ``[batch_size, seq_len]``."""
+        return self.plan.batches[l].to(self.device)
+
+    def lr(self, t: int) -> float:
+        """Learning rate of window step ``t`` (0-based)."""
+        return lr_at(self.cfg.train.warmup_steps + t, self.total_steps, self.cfg.optim)
+
+    def step(self, theta: torch.Tensor, adam: AdamState, lr: float, batch: torch.Tensor):
+        """One AdamW step: returns ``(theta_next [P], adam_next, loss)`` (loss before the step, nats/token)."""
+        loss, g = self.model.grad(theta, batch)
+        g = clip_grad(g, self.cfg.optim.grad_clip)
+        gamma, adam = adam_direction(g, adam, theta, self.model.decay_mask, self.cfg.optim)
+        return theta - lr * gamma, adam, float(loss)
+
+    def window_start(self, progress: bool = False) -> WindowStart:
+        """Run (once, then cached) the warm-up phase; return the window's starting point."""
+        if self._start is None:
+            tc = self.cfg.train
+            theta, adam = self.theta_init.clone(), AdamState.fresh(self.theta_init)
+            steps = range(tc.warmup_steps)
+            if progress and tc.warmup_steps:
+                from tqdm.auto import tqdm
+
+                steps = tqdm(steps, desc="warm-up phase", unit="step")
+            for s in steps:
+                b = self.plan.warmup_batch(s, self.cfg.data.batch_size, tc.seed).to(self.device)
+                theta, adam, _ = self.step(theta, adam, lr_at(s, self.total_steps, self.cfg.optim), b)
+            if not tc.carry_optimizer_state:
+                adam = AdamState.fresh(theta)
+            self._start = WindowStart(theta, adam, tc.warmup_steps)
+        return WindowStart(self._start.theta.clone(), self._start.adam.clone(), self._start.step_offset)
+
+    def evaluate(self, theta: torch.Tensor) -> torch.Tensor:
+        """Loss (nats/token) per eval set at ``theta``: float64 ``[E]`` in ``plan.eval_names`` order."""
+        p, bs = self.plan, self.cfg.train.eval_batch_size
+        per = [self.model.eval_loss(theta, p.eval_sets[n], bs) for n in p.domain_names]
+        sizes = [p.eval_sets[n].shape[0] for n in p.domain_names]
+        overall = sum(x * s for x, s in zip(per, sizes)) / sum(sizes)
+        return torch.tensor(per + [overall], dtype=torch.float64)
+
+    def train(self, order, progress: bool = False) -> TrainResult:
+        """Train the window in ``order`` (int64 ``[T]``) from :meth:`window_start`.
+
+        Raises:
+            OrderError: ``order`` is not a permutation of ``0..T-1``.
+        """
+        order = validate_orders(order, self.T)
+        if order.dim() != 1:
+            raise ValueError("Trainer.train takes one order [T]; loop over rows for several")
+        start = self.window_start(progress=progress)
+        theta, adam = start.theta, start.adam
+        t0 = time.perf_counter()
+        losses = torch.empty(self.T, dtype=torch.float64)
+        steps = range(self.T)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="window", unit="step")
+        for t in steps:
+            theta, adam, losses[t] = self.step(theta, adam, self.lr(t), self.batch(int(order[t])))
+        seconds = time.perf_counter() - t0
+        return TrainResult(order, theta, adam, losses, self.evaluate(theta), list(self.plan.eval_names), seconds)

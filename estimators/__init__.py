@@ -1,0 +1,1 @@
+"""Surrogates that map training orders to estimated losses (see estimators/base.py)."""

@@ -1,0 +1,1 @@
+"""Encodings of training orders and curriculum families for Optuna."""
