@@ -75,6 +75,26 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_record(args) -> int:
+    from .record import record
+
+    cfg = resolve_config(args.config, args.set)
+    store = record(cfg, args.out, progress=not args.quiet, check_budget=not args.no_budget)
+    print(store.summary())
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .store import TrajectoryStore
+
+    store = TrajectoryStore.open(args.store, verify=not args.no_verify, allow_incomplete=True)
+    print(store.summary() if store.manifest["phase"] == "complete" else
+          f"incomplete store {store.path} (phase {store.manifest['phase']}, "
+          f"{len(store.manifest['checkpoints_done'])} checkpoints, {len(store.manifest['pairs_done'])} of "
+          f"{len(store.anchors)} pair shards done); run `currsearch record` again to resume")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="currsearch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", default="reference", help="'reference', 'random:SEED' or a JSON file (default: reference)")
     p.add_argument("--out", help="directory for result.json, order.json and model.safetensors")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("record", help="record the reference trajectory store (resumes an interrupted one)")
+    _add_common(p)
+    p.add_argument("--out", required=True, help="store directory")
+    p.add_argument("--no-budget", action="store_true", help="record even if an estimate exceeds record.max_*")
+    p.set_defaults(func=cmd_record)
+
+    p = sub.add_parser("inspect", help="print a summary of a trajectory store")
+    p.add_argument("store", help="store directory")
+    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of every file")
+    p.set_defaults(func=cmd_inspect)
     return parser
 
 

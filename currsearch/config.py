@@ -99,10 +99,16 @@ class TrainConfig(_Section):
 
 
 class RecordConfig(_Section):
-    """What the recorder stores (see :mod:`currsearch.record`)."""
+    """What the recorder stores (see :mod:`currsearch.record`) and its budgets.
 
-    terms: tuple[str, ...] = ("updates", "readouts")
+    ``terms`` names recorded pair terms (``currsearch.record.TERMS``); pair terms are taken
+    at every ``anchor_stride``-th checkpoint; projections are ``projection_dim``-dimensional
+    JL sketches regenerated from ``projection_seed``. Budgets are in seconds and bytes.
+    """
+
+    terms: tuple[str, ...] = ("batch_losses", "updates", "grads", "eval_grads", "readouts")
     anchor_stride: int = Field(1, ge=1)
+    vmap_chunk: int = Field(16, ge=1, description="batches per vmapped gradient call (memory bound)")
     projection: Literal["rademacher", "gaussian", "countsketch"] = "rademacher"
     projection_dim: int = Field(512, ge=1)
     projection_seed: int = 0

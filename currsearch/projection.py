@@ -1,0 +1,75 @@
+"""Seeded Johnson-Lindenstrauss projections R^P -> R^k, regenerated from the seed.
+
+The dense P x k matrix is never stored: it is generated block by block (``block`` input
+coordinates at a time) from a ``torch.Generator`` seeded with ``(seed, block index)``, so
+the same seed gives the same projection on any machine and device.
+
+Kinds:
+  * ``rademacher``: entries +-1/sqrt(k) (Achlioptas 2003).
+  * ``gaussian``: entries N(0, 1/k) (Johnson & Lindenstrauss 1984).
+  * ``countsketch``: each coordinate i goes to one bucket h(i) with sign s(i)
+    (Charikar et al. 2002; a sparse JL transform with one non-zero per column), O(P) per vector.
+
+All three preserve inner products in expectation: E[<Px, Py>] = <x, y>, with standard
+deviation about ||x|| ||y|| sqrt(2/k) for the dense kinds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KINDS = ("rademacher", "gaussian", "countsketch")
+
+
+class Projector:
+    """A seeded JL projection of ``dim_in``-vectors to ``dim_out``.
+
+    Args:
+        kind: one of ``rademacher``, ``gaussian``, ``countsketch``.
+        dim_in: P, input dimension.
+        dim_out: k, output dimension.
+        seed: projection seed.
+        block: input coordinates generated per block (memory ``block * k * 4`` bytes).
+
+    Raises:
+        ValueError: unknown kind or non-positive dimensions.
+    """
+
+    def __init__(self, kind: str, dim_in: int, dim_out: int, seed: int, block: int = 4096):
+        if kind not in KINDS:
+            raise ValueError(f"unknown projection kind {kind!r}; choose one of {KINDS}")
+        if dim_in <= 0 or dim_out <= 0:
+            raise ValueError(f"projection dimensions must be positive, got {dim_in} -> {dim_out}")
+        self.kind, self.dim_in, self.dim_out, self.seed, self.block = kind, dim_in, dim_out, seed, block
+
+    def _gen(self, j: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + j)
+
+    def _block_matrix(self, j: int, rows: int) -> torch.Tensor:
+        g = self._gen(j)
+        if self.kind == "gaussian":
+            return torch.randn(rows, self.dim_out, generator=g) / self.dim_out**0.5
+        signs = torch.randint(0, 2, (rows, self.dim_out), generator=g, dtype=torch.int8)
+        return (signs.float() * 2 - 1) / self.dim_out**0.5
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Project ``x`` (float ``[..., P]``) to float32 ``[..., k]`` on ``x``'s device."""
+        if x.shape[-1] != self.dim_in:
+            raise ValueError(f"projection expects last dimension {self.dim_in}, got {tuple(x.shape)}")
+        x = x.float()
+        out = torch.zeros(*x.shape[:-1], self.dim_out, dtype=torch.float32, device=x.device)
+        for j, lo in enumerate(range(0, self.dim_in, self.block)):
+            hi = min(lo + self.block, self.dim_in)
+            xb = x[..., lo:hi]
+            if self.kind == "countsketch":
+                g = self._gen(j)
+                h = torch.randint(0, self.dim_out, (hi - lo,), generator=g).to(x.device)
+                s = (torch.randint(0, 2, (hi - lo,), generator=g).float() * 2 - 1).to(x.device)
+                out.index_add_(-1, h, xb * s)
+            else:
+                out += xb @ self._block_matrix(j, hi - lo).to(x.device)
+        return out
+
+    def describe(self) -> dict:
+        """JSON description (kind, dims, seed, block), enough to regenerate the projection."""
+        return {"kind": self.kind, "dim_in": self.dim_in, "dim_out": self.dim_out, "seed": self.seed, "block": self.block}

@@ -1,0 +1,438 @@
+"""Recorder: train the reference order once and record what estimators need.
+
+Two phases, both resumable from the last completed checkpoint:
+
+1. **Reference run** (one training run of the reference order ``0..T-1``): at every anchor
+   checkpoint t (``record.anchor_stride`` s: t = 0, s, 2s, ...) the state theta_t and the
+   reference Adam moments (m, v, step) *before* step t, and the eval losses at theta_t, are
+   saved; at the end theta_T and its eval losses.
+2. **Pairs**: at every anchor t and for every batch B_l, the pluggable terms of
+   ``record.terms`` are computed from the gradient g(theta_t, B_l) (clipped) and the Adam
+   update term Gamma(theta_t, B_l) that the optimizer would take with the reference moments
+   (arXiv 2505.22042, Sec. 3; math in ``currsearch.adam``). All T batch gradients at a
+   checkpoint are computed in one ``torch.func.vmap`` call (chunked).
+
+Terms (``TERMS``; an estimator declares the ones it needs):
+
+* ``batch_losses``: ``batch_loss`` [T] float64, L(theta_t; B_l) in nats/token.
+* ``updates``: ``update_proj`` [T, k] float32, the JL projection of Gamma(theta_t, B_l).
+* ``grads``: ``grad_proj`` [T, k] float32, the JL projection of g(theta_t, B_l).
+* ``eval_grads``: ``eval_grad_proj`` [E, k] float32, projected eval-set gradients at theta_t.
+* ``readouts``: exact full-dimension inner products (design note lesson 3): ``readout_update``
+  [T, E] = <grad L_e(theta_t), Gamma(theta_t, B_l)>, ``readout_update_final`` [T, E] =
+  <grad L_e(theta_T), Gamma(theta_t, B_l)>, ``readout_grad`` [T, E] = <grad L_e(theta_t),
+  g(theta_t, B_l)>, all float64.
+
+New terms are added with :func:`register_term`; each declares its tensors' shapes so the
+recorder can predict the store size before it starts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .adam import AdamState, adam_direction, clip_grad
+from .config import Config
+from .errors import BudgetError, ConfigError, StoreError
+from .projection import Projector
+from .store import (
+    FORMAT,
+    SCHEMA_VERSION,
+    TrajectoryStore,
+    atomic_save_tensors,
+    config_diff,
+    sha256_file,
+    tensor_sha256,
+    write_manifest,
+)
+from .train import Trainer
+
+_DTYPE_BYTES = {torch.float32: 4, torch.float64: 8, torch.int64: 8}
+# tensors' dims are written with these symbols and filled in from the store's sizes
+Dims = dict  # {"T": int, "P": int, "k": int, "E": int}
+
+
+@dataclass(frozen=True)
+class Term:
+    """A recordable term.
+
+    Attributes:
+        name: term name used in ``record.terms`` and ``Estimator.required_terms``.
+        doc: one line on what it holds.
+        tensors: per anchor, ``{tensor name: (shape as dim symbols, dtype)}``.
+        compute: ``AnchorContext -> {tensor name: tensor}`` for one anchor.
+    """
+
+    name: str
+    doc: str
+    tensors: dict[str, tuple[tuple[str, ...], torch.dtype]]
+    compute: Callable[["AnchorContext"], dict[str, torch.Tensor]]
+
+    def shapes(self, dims: Dims) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {n: (tuple(dims[d] for d in shape), dt) for n, (shape, dt) in self.tensors.items()}
+
+
+TERMS: dict[str, Term] = {}
+
+
+def register_term(term: Term) -> Term:
+    """Add a term to the registry (replacing one of the same name)."""
+    TERMS[term.name] = term
+    return term
+
+
+class AnchorContext:
+    """Quantities at one anchor checkpoint t, computed lazily and shared by all terms.
+
+    Attributes (lazy): ``grads`` float32 [T, P] clipped g(theta_t, B_l); ``batch_losses``
+    float64 [T]; ``updates`` float32 [T, P] Gamma(theta_t, B_l); ``eval_grads`` float32 [E, P]
+    at theta_t; ``eval_grads_final`` float32 [E, P] at theta_T; ``projector``.
+    """
+
+    def __init__(self, trainer: Trainer, theta: torch.Tensor, adam: AdamState, eval_grads_final, projector, chunk: int):
+        self.trainer, self.theta, self.adam = trainer, theta, adam
+        self.eval_grads_final, self.projector, self.chunk = eval_grads_final, projector, chunk
+
+    @functools.cached_property
+    def _grads_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch_gradients(self.trainer, self.theta, self.trainer.plan.batches, self.chunk)
+
+    @property
+    def grads(self) -> torch.Tensor:
+        return self._grads_losses[0]
+
+    @property
+    def batch_losses(self) -> torch.Tensor:
+        return self._grads_losses[1]
+
+    @functools.cached_property
+    def updates(self) -> torch.Tensor:
+        cfg = self.trainer.cfg.optim
+        gamma, _ = adam_direction(self.grads, self.adam, self.theta, self.trainer.model.decay_mask, cfg)
+        return gamma
+
+    @functools.cached_property
+    def eval_grads(self) -> torch.Tensor:
+        return eval_gradients(self.trainer, self.theta)
+
+
+def batch_gradients(trainer: Trainer, theta: torch.Tensor, batches: torch.Tensor, chunk: int):
+    """Clipped gradients and losses of many batches at one ``theta``.
+
+    Args:
+        batches: int64 ``[n, batch_size, seq_len]``.
+        chunk: batches per ``vmap`` call (bounds activation memory).
+
+    Returns:
+        ``(grads float32 [n, P], losses float64 [n])``.
+    """
+    fm = trainer.model
+    grad_fn = torch.func.vmap(torch.func.grad_and_value(fm.loss), in_dims=(None, 0))
+    gs, ls = [], []
+    for i in range(0, batches.shape[0], chunk):
+        g, l = grad_fn(theta, batches[i : i + chunk].to(fm.device))
+        gs.append(g)
+        ls.append(l)
+    grads = torch.cat(gs)
+    clip = trainer.cfg.optim.grad_clip
+    if clip is not None:
+        grads = torch.stack([clip_grad(g, clip) for g in grads])
+    return grads, torch.cat(ls).double()
+
+
+def eval_gradients(trainer: Trainer, theta: torch.Tensor) -> torch.Tensor:
+    """Gradients of each eval set's mean loss at ``theta``: float32 ``[E, P]``.
+
+    The ``all`` row is the size-weighted mean of the domain rows (the same definition as
+    ``Trainer.evaluate``).
+    """
+    p, fm, bs = trainer.plan, trainer.model, trainer.cfg.train.eval_batch_size
+    rows, sizes = [], []
+    for name in p.domain_names:
+        seqs = p.eval_sets[name]
+        g = torch.zeros_like(theta)
+        for i in range(0, seqs.shape[0], bs):
+            chunk = seqs[i : i + bs]
+            g += fm.grad(theta, chunk.to(fm.device))[1] * (chunk.shape[0] / seqs.shape[0])
+        rows.append(g)
+        sizes.append(seqs.shape[0])
+    w = torch.tensor(sizes, dtype=theta.dtype, device=theta.device) / sum(sizes)
+    rows.append((torch.stack(rows) * w[:, None]).sum(0))
+    return torch.stack(rows)
+
+
+def _readouts(ctx: AnchorContext) -> dict[str, torch.Tensor]:
+    eg, egf = ctx.eval_grads.double(), ctx.eval_grads_final.double()
+    up, gr = ctx.updates.double(), ctx.grads.double()
+    return {"readout_update": up @ eg.T, "readout_update_final": up @ egf.T, "readout_grad": gr @ eg.T}
+
+
+register_term(Term("batch_losses", "loss of every batch at the checkpoint, nats/token",
+                   {"batch_loss": (("T",), torch.float64)}, lambda c: {"batch_loss": c.batch_losses}))
+register_term(Term("updates", "JL projection of the Adam update term Gamma(theta_t, B_l)",
+                   {"update_proj": (("T", "k"), torch.float32)}, lambda c: {"update_proj": c.projector.project(c.updates)}))
+register_term(Term("grads", "JL projection of the clipped gradient g(theta_t, B_l)",
+                   {"grad_proj": (("T", "k"), torch.float32)}, lambda c: {"grad_proj": c.projector.project(c.grads)}))
+register_term(Term("eval_grads", "JL projection of the eval-set gradients at theta_t",
+                   {"eval_grad_proj": (("E", "k"), torch.float32)}, lambda c: {"eval_grad_proj": c.projector.project(c.eval_grads)}))
+register_term(Term("readouts", "exact inner products of eval gradients with update terms and gradients",
+                   {"readout_update": (("T", "E"), torch.float64), "readout_update_final": (("T", "E"), torch.float64),
+                    "readout_grad": (("T", "E"), torch.float64)}, _readouts))
+
+
+# ---------------------------------------------------------------------------- planning
+def _dims(trainer: Trainer, cfg: Config) -> Dims:
+    return {"T": trainer.T, "P": trainer.model.num_params, "k": cfg.record.projection_dim, "E": len(trainer.plan.eval_names)}
+
+
+def _safetensors_bytes(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
+    return sum(math.prod(s) * _DTYPE_BYTES[dt] for s, dt in shapes.values())
+
+
+def store_formula(trainer: Trainer, cfg: Config) -> dict[str, int]:
+    """Predicted store size in bytes (tensor payloads; headers and manifest excluded).
+
+    ``A (3 P 4 + E 8)`` for the checkpoints, ``A * sum(term bytes)`` for the pair terms
+    and ``P 4 + E 8`` for the final state (float32 parameters, float64 losses).
+    """
+    dims = _dims(trainer, cfg)
+    P, E = dims["P"], dims["E"]
+    A = len(range(0, trainer.T, cfg.record.anchor_stride))
+    pa = sum(_safetensors_bytes(TERMS[t].shapes(dims)) for t in cfg.record.terms)
+    psize = {torch.float32: 4, torch.float64: 8}[trainer.model.dtype]
+    ckpt = A * (3 * P * psize + E * 8 + 8)
+    return {"checkpoints": ckpt, "pairs": A * pa, "final": P * psize + E * 8, "total": ckpt + A * pa + P * psize + E * 8}
+
+
+def estimate_cost(trainer: Trainer, cfg: Config) -> dict[str, float]:
+    """Estimated seconds, peak bytes of memory and bytes of disk of a recording.
+
+    Time: one timed training step t_step (measured now) times ``T`` (reference run) plus
+    ``A (T + E')`` gradient evaluations (pairs; E' = eval batches), an upper bound since
+    vmapped gradients are cheaper than sequential steps. Memory: the [T, P] gradient and
+    update matrices, eval gradients and activations of one vmap chunk.
+    """
+    start = trainer.window_start()
+    b = trainer.batch(0)
+    trainer.step(start.theta, start.adam, 0.0, b)  # warm caches
+    t0 = time.perf_counter()
+    for _ in range(2):
+        trainer.step(start.theta, start.adam, 0.0, b)
+    t_step = (time.perf_counter() - t0) / 2
+    T, P, E = trainer.T, trainer.model.num_params, len(trainer.plan.eval_names)
+    A = len(range(0, T, cfg.record.anchor_stride))
+    d = cfg.data
+    eval_batches = sum(math.ceil(trainer.plan.eval_sets[n].shape[0] * 1.0 / d.batch_size) for n in trainer.plan.domain_names)
+    seconds = t_step * (T + A * (T + 2 * eval_batches))
+    mcfg = trainer.model.module.config
+    width = getattr(mcfg, "n_embd", getattr(mcfg, "hidden_size", 256))
+    layers = getattr(mcfg, "n_layer", getattr(mcfg, "num_hidden_layers", 4))
+    act = min(T, cfg.record.vmap_chunk) * d.batch_size * d.seq_len * (24 * width * layers + 3 * getattr(mcfg, "vocab_size", 1)) * 4
+    memory = 4 * P * (3 * T + 2 * E + 8) + act
+    return {"seconds": seconds, "memory_bytes": memory, "disk_bytes": store_formula(trainer, cfg)["total"], "step_seconds": t_step}
+
+
+def _record_settings(cfg: Config) -> dict:
+    r = cfg.record
+    return {"terms": list(r.terms), "anchor_stride": r.anchor_stride, "projection": r.projection,
+            "projection_dim": r.projection_dim, "projection_seed": r.projection_seed}
+
+
+# ---------------------------------------------------------------------------- recording
+class _Recorder:
+    def __init__(self, cfg: Config, out: Path, progress: bool, crash_after_writes: int | None):
+        unknown = [t for t in cfg.record.terms if t not in TERMS]
+        if unknown:
+            raise ConfigError(f"unknown record.terms {unknown}; known terms: {sorted(TERMS)}")
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.crash_after = crash_after_writes
+        self.writes = 0
+        self.trainer = Trainer.from_config(cfg)
+        tr = self.trainer
+        self.T, self.P = tr.T, tr.model.num_params
+        self.anchors = list(range(0, self.T, cfg.record.anchor_stride))
+        self.projector = Projector(cfg.record.projection, self.P, cfg.record.projection_dim, cfg.record.projection_seed)
+        self.t_start = time.perf_counter()
+
+    # -- manifest
+    def _new_manifest(self) -> dict:
+        tr, cfg = self.trainer, self.cfg
+        import transformers
+
+        shapes = {}
+        dims = _dims(tr, cfg)
+        for t in cfg.record.terms:
+            for n, (s, dt) in TERMS[t].shapes(dims).items():
+                shapes[n] = {"shape": list(s), "dtype": str(dt).replace("torch.", ""), "term": t}
+        return {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": cfg.to_dict(),
+            "hashes": {"corpus": tr.corpus_hash, "plan": tr.plan.fingerprint(), "init_weights": tensor_sha256(tr.theta_init),
+                       "config": cfg.fingerprint(*("data", "model", "optim", "train"))},
+            "T": self.T, "P": self.P, "eval_names": list(tr.plan.eval_names),
+            "anchors": self.anchors, "anchor_stride": cfg.record.anchor_stride, "terms": list(cfg.record.terms),
+            "tensors": shapes, "projection": self.projector.describe(),
+            "dtypes": {"params": str(tr.model.dtype).replace("torch.", ""), "losses": "float64"},
+            "versions": {"currsearch": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                         "python": platform.python_version()},
+            "formula_bytes": store_formula(tr, cfg)["total"],
+            "files": {}, "phase": "reference", "checkpoints_done": [], "pairs_done": [],
+            "reference_train_loss": [], "reference_seconds": 0.0, "record_seconds": 0.0,
+        }
+
+    def _load_or_create(self) -> dict:
+        mpath = self.out / "manifest.json"
+        if not mpath.exists():
+            if self.out.exists() and any(self.out.iterdir()):
+                raise StoreError(f"output directory {str(self.out)!r} exists, is not empty and holds no store; choose another --out")
+            return self._new_manifest()
+        store = TrajectoryStore.open(self.out, verify=True, allow_incomplete=True)
+        m = store.manifest
+        store.check_config(self.cfg)
+        rec_old, rec_new = m["config"]["record"], self.cfg.to_dict()["record"]
+        changed = [k for k in _record_settings(self.cfg) if rec_old.get(k) != rec_new.get(k)]
+        if changed:
+            raise StoreError(
+                f"store {str(self.out)!r} was recorded with other record settings {changed}; use the same settings to resume, or another --out"
+            )
+        store.check_trainer(self.trainer)
+        return m
+
+    def _save(self, m: dict, rel: str, tensors: dict[str, torch.Tensor]) -> None:
+        path = self.out / rel
+        atomic_save_tensors(path, tensors)
+        m["files"][rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        self._commit(m)
+
+    def _commit(self, m: dict) -> None:
+        m["record_seconds"] = self.base_seconds + time.perf_counter() - self.t_start
+        write_manifest(self.out, m)
+        self.writes += 1
+        if self.crash_after is not None and self.writes >= self.crash_after:
+            raise KeyboardInterrupt(f"simulated crash after {self.writes} writes")
+
+    def _bar(self, total: int, initial: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, unit="ckpt", disable=not self.progress)
+
+    # -- phases
+    def run(self) -> TrajectoryStore:
+        m = self._load_or_create()
+        self.base_seconds = m["record_seconds"]
+        if m["phase"] == "complete":
+            return TrajectoryStore.open(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not m["files"]:
+            self._commit(m)
+        if m["phase"] == "reference":
+            self._reference(m)
+        self._pairs(m)
+        m["phase"] = "complete"
+        self._commit(m)
+        return TrajectoryStore.open(self.out)
+
+    def _reference(self, m: dict) -> None:
+        tr = self.trainer
+        done = m["checkpoints_done"]
+        if done:
+            c = TrajectoryStore(self.out, m).checkpoint(done[-1])
+            theta, adam, t0 = c["theta"], AdamState(c["adam_m"], c["adam_v"], int(c["adam_step"])), done[-1]
+            m["reference_train_loss"] = m["reference_train_loss"][:t0]
+        else:
+            s = tr.window_start(progress=self.progress)
+            theta, adam, t0 = s.theta, s.adam, 0
+        bar = self._bar(len(self.anchors), len(done), "reference run")
+        for t in range(t0, self.T):
+            if t in self.anchors and t not in done:
+                ev = tr.evaluate(theta)
+                self._save(m, f"checkpoints/ckpt_{t:05d}.safetensors",
+                           {"theta": theta, "adam_m": adam.m, "adam_v": adam.v,
+                            "adam_step": torch.tensor(adam.step, dtype=torch.int64), "eval_loss": ev})
+                done.append(t)
+                bar.update(1)
+            t1 = time.perf_counter()
+            theta, adam, loss = tr.step(theta, adam, tr.lr(t), tr.batch(t))
+            m["reference_seconds"] += time.perf_counter() - t1
+            m["reference_train_loss"].append(loss)
+        bar.close()
+        self._save(m, "final.safetensors", {"theta": theta, "eval_loss": tr.evaluate(theta)})
+        m["phase"] = "pairs"
+        self._commit(m)
+
+    def _pairs(self, m: dict) -> None:
+        tr = self.trainer
+        store = TrajectoryStore(self.out, m)
+        theta_T = store.final()["theta"].to(tr.device)
+        eg_final = eval_gradients(tr, theta_T)
+        done = m["pairs_done"]
+        bar = self._bar(len(self.anchors), len(done), "pairs (T batches per checkpoint)")
+        for t in self.anchors:
+            if t in done:
+                continue
+            c = store.checkpoint(t, device=tr.device)
+            ctx = AnchorContext(tr, c["theta"], AdamState(c["adam_m"], c["adam_v"], int(c["adam_step"])),
+                                eg_final, self.projector, self.cfg.record.vmap_chunk)
+            tensors: dict[str, torch.Tensor] = {}
+            for name in self.cfg.record.terms:
+                tensors.update(TERMS[name].compute(ctx))
+            self._save(m, f"pairs/pairs_{t:05d}.safetensors", tensors)
+            done.append(t)
+            bar.update(1)
+        bar.close()
+
+
+def record(cfg: Config, out: str | Path, progress: bool = True, check_budget: bool = True,
+           crash_after_writes: int | None = None) -> TrajectoryStore:
+    """Record (or resume, or reuse) the trajectory store of ``cfg`` in ``out``.
+
+    Prints the estimated time, memory and disk before starting (with ``progress``).
+
+    Args:
+        cfg: experiment config; ``cfg.record`` picks terms, anchor stride, projection, budgets.
+        out: store directory; an existing store of the same config resumes (or is returned
+            as is when complete).
+        progress: print the estimate and show progress bars.
+        check_budget: refuse when an estimate exceeds ``record.max_seconds``,
+            ``record.max_memory_bytes`` or ``record.max_disk_bytes``.
+        crash_after_writes: testing aid, raise ``KeyboardInterrupt`` after that many file
+            writes (simulates a kill between two atomic writes).
+
+    Returns:
+        the opened, verified :class:`TrajectoryStore`.
+
+    Raises:
+        ConfigError: unknown term. BudgetError: an estimate exceeds its budget.
+        StoreError: ``out`` holds another store (other config, record settings, data or
+            model), a corrupt store, or unrelated files.
+    """
+    rec = _Recorder(cfg, Path(out), progress, crash_after_writes)
+    if not (Path(out) / "manifest.json").exists():
+        est = estimate_cost(rec.trainer, cfg)
+        r = cfg.record
+        if progress:
+            print(f"recording T={rec.T} batches x {len(rec.anchors)} checkpoints, P={rec.P:,} parameters, "
+                  f"terms {list(r.terms)}: estimated <= {est['seconds']:.0f} s, ~{est['memory_bytes'] / 2**20:.0f} MiB memory, "
+                  f"{est['disk_bytes'] / 2**20:.1f} MiB disk", file=sys.stderr)
+        if check_budget:
+            over = [(what, est[key], lim) for what, key, lim in (
+                ("time (s)", "seconds", r.max_seconds), ("memory (bytes)", "memory_bytes", r.max_memory_bytes),
+                ("disk (bytes)", "disk_bytes", r.max_disk_bytes)) if est[key] > lim]
+            if over:
+                raise BudgetError("recording would exceed its budget: " + "; ".join(
+                    f"{w} estimated {v:.3g} > limit {l:.3g}" for w, v, l in over)
+                    + "; raise record.max_* or use a larger record.anchor_stride / smaller record.projection_dim")
+    return rec.run()

@@ -1,0 +1,123 @@
+"""The estimator contract: map candidate orders to estimated final eval losses.
+
+An estimator is fitted once on a recorded trajectory store (``currsearch.store``), then
+scores orders in batches::
+
+    est = get_estimator("additive").fit(store)
+    losses = est.estimate(orders)          # orders: int64 [n, T] -> float64 [n, E], nats/token
+
+Estimators declare the recorded terms they need (``required_terms``); ``fit`` raises
+:class:`~currsearch.errors.StoreError` naming a missing term and the record option
+(``record.terms``) that provides it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from currsearch.errors import ConfigError, StoreError
+from currsearch.orders import validate_orders
+
+
+class Estimator(ABC):
+    """Base class of every surrogate.
+
+    Subclasses set ``name`` and ``required_terms`` and implement ``_fit`` and ``_estimate``.
+
+    Attributes:
+        name: registry name (``get_estimator(name)``).
+        required_terms: names of store terms this estimator reads (see ``currsearch.record.TERMS``).
+        eval_names: the E eval-set names, in output column order (set by ``fit``).
+        T: number of batches in the window (set by ``fit``).
+    """
+
+    name: ClassVar[str] = ""
+    required_terms: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.store = None
+        self.eval_names: list[str] = []
+        self.T = 0
+
+    def fit(self, store) -> "Estimator":
+        """Check the store holds ``required_terms``, then load what the estimator needs.
+
+        Raises:
+            StoreError: a required term is missing from the store.
+        """
+        missing = [t for t in self.required_terms if t not in store.terms]
+        if missing:
+            raise StoreError(
+                f"estimator {self.name!r} needs the recorded term(s) {missing}, which the store at "
+                f"{str(store.path)!r} lacks (it has {sorted(store.terms)}); re-record with "
+                f"record.terms including {missing} (e.g. --set 'record.terms={sorted(set(store.terms) | set(missing))}')"
+            )
+        self.store = store
+        self.eval_names = list(store.eval_names)
+        self.T = store.T
+        self._fit(store)
+        return self
+
+    def estimate(self, orders) -> torch.Tensor:
+        """Estimated final loss per eval set for each order.
+
+        Args:
+            orders: int64 ``[n, T]`` (or ``[T]``) permutations of ``0..T-1``.
+
+        Returns:
+            float64 ``[n, E]`` (or ``[E]`` for one order) in nats/token, columns in
+            ``eval_names`` order, on the estimator's device.
+
+        Raises:
+            OrderError: invalid orders. RuntimeError: ``fit`` was not called.
+        """
+        if self.store is None:
+            raise RuntimeError(f"call {type(self).__name__}.fit(store) before estimate()")
+        o = validate_orders(orders, self.T)
+        single = o.dim() == 1
+        out = self._estimate(o.view(-1, self.T).to(self.device))
+        return out[0] if single else out
+
+    def estimate_batch_losses(self, orders) -> torch.Tensor | None:
+        """Estimated final loss on each window batch B_l (memorization), float64 ``[n, T]``;
+        ``None`` where the estimator cannot give it."""
+        return None
+
+    @abstractmethod
+    def _fit(self, store) -> None: ...
+
+    @abstractmethod
+    def _estimate(self, orders: torch.Tensor) -> torch.Tensor: ...
+
+
+_REGISTRY: dict[str, type[Estimator]] = {}
+
+
+def register(cls: type[Estimator]) -> type[Estimator]:
+    """Class decorator adding an estimator to the registry under ``cls.name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_estimator(name: str, **kwargs) -> Estimator:
+    """Instantiate a registered estimator by name.
+
+    Raises:
+        ConfigError: unknown name (the message lists the known ones).
+    """
+    import estimators  # noqa: F401  (registers the built-in estimators)
+
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown estimator {name!r}; choose one of {sorted(_REGISTRY)}")
+    return _REGISTRY[name](**kwargs)
+
+
+def available() -> list[str]:
+    """Names of the registered estimators."""
+    import estimators  # noqa: F401
+
+    return sorted(_REGISTRY)
