@@ -204,7 +204,8 @@ def store_formula(trainer: Trainer, cfg: Config) -> dict[str, int]:
     """Predicted store size in bytes (tensor payloads; headers and manifest excluded).
 
     ``A (3 P 4 + E 8)`` for the checkpoints, ``A * sum(term bytes)`` for the pair terms
-    and ``P 4 + E 8`` for the final state (float32 parameters, float64 losses).
+    and ``P 4 + E 8 + E k 4`` for the final state and its projected eval gradients (float32
+    parameters, float64 losses).
     """
     dims = _dims(trainer, cfg)
     P, E = dims["P"], dims["E"]
@@ -212,7 +213,8 @@ def store_formula(trainer: Trainer, cfg: Config) -> dict[str, int]:
     pa = sum(_safetensors_bytes(TERMS[t].shapes(dims)) for t in cfg.record.terms)
     psize = {torch.float32: 4, torch.float64: 8}[trainer.model.dtype]
     ckpt = A * (3 * P * psize + E * 8 + 8)
-    return {"checkpoints": ckpt, "pairs": A * pa, "final": P * psize + E * 8, "total": ckpt + A * pa + P * psize + E * 8}
+    final = P * psize + E * 8 + E * dims["k"] * 4
+    return {"checkpoints": ckpt, "pairs": A * pa, "final": final, "total": ckpt + A * pa + final}
 
 
 def estimate_cost(trainer: Trainer, cfg: Config) -> dict[str, float]:
@@ -263,7 +265,6 @@ class _Recorder:
         self.T, self.P = tr.T, tr.model.num_params
         self.anchors = list(range(0, self.T, cfg.record.anchor_stride))
         self.projector = Projector(cfg.record.projection, self.P, cfg.record.projection_dim, cfg.record.projection_seed)
-        self.t_start = time.perf_counter()
 
     # -- manifest
     def _new_manifest(self) -> dict:
@@ -333,6 +334,8 @@ class _Recorder:
     def run(self) -> TrajectoryStore:
         m = self._load_or_create()
         self.base_seconds = m["record_seconds"]
+        self.trainer.window_start(progress=self.progress)  # warm-up phase: shared pretraining, not record time
+        self.t_start = time.perf_counter()
         if m["phase"] == "complete":
             return TrajectoryStore.open(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -378,6 +381,8 @@ class _Recorder:
         store = TrajectoryStore(self.out, m)
         theta_T = store.final()["theta"].to(tr.device)
         eg_final = eval_gradients(tr, theta_T)
+        if "final_eval_grads.safetensors" not in m["files"]:
+            self._save(m, "final_eval_grads.safetensors", {"eval_grad_proj": self.projector.project(eg_final)})
         done = m["pairs_done"]
         bar = self._bar(len(self.anchors), len(done), "pairs (T batches per checkpoint)")
         for t in self.anchors:

@@ -7,6 +7,7 @@ Layout::
                                          theta, adam_m, adam_v [P]; eval_loss [E]; train_loss [<=s]
     DIR/pairs/pairs_TTTTT.safetensors    per anchor t, the recorded terms for every batch l
     DIR/final.safetensors                theta [P] and eval_loss [E] after the window
+    DIR/final_eval_grads.safetensors     eval_grad_proj [E, k]: projected eval gradients at theta_T
 
 Every file is written to a temporary name and renamed (atomic on POSIX), and the manifest
 (also written atomically) lists each file with its SHA-256 and size. Opening a store checks
@@ -197,6 +198,10 @@ class TrajectoryStore:
     def final(self, device="cpu") -> dict[str, torch.Tensor]:
         """``theta`` [P] and ``eval_loss`` float64 [E] at the end of the reference window."""
         return self._read("final.safetensors", None, device)
+
+    def final_eval_grads_proj(self, device="cpu") -> torch.Tensor:
+        """JL projection of the eval-set gradients at theta_T: float32 ``[E, k]``."""
+        return self._read("final_eval_grads.safetensors", None, device)["eval_grad_proj"]
 
     def get(self, name: str, device="cpu") -> torch.Tensor:
         """A recorded pair tensor stacked over anchors: ``[A, ...]`` (see ``currsearch.record.TERMS``).

@@ -1,0 +1,496 @@
+"""Fidelity benchmark: estimated vs true final eval loss on held-out orders (DESIGN.md section 4).
+
+Held-out orders (random, domain-blocked, easy-to-hard, hard-to-easy, near the reference and
+the reference itself) are retrained for real with the :class:`~currsearch.train.Trainer`;
+each estimator, fitted once on a recorded trajectory store, scores all of them in one
+vectorized call. The report gives rank and error metrics per subset of orders and per eval
+set, metrics as a function of the Kendall distance to the reference, and costs::
+
+    run_fidelity_settings(cfg, ["additive"], "runs/fidelity")   # fresh and warm Adam state
+
+Files written per setting: ``fidelity.json``, ``fidelity.md``, ``scatter_<estimator>.png``,
+``rho_vs_distance.png``. Non-finite numbers are written to JSON as ``null``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, StoreError
+
+#: Bin edges of the normalized Kendall distance to the reference; the last bin is closed.
+DISTANCE_BINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 1.0)
+#: Subsets of held-out orders the metrics are reported on, by order kind.
+SUBSETS = {
+    "all": None,
+    "random": ("random",),
+    "near": ("reference", "near"),
+    "structured": ("domain-block", "easy-to-hard", "hard-to-easy"),
+}
+SETTINGS = {"fresh": False, "warm": True}  # setting name -> train.carry_optimizer_state
+_MAX_BLOCK_ORDERS = 24
+
+
+def kendall_distance(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Number of discordant pairs between permutations ``a`` and ``b`` (int64 ``[T]``).
+
+    0 for identical orders, ``T(T-1)/2`` for reversed ones. O(T^2) work in chunks of rows
+    (O(T) memory per chunk).
+
+    Raises:
+        ValueError: ``a`` and ``b`` differ in shape or are not 1-D.
+    """
+    a, b = torch.as_tensor(a, dtype=torch.int64), torch.as_tensor(b, dtype=torch.int64)
+    if a.dim() != 1 or a.shape != b.shape:
+        raise ValueError(f"kendall_distance takes two 1-D orders of equal length, got {tuple(a.shape)} and {tuple(b.shape)}")
+    pos_b = torch.empty_like(b)
+    pos_b[b] = torch.arange(b.numel())
+    seq = pos_b[a]  # position in b of the item at each position of a
+    total, T, chunk = 0, seq.numel(), 1024
+    for i in range(0, T, chunk):
+        rows = seq[i : i + chunk, None]
+        later = torch.arange(i, min(i + chunk, T))[:, None] < torch.arange(T)[None, :]
+        total += int(((rows > seq[None, :]) & later).sum())
+    return total
+
+
+def normalized_kendall_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """:func:`kendall_distance` divided by ``T(T-1)/2``, in ``[0, 1]`` (0 when T < 2)."""
+    pairs = a.numel() * (a.numel() - 1) // 2
+    return kendall_distance(a, b) / pairs if pairs else 0.0
+
+
+@dataclass
+class HeldoutOrder:
+    """One held-out order.
+
+    Attributes:
+        name: unique name, e.g. ``"random-03"``, ``"block-bible-devil-jargon-python"``, ``"near-4-02"``.
+        kind: ``"reference"``, ``"random"``, ``"domain-block"``, ``"easy-to-hard"``,
+            ``"hard-to-easy"`` or ``"near-k"`` (k = number of random transpositions).
+        order: int64 ``[T]`` permutation of ``0..T-1``.
+        distance: Kendall distance (discordant pairs) to the reference ``arange(T)``.
+    """
+
+    name: str
+    kind: str
+    order: torch.Tensor
+    distance: int
+
+    @property
+    def distance_norm(self) -> float:
+        """``distance / (T(T-1)/2)``, in ``[0, 1]``."""
+        T = self.order.numel()
+        return self.distance / max(T * (T - 1) // 2, 1)
+
+    @property
+    def group(self) -> str:
+        """Kind with the ``-k`` of ``near-k`` dropped (``"near"``)."""
+        return _group(self.kind)
+
+
+def _group(kind: str) -> str:
+    return "near" if kind.startswith("near-") else kind
+
+
+def _gen(seed: int, tag: str) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{tag}".encode()))
+
+
+def heldout_orders(
+    T: int, domains: list[str], difficulty: torch.Tensor, n_random: int = 30,
+    near: tuple[int, ...] = (1, 2, 4, 8), n_near: int = 5, seed: int = 0,
+) -> list[HeldoutOrder]:
+    """Build the held-out orders of the fidelity benchmark, deterministic given ``seed``.
+
+    Args:
+        T: number of window batches.
+        domains: domain of each batch (length T); ``"mixed"`` batches give no block orders.
+        difficulty: float ``[T]`` difficulty proxy per batch (e.g. unigram NLL, nats/token).
+        n_random: number of uniformly random permutations.
+        near: numbers k of random transpositions (of two arbitrary positions) applied to the reference.
+        n_near: orders per k.
+        seed: base seed (each kind draws from its own generator).
+
+    Returns:
+        Orders in the sequence reference, random, domain-block, easy-to-hard, hard-to-easy,
+        near-k; identical orders are dropped, keeping the first.
+
+    Raises:
+        ConfigError: negative counts, k < 1, or ``domains``/``difficulty`` not of length T.
+    """
+    if n_random < 0 or n_near < 0 or any(k < 1 for k in near):
+        raise ConfigError(f"n_random ({n_random}) and n_near ({n_near}) must be >= 0 and every near k ({near}) >= 1")
+    if len(domains) != T or torch.as_tensor(difficulty).numel() != T:
+        raise ConfigError(f"domains ({len(domains)}) and difficulty ({torch.as_tensor(difficulty).numel()}) need T = {T} entries")
+    ref = torch.arange(T, dtype=torch.int64)
+    cands = [("reference", "reference", ref)]
+    g = _gen(seed, "random")
+    cands += [(f"random-{i:02d}", "random", torch.randperm(T, generator=g)) for i in range(n_random)]
+    names = sorted(set(domains))
+    if "mixed" not in names and len(names) > 1:
+        if math.factorial(len(names)) <= _MAX_BLOCK_ORDERS:
+            perms = list(itertools.permutations(names))
+        else:
+            g = _gen(seed, "blocks")
+            perms = [[names[i] for i in torch.randperm(len(names), generator=g)] for _ in range(_MAX_BLOCK_ORDERS)]
+        for p in perms:
+            blocks = [i for d in p for i in range(T) if domains[i] == d]
+            cands.append(("block-" + "-".join(p), "domain-block", torch.tensor(blocks, dtype=torch.int64)))
+    diff = torch.as_tensor(difficulty, dtype=torch.float64)
+    cands.append(("easy-to-hard", "easy-to-hard", torch.argsort(diff, stable=True)))
+    cands.append(("hard-to-easy", "hard-to-easy", torch.argsort(diff, descending=True, stable=True)))
+    if T >= 2:
+        for k in near:
+            g = _gen(seed, f"near-{k}")
+            for j in range(n_near):
+                o = ref.clone()
+                for _ in range(k):
+                    p, q = torch.randperm(T, generator=g)[:2].tolist()
+                    o[[p, q]] = o[[q, p]]
+                cands.append((f"near-{k}-{j:02d}", f"near-{k}", o))
+    seen, out = set(), []
+    for name, kind, o in cands:
+        key = tuple(o.tolist())
+        if key not in seen:
+            seen.add(key)
+            out.append(HeldoutOrder(name, kind, o, kendall_distance(o, ref)))
+    return out
+
+
+def fidelity_metrics(est: torch.Tensor, true: torch.Tensor) -> dict:
+    """Agreement of estimated and true final losses over n orders (float64 arithmetic).
+
+    Args:
+        est, true: float ``[n]`` losses in nats/token.
+
+    Returns:
+        ``{"spearman", "kendall"`` (NaN when n < 3 or either input is constant),
+        ``"absdiff"`` (mean |est - true|, nats/token), ``"rel_err"`` (mean |est - true| / |true|),
+        ``"spread"`` (max - min of true, nats/token), ``"err_frac_of_spread"`` (absdiff / spread),
+        ``"top1"`` (1.0 when the argmins agree), ``"top5"`` (overlap of the k = min(5, n)
+        lowest by est and by true, divided by k), ``"n"}``; NaN where undefined.
+
+    Raises:
+        ValueError: ``est`` and ``true`` differ in length.
+    """
+    from scipy import stats
+
+    e = torch.as_tensor(est, dtype=torch.float64).reshape(-1).cpu().numpy()
+    t = torch.as_tensor(true, dtype=torch.float64).reshape(-1).cpu().numpy()
+    if e.shape != t.shape:
+        raise ValueError(f"est and true need the same length, got {e.size} and {t.size}")
+    n, nan = int(t.size), float("nan")
+    if n == 0:
+        return {k: nan for k in ("spearman", "kendall", "absdiff", "rel_err", "spread", "err_frac_of_spread", "top1", "top5")} | {"n": 0}
+    ranked = n >= 3 and np.ptp(e) > 0 and np.ptp(t) > 0
+    absdiff, spread = float(np.mean(np.abs(e - t))), float(np.ptp(t))
+    k = min(5, n)
+    top_e, top_t = set(np.argsort(e, kind="stable")[:k].tolist()), set(np.argsort(t, kind="stable")[:k].tolist())
+    return {
+        "spearman": float(stats.spearmanr(e, t).statistic) if ranked else nan,
+        "kendall": float(stats.kendalltau(e, t).statistic) if ranked else nan,
+        "absdiff": absdiff,
+        "rel_err": float(np.mean(np.abs(e - t) / np.abs(t))),
+        "spread": spread,
+        "err_frac_of_spread": absdiff / spread if spread > 0 else nan,
+        "top1": float(np.argmin(e) == np.argmin(t)),
+        "top5": len(top_e & top_t) / k,
+        "n": n,
+    }
+
+
+def distance_bin(dnorm: float) -> int:
+    """Index of the :data:`DISTANCE_BINS` bin holding a normalized distance in ``[0, 1]``."""
+    return min(int(np.searchsorted(DISTANCE_BINS, dnorm, side="right")) - 1, len(DISTANCE_BINS) - 2)
+
+
+def retrain_orders(trainer, orders: list[HeldoutOrder], progress: bool = True) -> tuple[torch.Tensor, float]:
+    """Retrain every order for real; returns (float64 ``[n, E]`` final eval losses in nats/token
+    in ``trainer.plan.eval_names`` order, mean wall seconds per ``trainer.train`` call).
+
+    The warm-up phase runs (and is cached) before timing starts; the timed call includes evaluation.
+    """
+    trainer.window_start(progress=progress)
+    it = orders
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(orders, desc="retraining held-out orders", unit="order")
+    losses, seconds = [], 0.0
+    for h in it:
+        t0 = time.perf_counter()
+        losses.append(trainer.train(h.order).eval_losses)
+        seconds += time.perf_counter() - t0
+    return torch.stack(losses).to(torch.float64), seconds / max(len(orders), 1)
+
+
+def evaluate_estimators(
+    orders: list[HeldoutOrder], true_losses: torch.Tensor, eval_names: list[str], estimators: dict,
+    retrain_seconds_per_order: float, fit_seconds: dict | None = None, store_info: dict | None = None,
+) -> dict:
+    """Score fitted estimators against true losses: metrics, metrics vs distance and costs.
+
+    Args:
+        orders: the n held-out orders.
+        true_losses: float ``[n, E]`` retrained final eval losses (nats/token), columns ``eval_names``.
+        eval_names: the E eval set names.
+        estimators: ``{name: fitted Estimator}``; each is timed on ONE ``estimate`` call over all n orders.
+        retrain_seconds_per_order: mean wall seconds of one real retraining.
+        fit_seconds: ``{name: seconds of fit}`` (NaN where absent).
+        store_info: ``{"bytes", "record_seconds", "reference_seconds", ...}`` of the store.
+
+    Returns:
+        The result dict (see :func:`write_report`): ``orders``, ``true_losses``, ``store``,
+        ``retrain_seconds_per_order`` and per estimator ``estimates``, ``metrics[eval][subset]``,
+        ``by_distance[eval]`` and ``cost``.
+
+    Raises:
+        ConfigError: no orders. StoreError: an estimator's eval sets lack one of ``eval_names``.
+    """
+    if not orders:
+        raise ConfigError("evaluate_estimators needs at least one held-out order")
+    true = torch.as_tensor(true_losses, dtype=torch.float64)
+    store = dict(store_info or {})
+    nan = float("nan")
+    ref_s, rec_s = store.get("reference_seconds", nan), store.get("record_seconds", nan)
+    bins = torch.tensor([distance_bin(h.distance_norm) for h in orders])
+    subsets = {s: torch.tensor([k is None or h.group in k for h in orders]) for s, k in SUBSETS.items()}
+    all_orders = torch.stack([h.order for h in orders])
+    result = {
+        "eval_names": list(eval_names),
+        "orders": [{"name": h.name, "kind": h.kind, "distance": h.distance, "distance_norm": h.distance_norm,
+                    "order": h.order.tolist()} for h in orders],
+        "true_losses": true.tolist(),
+        "retrain_seconds_per_order": retrain_seconds_per_order,
+        "store": store,
+        "distance_bins": list(DISTANCE_BINS),
+        "estimators": {},
+    }
+    for name, est in estimators.items():
+        missing = [e for e in eval_names if e not in est.eval_names]
+        if missing:
+            raise StoreError(f"estimator {name!r} gives eval sets {est.eval_names}, lacking {missing}; re-record the store for this config")
+        cols = [est.eval_names.index(e) for e in eval_names]
+        t0 = time.perf_counter()
+        out = est.estimate(all_orders).detach().to("cpu", torch.float64)
+        per_order = (time.perf_counter() - t0) / len(orders)
+        out = out[:, cols]
+        metrics, by_dist = {}, {}
+        for j, ev in enumerate(eval_names):
+            metrics[ev] = {s: fidelity_metrics(out[m, j], true[m, j]) for s, m in subsets.items()}
+            by_dist[ev] = []
+            for b in range(len(DISTANCE_BINS) - 1):
+                m = fidelity_metrics(out[bins == b, j], true[bins == b, j])
+                by_dist[ev].append({"bin": [DISTANCE_BINS[b], DISTANCE_BINS[b + 1]], "n": m["n"],
+                                    "spearman": m["spearman"], "absdiff": m["absdiff"], "spread": m["spread"]})
+        result["estimators"][name] = {
+            "estimates": out.tolist(),
+            "metrics": metrics,
+            "by_distance": by_dist,
+            "cost": {
+                "estimate_seconds_per_order": per_order,
+                "retrain_seconds_per_order": retrain_seconds_per_order,
+                "speedup": retrain_seconds_per_order / per_order if per_order > 0 else float("inf"),
+                "fit_seconds": (fit_seconds or {}).get(name, nan),
+                "store_bytes": store.get("bytes", nan),
+                "record_seconds": rec_s,
+                "record_over_reference": rec_s / ref_s if ref_s and ref_s > 0 else nan,
+            },
+        }
+    return result
+
+
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _num(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def _fmt(x, spec=".3f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _bin_labels(edges) -> list[str]:
+    return [f"[{lo:g}, {hi:g}{']' if hi >= 1 else ')'}" for lo, hi in zip(edges, edges[1:])]
+
+
+def _main_eval(result: dict) -> tuple[str, int]:
+    ev = "all" if "all" in result["eval_names"] else result["eval_names"][-1]
+    return ev, result["eval_names"].index(ev)
+
+
+def render_markdown(result: dict, title: str = "") -> str:
+    """Markdown summary of one setting's result on eval set ``"all"``: a metrics table and a
+    rho / AbsDiff vs distance table, one row per estimator."""
+    (ev, j), ests, st = _main_eval(result), result["estimators"], result["store"]
+    true = np.array(result["true_losses"])[:, j]
+    lines = [f"## {title or result.get('setting', 'fidelity')}", "",
+             f"{len(true)} held-out orders, T = {len(result['orders'][0]['order'])}; true loss (`{ev}`) "
+             f"{true.min():.4f} to {true.max():.4f} nats/token (std {_fmt(float(np.std(true, ddof=1)) if len(true) > 1 else None, '.4f')}); "
+             f"retrain {_fmt(result['retrain_seconds_per_order'], '.3g')} s/order; store {_fmt(st.get('bytes'), ',')} bytes "
+             f"(formula {_fmt(st.get('formula_bytes'), ',')}), "
+             f"recorded in {_fmt(st.get('record_seconds'), '.3g')} s.", "",
+             _row(["estimator", "rho all", "rho random", "rho near", "AbsDiff", "err / spread", "top-1", "top-5", "speedup"]),
+             _row(["---"] * 9)]
+    for name, r in ests.items():
+        m, a = r["metrics"][ev], r["metrics"][ev]["all"]
+        lines.append(_row([name] + [_fmt(m[s]["spearman"]) for s in ("all", "random", "near")] + [
+            _fmt(a["absdiff"], ".4f"), _fmt(a["err_frac_of_spread"], ".2f"), _fmt(a["top1"], ".0f"), _fmt(a["top5"], ".2f"),
+            _fmt(r["cost"]["speedup"], ",.0f" if r["cost"]["speedup"] >= 10 else ".2g") + "x"]))
+    labels = _bin_labels(result["distance_bins"])
+    lines += ["", f"Spearman rho / AbsDiff (nats/token) by normalized Kendall distance to the reference (`{ev}`):", "",
+              _row(["estimator"] + labels), _row(["---"] * (len(labels) + 1))]
+    for name, r in ests.items():
+        lines.append(_row([name] + [f"{_fmt(d['spearman'], '.2f')} / {_fmt(d['absdiff'], '.4f')}" for d in r["by_distance"][ev]]))
+    if ests:
+        first = next(iter(ests.values()))["by_distance"][ev]
+        lines.append(_row(["true spread (n)"] + [f"{_fmt(d['spread'], '.4f')} ({d['n']})" for d in first]))
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: dict, out_dir) -> list[Path]:
+    """Write ``fidelity.json`` (the whole result, NaN as null), ``fidelity.md``,
+    ``scatter_<estimator>.png`` and ``rho_vs_distance.png`` into ``out_dir``; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fidelity.json").write_text(json.dumps(_finite(result), indent=1, allow_nan=False))
+    (out / "fidelity.md").write_text(f"# Fidelity benchmark\n\n{render_markdown(result)}")
+    paths = [out / "fidelity.json", out / "fidelity.md"]
+    ev, j = _main_eval(result)
+    true = np.array(result["true_losses"])[:, j]
+    groups = np.array([_group(o["kind"]) for o in result["orders"]])
+
+    def save(fig, name):
+        fig.tight_layout()
+        paths.append(out / name)
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+
+    for name, r in result["estimators"].items():
+        est = np.array(r["estimates"])[:, j]
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for g in dict.fromkeys(groups):
+            ax.scatter(true[groups == g], est[groups == g], label=g, s=18)
+        lo, hi = min(true.min(), est.min()), max(true.max(), est.max())
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
+        ax.set(xlabel=f"true final loss, {ev} (nats/token)", ylabel="estimated (nats/token)",
+               title=f"{name}: rho = {_fmt(r['metrics'][ev]['all']['spearman'], '.2f')}")
+        ax.legend(fontsize=7)
+        save(fig, f"scatter_{name}.png")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    x = np.arange(len(result["distance_bins"]) - 1)
+    for name, r in result["estimators"].items():
+        for ax, key in zip(axes, ("spearman", "absdiff")):
+            ax.plot(x, [_num(b[key]) for b in r["by_distance"][ev]], "o-", label=name)
+    if result["estimators"]:
+        first = next(iter(result["estimators"].values()))["by_distance"][ev]
+        axes[1].plot(x, [_num(b["spread"]) for b in first], "k--", label="true spread")
+    for ax, yl in zip(axes, ("Spearman rho", f"AbsDiff, {ev} (nats/token)")):
+        ax.set_xticks(x, _bin_labels(result["distance_bins"]), fontsize=7)
+        ax.set(xlabel="normalized Kendall distance to the reference", ylabel=yl)
+        ax.legend(fontsize=7)
+    save(fig, "rho_vs_distance.png")
+    return paths
+
+
+def run_fidelity(cfg, estimator_names: list[str], out_dir, n_random: int = 30, n_near: int = 5, seed: int = 0,
+                 store_dir=None, progress: bool = True) -> dict:
+    """Record (or reuse) the store for ``cfg``, retrain held-out orders, score estimators, write the report.
+
+    Args:
+        cfg: the experiment :class:`~currsearch.config.Config`.
+        estimator_names: registered estimator names (``estimators.base.get_estimator``).
+        out_dir: report directory; the store goes to ``store_dir`` or ``out_dir/store``.
+        n_random, n_near, seed: see :func:`heldout_orders`.
+
+    Returns:
+        The result dict written to ``out_dir/fidelity.json`` (NaN kept as float here).
+
+    Raises:
+        ConfigError: no or unknown estimator names, invalid counts. StoreError: the store does
+            not fit an estimator. Recorder and Trainer errors pass through.
+    """
+    from estimators.base import get_estimator
+
+    from .record import record
+    from .train import Trainer
+
+    if not estimator_names:
+        raise ConfigError("give at least one estimator name, e.g. --estimators additive")
+    for name in estimator_names:
+        get_estimator(name)  # fail fast on unknown names
+    out = Path(out_dir)
+    trainer = Trainer.from_config(cfg)
+    difficulty = torch.tensor([m["unigram_nll"] for m in trainer.plan.metadata], dtype=torch.float64)
+    orders = heldout_orders(trainer.T, trainer.plan.domains, difficulty, n_random=n_random, n_near=n_near, seed=seed)
+    store = record(cfg, Path(store_dir) if store_dir else out / "store", progress=progress)
+    if store.T != trainer.T:
+        raise StoreError(f"store at {str(store.path)!r} has T = {store.T} batches but the config gives T = {trainer.T}")
+    true, retrain_s = retrain_orders(trainer, orders, progress=progress)
+    fitted, fit_s = {}, {}
+    for name in estimator_names:
+        t0 = time.perf_counter()
+        fitted[name] = get_estimator(name).fit(store)
+        fit_s[name] = time.perf_counter() - t0
+    man = store.manifest
+    info = {"path": str(store.path), "bytes": int(store.nbytes()), "formula_bytes": man.get("formula_bytes"),
+            "terms": sorted(store.terms), "record_seconds": float(man.get("record_seconds", float("nan"))),
+            "reference_seconds": float(man.get("reference_seconds", float("nan")))}
+    result = evaluate_estimators(orders, true, list(trainer.plan.eval_names), fitted, retrain_s, fit_s, info)
+    setting = "warm" if cfg.train.carry_optimizer_state else "fresh"
+    result = {"setting": setting, "config": cfg.to_dict(), "seed": seed, "n_random": n_random, "n_near": n_near, **result}
+    write_report(result, out)
+    return result
+
+
+def run_fidelity_settings(cfg, estimator_names: list[str], out_dir, settings=("fresh", "warm"), store_dir=None,
+                          **kwargs) -> dict:
+    """:func:`run_fidelity` once per optimizer-state setting (``"fresh"``: Adam state reset at
+    the window start; ``"warm"``: carried from the warm-up phase) into ``out_dir/<setting>``
+    (stores in ``store_dir/<setting>`` when given), plus a combined ``out_dir/fidelity.md``.
+
+    Returns:
+        ``{setting: result dict}``.
+
+    Raises:
+        ConfigError: no, repeated or unknown setting names.
+    """
+    settings = list(settings)
+    bad = [s for s in settings if s not in SETTINGS]
+    if not settings or bad or len(set(settings)) != len(settings):
+        raise ConfigError(f"settings {settings} must be distinct names from {sorted(SETTINGS)}")
+    out, results = Path(out_dir), {}
+    for s in settings:
+        results[s] = run_fidelity(cfg.replace(train={"carry_optimizer_state": SETTINGS[s]}), estimator_names, out / s,
+                                  store_dir=Path(store_dir) / s if store_dir else None, **kwargs)
+    titles = {"fresh": "fresh Adam state at the window start", "warm": "Adam state carried from the warm-up phase"}
+    body = "\n".join(render_markdown(r, f"{s}: {titles[s]}") for s, r in results.items())
+    (out / "fidelity.md").write_text(f"# Fidelity benchmark\n\n{body}")
+    return results

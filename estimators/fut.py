@@ -1,0 +1,106 @@
+"""FUT (arXiv 2505.22042) first- and second-order Taylor estimators on the projected store.
+
+A reconstruction of the paper's method, as faithful as its text allows (no public code).
+Everything lives in the k-dimensional JL-projected space (``record.projection``): u_{t,l} =
+P Gamma(theta_t, B_l) (term ``updates``), p_t = P theta_t (the checkpoints, projected at fit
+time with the store's seeded projector), and the read-out vector P grad L_e(theta_T).
+
+The deviation d_t ~ P(gamma_t - theta_t) of the new order pi from the reference follows
+(paper Eq. 5-7, Adam update expanded around the reference checkpoint)::
+
+    d_0 = 0
+    d_{t+1} = d_t - eta_t ( u_{t,pi(t)} + D_{t,pi(t)} * d_t [+ 1/2 D2_{t,pi(t)} * d_t^2] - u_{t,t} )
+
+with the curvature approximated element-wise by finite differences along the trajectory
+(the paper's "differences between successive checkpoints")::
+
+    D_{t,l}  = (u_{t+1,l} - u_{t,l}) / (p_{t+1} - p_t)          (first order, fut1)
+    D2_{t,l} = (D_{t+1,l} - D_{t,l}) / (p_{t+1} - p_t)          (second order, fut2)
+
+(element-wise; a ratio whose denominator is below 1e-3 of the median |p_{t+1} - p_t| is
+set to 0, and each ratio is clipped to the 99th percentile of its magnitudes, a stabilization
+the paper does not describe). The Adam moments stay those of the reference run (the update
+terms u were computed with them): the paper's "linearized Adam". The estimated loss is
+``L_e(theta_T) + <P grad L_e(theta_T), d_T>``.
+
+Known limits (../shared/DESIGN.md Sec. 3): element-wise finite-difference curvature is
+noisy, the reference moments ignore the order-dependence of Adam's second moment, and the
+read-out through a JL projection carries an error of order ||g|| ||d|| / sqrt(k), larger than
+typical order effects.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from currsearch.projection import Projector
+
+from .base import Estimator, register
+from .common import anchor_of_step, gather_positions, window_lrs
+
+
+def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    tiny = 1e-3 * den.abs().median()
+    r = torch.where(den.abs() > tiny, num / torch.where(den.abs() > tiny, den, torch.ones_like(den)), torch.zeros_like(num))
+    cap = torch.quantile(r.abs().flatten()[: 1_000_000].float(), 0.99)
+    return r.clamp(-cap, cap)
+
+
+class _FUT(Estimator):
+    order_: int = 1
+    required_terms = ("updates",)
+
+    def _fit(self, store) -> None:
+        proj = Projector(**{k: store.manifest["projection"][k] for k in ("kind", "dim_in", "dim_out", "seed", "block")})
+        p = torch.stack([proj.project(store.checkpoint(t)["theta"]) for t in store.anchors] + [proj.project(store.final()["theta"])])
+        p = p.double()  # [A+1, k]
+        u = store.get("update_proj").double()  # [A, T, k]
+        dp = p[1:] - p[:-1]  # [A, k]
+        u_next = torch.cat([u[1:], u[-1:]])  # last anchor: reuse its successor's difference below
+        D = _safe_ratio(u_next - u, dp[:, None, :])  # [A, T, k]
+        if len(store.anchors) > 1:
+            D[-1] = D[-2]
+        idx = anchor_of_step(store)
+        self.u = u[idx].to(self.device)  # [T, T, k]
+        self.D = D[idx].to(self.device)
+        self.D2 = None
+        if self.order_ == 2:
+            D_next = torch.cat([D[1:], D[-1:]])
+            D2 = _safe_ratio(D_next - D, dp[:, None, :])
+            if len(store.anchors) > 1:
+                D2[-1] = D2[-2]
+            self.D2 = D2[idx].to(self.device)
+        self.eta = window_lrs(store).to(self.device)
+        self.readout = store.final_eval_grads_proj().double().to(self.device)  # [E, k]
+        self.ref = store.final()["eval_loss"].to(self.device)
+
+    def _estimate(self, orders: torch.Tensor) -> torch.Tensor:
+        n, T = orders.shape
+        d = torch.zeros(n, self.u.shape[-1], dtype=torch.float64, device=self.device)
+        u_new = gather_positions(self.u, orders)  # [n, T, k]
+        D_new = gather_positions(self.D, orders)
+        D2_new = gather_positions(self.D2, orders) if self.D2 is not None else None
+        diag = torch.arange(T, device=self.device)
+        u_ref = self.u[diag, diag]  # [T, k]
+        for t in range(T):
+            step = u_new[:, t] + D_new[:, t] * d - u_ref[t]
+            if D2_new is not None:
+                step = step + 0.5 * D2_new[:, t] * d * d
+            d = d - self.eta[t] * step
+        return self.ref + d @ self.readout.T
+
+
+@register
+class FUT1(_FUT):
+    """First-order FUT with finite-difference curvature, projected store (see module docstring)."""
+
+    name = "fut1"
+    order_ = 1
+
+
+@register
+class FUT2(_FUT):
+    """Second-order FUT with finite-difference curvature, projected store (see module docstring)."""
+
+    name = "fut2"
+    order_ = 2

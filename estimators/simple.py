@@ -1,0 +1,80 @@
+"""The null model and the additive (TracIn-style) first-order score.
+
+``reference``: every order gets the reference run's final eval losses.
+
+``additive``: the first-order effect of putting batch B_l at step t instead of B_t,
+propagated to the end with an identity Jacobian and read out exactly with the final
+eval gradient (path-integrated first order; TracIn, Pruthi et al. 2020, Eq. 2, with the Adam
+update term of arXiv 2505.22042 Sec. 3 in place of the gradient)::
+
+    L_e(pi) ~ L_e(theta_T) - sum_t eta_t ( <grad L_e(theta_T), Gamma(theta_t, B_pi(t))>
+                                          - <grad L_e(theta_T), Gamma(theta_t, B_t)> )
+
+The inner products are the recorder's exact read-outs (``readout_update_final``); with an
+anchor stride s, step t uses the read-outs of its anchor. The score is additive over
+positions, so its exact minimum over all T! permutations is a linear assignment problem
+(``assignment_optimum``, scipy.optimize.linear_sum_assignment).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Estimator, register
+from .common import gather_positions, per_step, window_lrs
+
+
+@register
+class ReferenceEstimator(Estimator):
+    """Null model: the reference run's final losses for every order."""
+
+    name = "reference"
+
+    def _fit(self, store) -> None:
+        self.ref = store.final()["eval_loss"].to(self.device)
+
+    def _estimate(self, orders: torch.Tensor) -> torch.Tensor:
+        return self.ref.expand(orders.shape[0], -1).clone()
+
+
+@register
+class AdditiveEstimator(Estimator):
+    """Additive first-order score from exact read-outs (see module docstring).
+
+    Args:
+        readout: ``"final"`` (eval gradient at theta_T, default) or ``"checkpoint"`` (at
+            theta_t, as TracIn).
+    """
+
+    name = "additive"
+    required_terms = ("readouts",)
+
+    def __init__(self, device="cpu", readout: str = "final"):
+        super().__init__(device)
+        if readout not in ("final", "checkpoint"):
+            raise ValueError(f"readout must be 'final' or 'checkpoint', got {readout!r}")
+        self.readout = readout
+
+    def _fit(self, store) -> None:
+        key = "readout_update_final" if self.readout == "final" else "readout_update"
+        r = per_step(store.get(key), store).to(self.device)  # [T, T, E]
+        eta = window_lrs(store).to(self.device)
+        self.cost = -eta[:, None, None] * r  # [T, T, E]: loss change of batch l at step t
+        T = store.T
+        self.ref = store.final()["eval_loss"].to(self.device) - self.cost[torch.arange(T), torch.arange(T)].sum(0)
+
+    def _estimate(self, orders: torch.Tensor) -> torch.Tensor:
+        return self.ref + gather_positions(self.cost, orders).sum(1)
+
+    def assignment_optimum(self, eval_set: str = "all") -> torch.Tensor:
+        """The order minimizing the additive estimate of ``eval_set``: int64 ``[T]``.
+
+        Exact over all permutations (linear assignment, Hungarian algorithm via scipy).
+        """
+        from scipy.optimize import linear_sum_assignment
+
+        e = self.eval_names.index(eval_set)
+        rows, cols = linear_sum_assignment(self.cost[:, :, e].cpu().numpy())
+        order = torch.empty(self.T, dtype=torch.int64)
+        order[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.int64)
+        return order
