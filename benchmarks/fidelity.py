@@ -1,54 +1,11 @@
-"""Fidelity benchmark: estimated vs true final eval loss on held-out orders, retrained for real.
+"""Fidelity benchmark (same as ``currsearch benchmark fidelity``; see currsearch/fidelity_cli.py).
 
-    python benchmarks/fidelity.py [CONFIG] --estimators reference,additive --out runs/fidelity \
-        --n-random 30 --n-near 5 --settings fresh,warm [--set section.key=value ...]
-
-Writes per setting ``OUT/<setting>/fidelity.{json,md}`` and plots, and a combined
-``OUT/fidelity.md`` (see :mod:`currsearch.fidelity`).
+    python benchmarks/fidelity.py [CONFIG] --estimators reference,additive,fut1,fut2,fut1-hvp --out runs/fidelity
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 
+from currsearch.fidelity_cli import main
 
-def _csv(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="currsearch benchmark fidelity", description=__doc__.splitlines()[0])
-    p.add_argument("config", nargs="?", help="TOML or YAML config file (default: built-in defaults)")
-    p.add_argument("--estimators", type=_csv, default=["reference", "additive"], help="comma-separated estimator names")
-    p.add_argument("--out", default="runs/fidelity", help="output directory (default: runs/fidelity)")
-    p.add_argument("--n-random", type=int, default=30, help="random held-out orders (default: 30)")
-    p.add_argument("--n-near", type=int, default=5, help="orders per number of transpositions near the reference (default: 5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out orders (default: 0)")
-    p.add_argument("--settings", type=_csv, default=["fresh", "warm"], help="optimizer-state settings: fresh, warm (default: both)")
-    p.add_argument("--store-dir", help="trajectory stores directory (default: OUT/<setting>/store)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config value")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; returns the exit status (2 with one ``error:`` line on bad input)."""
-    from currsearch.cli import resolve_config
-    from currsearch.errors import CurrsearchError
-    from currsearch.fidelity import run_fidelity_settings
-
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = resolve_config(args.config, args.set)
-        run_fidelity_settings(cfg, args.estimators, args.out, settings=args.settings, store_dir=args.store_dir,
-                              n_random=args.n_random, n_near=args.n_near, seed=args.seed, progress=not args.quiet)
-    except CurrsearchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}/fidelity.md")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
+if __name__ == "__main__":
     sys.exit(main())

@@ -95,6 +95,12 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_benchmark(args) -> int:
+    from .fidelity_cli import main as fidelity_main
+
+    return {"fidelity": fidelity_main}[args.name](args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="currsearch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="store directory")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of every file")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("benchmark", help="run a benchmark against real retraining (fidelity)", add_help=False)
+    p.add_argument("name", choices=["fidelity"], help="which benchmark")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (see --help after the name)")
+    p.set_defaults(func=cmd_benchmark)
     return parser
 
 

@@ -106,10 +106,11 @@ class RecordConfig(_Section):
     JL sketches regenerated from ``projection_seed``. Budgets are in seconds and bytes.
     """
 
-    terms: tuple[str, ...] = ("batch_losses", "updates", "grads", "eval_grads", "readouts")
+    terms: tuple[str, ...] = ("batch_losses", "updates", "grads", "readouts")
     anchor_stride: int = Field(1, ge=1)
+    checkpoint_eval: bool = Field(False, description="evaluate the reference model at every anchor (loss curve)")
     vmap_chunk: int = Field(16, ge=1, description="batches per vmapped gradient call (memory bound)")
-    projection: Literal["rademacher", "gaussian", "countsketch"] = "rademacher"
+    projection: Literal["rademacher", "gaussian", "countsketch"] = "countsketch"
     projection_dim: int = Field(512, ge=1)
     projection_seed: int = 0
     max_disk_bytes: float = Field(8e9, gt=0)

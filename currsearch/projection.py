@@ -30,17 +30,37 @@ class Projector:
         dim_out: k, output dimension.
         seed: projection seed.
         block: input coordinates generated per block (memory ``block * k * 4`` bytes).
+        cache_bytes: keep the generated blocks in memory (never on disk) when the whole
+            projection takes at most this many bytes, so later calls are plain matmuls.
 
     Raises:
         ValueError: unknown kind or non-positive dimensions.
     """
 
-    def __init__(self, kind: str, dim_in: int, dim_out: int, seed: int, block: int = 4096):
+    def __init__(self, kind: str, dim_in: int, dim_out: int, seed: int, block: int = 4096, cache_bytes: int = 512 * 2**20):
         if kind not in KINDS:
             raise ValueError(f"unknown projection kind {kind!r}; choose one of {KINDS}")
         if dim_in <= 0 or dim_out <= 0:
             raise ValueError(f"projection dimensions must be positive, got {dim_in} -> {dim_out}")
         self.kind, self.dim_in, self.dim_out, self.seed, self.block = kind, dim_in, dim_out, seed, block
+        per_coord = 16 if kind == "countsketch" else 4 * dim_out
+        self._cache: dict | None = {} if dim_in * per_coord <= cache_bytes else None
+
+    def _blocks(self, j: int, rows: int, device):
+        """Block j's matrix ([rows, k]) or, for countsketch, its (bucket, sign) vectors; cached if allowed."""
+        key = (j, str(device))
+        if self._cache is not None and key in self._cache:
+            return self._cache[key]
+        if self.kind == "countsketch":
+            g = self._gen(j)
+            h = torch.randint(0, self.dim_out, (rows,), generator=g).to(device)
+            s = (torch.randint(0, 2, (rows,), generator=g).float() * 2 - 1).to(device)
+            out = (h, s)
+        else:
+            out = self._block_matrix(j, rows).to(device)
+        if self._cache is not None:
+            self._cache[key] = out
+        return out
 
     def _gen(self, j: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + j)
@@ -61,13 +81,11 @@ class Projector:
         for j, lo in enumerate(range(0, self.dim_in, self.block)):
             hi = min(lo + self.block, self.dim_in)
             xb = x[..., lo:hi]
+            blk = self._blocks(j, hi - lo, x.device)
             if self.kind == "countsketch":
-                g = self._gen(j)
-                h = torch.randint(0, self.dim_out, (hi - lo,), generator=g).to(x.device)
-                s = (torch.randint(0, 2, (hi - lo,), generator=g).float() * 2 - 1).to(x.device)
-                out.index_add_(-1, h, xb * s)
+                out.index_add_(-1, blk[0], xb * blk[1])
             else:
-                out += xb @ self._block_matrix(j, hi - lo).to(x.device)
+                out += xb @ blk
         return out
 
     def describe(self) -> dict:

@@ -17,11 +17,17 @@ Terms (``TERMS``; an estimator declares the ones it needs):
 * ``batch_losses``: ``batch_loss`` [T] float64, L(theta_t; B_l) in nats/token.
 * ``updates``: ``update_proj`` [T, k] float32, the JL projection of Gamma(theta_t, B_l).
 * ``grads``: ``grad_proj`` [T, k] float32, the JL projection of g(theta_t, B_l).
-* ``eval_grads``: ``eval_grad_proj`` [E, k] float32, projected eval-set gradients at theta_t.
-* ``readouts``: exact full-dimension inner products (design note lesson 3): ``readout_update``
-  [T, E] = <grad L_e(theta_t), Gamma(theta_t, B_l)>, ``readout_update_final`` [T, E] =
-  <grad L_e(theta_T), Gamma(theta_t, B_l)>, ``readout_grad`` [T, E] = <grad L_e(theta_t),
-  g(theta_t, B_l)>, all float64.
+* ``readouts``: exact full-dimension inner products with the eval gradients at the end of
+  the reference run (design note lesson 3): ``readout_update_final`` [T, E] =
+  <grad L_e(theta_T), Gamma(theta_t, B_l)>, ``readout_grad_final`` [T, E] =
+  <grad L_e(theta_T), g(theta_t, B_l)>, float64.
+* ``readouts_checkpoint`` (opt-in): the same with the eval gradients at theta_t
+  (``readout_update``, ``readout_grad``); costs E eval-set gradients per anchor.
+* ``eval_grads`` (opt-in): ``eval_grad_proj`` [E, k] float32, projected eval-set gradients
+  at theta_t; costs the same.
+
+``record.checkpoint_eval`` also evaluates the reference model at every anchor (the
+reference eval-loss curve, ``TrajectoryStore.reference_eval_losses``).
 
 New terms are added with :func:`register_term`; each declares its tensors' shapes so the
 recorder can predict the store size before it starts.
@@ -42,7 +48,7 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .adam import AdamState, adam_direction, clip_grad
+from .adam import AdamState, adam_direction
 from .config import Config
 from .errors import BudgetError, ConfigError, StoreError
 from .projection import Projector
@@ -146,8 +152,8 @@ def batch_gradients(trainer: Trainer, theta: torch.Tensor, batches: torch.Tensor
         ls.append(l)
     grads = torch.cat(gs)
     clip = trainer.cfg.optim.grad_clip
-    if clip is not None:
-        grads = torch.stack([clip_grad(g, clip) for g in grads])
+    if clip is not None:  # clip_grad, row by row
+        grads = grads * torch.clamp(clip / (torch.linalg.vector_norm(grads, dim=1, keepdim=True) + 1e-6), max=1.0)
     return grads, torch.cat(ls).double()
 
 
@@ -172,10 +178,9 @@ def eval_gradients(trainer: Trainer, theta: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def _readouts(ctx: AnchorContext) -> dict[str, torch.Tensor]:
-    eg, egf = ctx.eval_grads.double(), ctx.eval_grads_final.double()
-    up, gr = ctx.updates.double(), ctx.grads.double()
-    return {"readout_update": up @ eg.T, "readout_update_final": up @ egf.T, "readout_grad": gr @ eg.T}
+def _readouts(eval_grads: torch.Tensor, ctx: AnchorContext, suffix: str) -> dict[str, torch.Tensor]:
+    # float32 products (relative error ~1e-6, i.e. ~1e-9 nats/token once scaled by eta), stored as float64
+    return {f"readout_update{suffix}": (ctx.updates @ eval_grads.T).double(), f"readout_grad{suffix}": (ctx.grads @ eval_grads.T).double()}
 
 
 register_term(Term("batch_losses", "loss of every batch at the checkpoint, nats/token",
@@ -186,9 +191,12 @@ register_term(Term("grads", "JL projection of the clipped gradient g(theta_t, B_
                    {"grad_proj": (("T", "k"), torch.float32)}, lambda c: {"grad_proj": c.projector.project(c.grads)}))
 register_term(Term("eval_grads", "JL projection of the eval-set gradients at theta_t",
                    {"eval_grad_proj": (("E", "k"), torch.float32)}, lambda c: {"eval_grad_proj": c.projector.project(c.eval_grads)}))
-register_term(Term("readouts", "exact inner products of eval gradients with update terms and gradients",
-                   {"readout_update": (("T", "E"), torch.float64), "readout_update_final": (("T", "E"), torch.float64),
-                    "readout_grad": (("T", "E"), torch.float64)}, _readouts))
+register_term(Term("readouts", "exact inner products of the final eval gradients with update terms and gradients",
+                   {"readout_update_final": (("T", "E"), torch.float64), "readout_grad_final": (("T", "E"), torch.float64)},
+                   lambda c: _readouts(c.eval_grads_final, c, "_final")))
+register_term(Term("readouts_checkpoint", "exact inner products of the eval gradients at theta_t with update terms and gradients",
+                   {"readout_update": (("T", "E"), torch.float64), "readout_grad": (("T", "E"), torch.float64)},
+                   lambda c: _readouts(c.eval_grads, c, "")))
 
 
 # ---------------------------------------------------------------------------- planning
@@ -203,7 +211,7 @@ def _safetensors_bytes(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -
 def store_formula(trainer: Trainer, cfg: Config) -> dict[str, int]:
     """Predicted store size in bytes (tensor payloads; headers and manifest excluded).
 
-    ``A (3 P 4 + E 8)`` for the checkpoints, ``A * sum(term bytes)`` for the pair terms
+    ``A (3 P 4 + 8 [+ E 8 with checkpoint_eval])`` for the checkpoints, ``A * sum(term bytes)`` for the pair terms
     and ``P 4 + E 8 + E k 4`` for the final state and its projected eval gradients (float32
     parameters, float64 losses).
     """
@@ -212,7 +220,7 @@ def store_formula(trainer: Trainer, cfg: Config) -> dict[str, int]:
     A = len(range(0, trainer.T, cfg.record.anchor_stride))
     pa = sum(_safetensors_bytes(TERMS[t].shapes(dims)) for t in cfg.record.terms)
     psize = {torch.float32: 4, torch.float64: 8}[trainer.model.dtype]
-    ckpt = A * (3 * P * psize + E * 8 + 8)
+    ckpt = A * (3 * P * psize + 8 + (E * 8 if cfg.record.checkpoint_eval else 0))
     final = P * psize + E * 8 + E * dims["k"] * 4
     return {"checkpoints": ckpt, "pairs": A * pa, "final": final, "total": ckpt + A * pa + final}
 
@@ -221,8 +229,9 @@ def estimate_cost(trainer: Trainer, cfg: Config) -> dict[str, float]:
     """Estimated seconds, peak bytes of memory and bytes of disk of a recording.
 
     Time: one timed training step t_step (measured now) times ``T`` (reference run) plus
-    ``A (T + E')`` gradient evaluations (pairs; E' = eval batches), an upper bound since
-    vmapped gradients are cheaper than sequential steps. Memory: the [T, P] gradient and
+    ``A (T + E')`` gradient evaluations (pairs; E' = eval batches when a term needs eval
+    gradients at every anchor), an upper bound since vmapped gradients are a little cheaper
+    than sequential steps. Memory: the [T, P] gradient and
     update matrices, eval gradients and activations of one vmap chunk.
     """
     start = trainer.window_start()
@@ -236,7 +245,8 @@ def estimate_cost(trainer: Trainer, cfg: Config) -> dict[str, float]:
     A = len(range(0, T, cfg.record.anchor_stride))
     d = cfg.data
     eval_batches = sum(math.ceil(trainer.plan.eval_sets[n].shape[0] * 1.0 / d.batch_size) for n in trainer.plan.domain_names)
-    seconds = t_step * (T + A * (T + 2 * eval_batches))
+    per_anchor_eval = eval_batches if {"eval_grads", "readouts_checkpoint"} & set(cfg.record.terms) else 0
+    seconds = t_step * (T + eval_batches + A * (T + per_anchor_eval))
     mcfg = trainer.model.module.config
     width = getattr(mcfg, "n_embd", getattr(mcfg, "hidden_size", 256))
     layers = getattr(mcfg, "n_layer", getattr(mcfg, "num_hidden_layers", 4))
@@ -247,7 +257,7 @@ def estimate_cost(trainer: Trainer, cfg: Config) -> dict[str, float]:
 
 def _record_settings(cfg: Config) -> dict:
     r = cfg.record
-    return {"terms": list(r.terms), "anchor_stride": r.anchor_stride, "projection": r.projection,
+    return {"terms": list(r.terms), "anchor_stride": r.anchor_stride, "checkpoint_eval": r.checkpoint_eval, "projection": r.projection,
             "projection_dim": r.projection_dim, "projection_seed": r.projection_seed}
 
 
@@ -361,10 +371,10 @@ class _Recorder:
         bar = self._bar(len(self.anchors), len(done), "reference run")
         for t in range(t0, self.T):
             if t in self.anchors and t not in done:
-                ev = tr.evaluate(theta)
-                self._save(m, f"checkpoints/ckpt_{t:05d}.safetensors",
-                           {"theta": theta, "adam_m": adam.m, "adam_v": adam.v,
-                            "adam_step": torch.tensor(adam.step, dtype=torch.int64), "eval_loss": ev})
+                state = {"theta": theta, "adam_m": adam.m, "adam_v": adam.v, "adam_step": torch.tensor(adam.step, dtype=torch.int64)}
+                if self.cfg.record.checkpoint_eval:
+                    state["eval_loss"] = tr.evaluate(theta)
+                self._save(m, f"checkpoints/ckpt_{t:05d}.safetensors", state)
                 done.append(t)
                 bar.update(1)
             t1 = time.perf_counter()

@@ -4,7 +4,8 @@ Layout::
 
     DIR/manifest.json                    schema version, config, hashes, T, k, terms, files + SHA-256
     DIR/checkpoints/ckpt_TTTTT.safetensors   reference state at anchor checkpoint t:
-                                         theta, adam_m, adam_v [P]; eval_loss [E]; train_loss [<=s]
+                                         theta, adam_m, adam_v [P], adam_step; eval_loss [E]
+                                         (with record.checkpoint_eval)
     DIR/pairs/pairs_TTTTT.safetensors    per anchor t, the recorded terms for every batch l
     DIR/final.safetensors                theta [P] and eval_loss [E] after the window
     DIR/final_eval_grads.safetensors     eval_grad_proj [E, k]: projected eval gradients at theta_T
@@ -189,8 +190,8 @@ class TrajectoryStore:
             return {n: f.get_tensor(n) for n in (names or list(f.keys()))}
 
     def checkpoint(self, t: int, device="cpu") -> dict[str, torch.Tensor]:
-        """Reference state at anchor ``t``: ``theta``, ``adam_m``, ``adam_v`` (float ``[P]``),
-        ``eval_loss`` (float64 ``[E]``), ``train_loss`` (float64, losses of steps t.. up to the next anchor)."""
+        """Reference state before step ``t`` (an anchor): ``theta``, ``adam_m``, ``adam_v`` (float ``[P]``),
+        ``adam_step`` (int64 scalar) and, with ``record.checkpoint_eval``, ``eval_loss`` (float64 ``[E]``)."""
         if t not in self.anchors:
             raise StoreError(f"checkpoint {t} is not an anchor of this store (anchors: every {self.manifest['anchor_stride']})")
         return self._read(f"checkpoints/ckpt_{t:05d}.safetensors", None, device)
@@ -217,7 +218,13 @@ class TrajectoryStore:
         return torch.stack([self._read(f"pairs/pairs_{t:05d}.safetensors", [name], device)[name] for t in self.anchors])
 
     def reference_eval_losses(self) -> torch.Tensor:
-        """Eval losses (nats/token) at every anchor and at the end: float64 ``[A + 1, E]``."""
+        """Eval losses (nats/token) at every anchor and at the end: float64 ``[A + 1, E]``.
+
+        Raises:
+            StoreError: the store was recorded without ``record.checkpoint_eval``.
+        """
+        if not self.manifest["config"]["record"].get("checkpoint_eval"):
+            raise StoreError(f"store {str(self.path)!r} has no per-checkpoint eval losses; record with record.checkpoint_eval = true")
         rows = [self.checkpoint(t)["eval_loss"] for t in self.anchors] + [self.final()["eval_loss"]]
         return torch.stack(rows)
 

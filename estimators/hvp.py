@@ -35,16 +35,18 @@ class FUT1HVP(Estimator):
     Args:
         chunk: orders processed together in one vmapped call.
         readout: ``"exact"`` or ``"taylor"``.
+        curvature: ``False`` drops the HVP term (zeroth order in theta, Adam still recomputed),
+            an ablation that shows what the curvature term contributes.
     """
 
     name = "fut1-hvp"
     required_terms = ()
 
-    def __init__(self, device="cpu", chunk: int = 8, readout: str = "exact"):
+    def __init__(self, device="cpu", chunk: int = 8, readout: str = "exact", curvature: bool = True):
         super().__init__(device)
         if readout not in ("exact", "taylor"):
             raise ValueError(f"readout must be 'exact' or 'taylor', got {readout!r}")
-        self.chunk, self.readout = chunk, readout
+        self.chunk, self.readout, self.curvature = chunk, readout, curvature
 
     def _fit(self, store) -> None:
         self.trainer = store.trainer()
@@ -62,6 +64,9 @@ class FUT1HVP(Estimator):
         clip = self.trainer.cfg.optim.grad_clip
 
         def grad_and_hvp(theta, batch, v):
+            if not self.curvature:
+                g = torch.func.grad(fm.loss)(theta, batch)
+                return g * torch.clamp(clip / (torch.linalg.vector_norm(g) + 1e-6), max=1.0) if clip is not None else g
             g, hv = torch.func.jvp(lambda th: torch.func.grad(fm.loss)(th, batch), (theta,), (v,))
             if clip is not None:
                 c = torch.clamp(clip / (torch.linalg.vector_norm(g) + 1e-6), max=1.0)

@@ -42,8 +42,8 @@ class AdditiveEstimator(Estimator):
     """Additive first-order score from exact read-outs (see module docstring).
 
     Args:
-        readout: ``"final"`` (eval gradient at theta_T, default) or ``"checkpoint"`` (at
-            theta_t, as TracIn).
+        readout: ``"final"`` (eval gradient at theta_T, default; term ``readouts``) or
+            ``"checkpoint"`` (at theta_t, as TracIn; term ``readouts_checkpoint``).
     """
 
     name = "additive"
@@ -54,6 +54,7 @@ class AdditiveEstimator(Estimator):
         if readout not in ("final", "checkpoint"):
             raise ValueError(f"readout must be 'final' or 'checkpoint', got {readout!r}")
         self.readout = readout
+        self.required_terms = ("readouts",) if readout == "final" else ("readouts_checkpoint",)
 
     def _fit(self, store) -> None:
         key = "readout_update_final" if self.readout == "final" else "readout_update"

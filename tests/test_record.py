@@ -14,7 +14,8 @@ from currsearch.store import TrajectoryStore
 
 @pytest.fixture(scope="module")
 def rec_cfg(tiny_cfg):
-    return tiny_cfg.replace(record={"projection_dim": 64})
+    return tiny_cfg.replace(record={"projection_dim": 64, "checkpoint_eval": True,
+                                    "terms": ["batch_losses", "updates", "grads", "eval_grads", "readouts", "readouts_checkpoint"]})
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,7 @@ def test_store_contents_and_reference_run(store, tiny_trainer, rec_cfg):
     T, E = store.T, len(store.eval_names)
     assert store.get("update_proj").shape == (T, T, 64)
     assert store.get("readout_update").shape == (T, T, E) and store.get("readout_update").dtype == torch.float64
+    assert store.get("eval_grad_proj").shape == (T, E, 64) and store.reference_eval_losses().shape == (T + 1, E)
     ref = tiny_trainer.train(torch.arange(T))
     assert torch.equal(store.final()["theta"], ref.theta)  # the recorded reference run is the Trainer's
     assert torch.equal(store.final()["eval_loss"], ref.eval_losses)
@@ -51,6 +53,9 @@ def test_exact_readouts_equal_direct_computation(store, tiny_trainer):
     direct = (eg.double() @ gamma.double())
     torch.testing.assert_close(store.get("readout_update")[t, l], direct, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(store.get("readout_grad")[t, l], eg.double() @ g.double(), rtol=1e-4, atol=1e-7)
+    eg_final = eval_gradients(tr, store.final()["theta"])
+    torch.testing.assert_close(store.get("readout_update_final")[t, l], eg_final.double() @ gamma.double(), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(store.get("readout_grad_final")[t, l], eg_final.double() @ g.double(), rtol=1e-4, atol=1e-7)
     # the "all" eval gradient is the gradient of the loss over the union of eval sets
     _, g_all = tr.model.grad(c["theta"], tr.plan.eval_sets["all"])
     torch.testing.assert_close(eg[-1], g_all, rtol=1e-4, atol=1e-6)
@@ -123,7 +128,7 @@ def test_store_rejects_other_model_weights(store, rec_cfg):
 
 def test_anchor_stride_and_budget(rec_cfg, tmp_path):
     s = record(rec_cfg.replace(record={"anchor_stride": 4, "terms": ["readouts"]}), tmp_path / "a", progress=False)
-    assert s.anchors == [0, 4] and s.get("readout_update").shape[0] == 2
+    assert s.anchors == [0, 4] and s.get("readout_update_final").shape[0] == 2
     with pytest.raises(StoreError, match="update_proj"):
         s.get("update_proj")
     with pytest.raises(BudgetError, match="disk"):
