@@ -178,7 +178,8 @@ def fidelity_metrics(est: torch.Tensor, true: torch.Tensor) -> dict:
         ``"absdiff"`` (mean |est - true|, nats/token), ``"rel_err"`` (mean |est - true| / |true|),
         ``"spread"`` (max - min of true, nats/token), ``"err_frac_of_spread"`` (absdiff / spread),
         ``"top1"`` (1.0 when the argmins agree), ``"top5"`` (overlap of the k = min(5, n)
-        lowest by est and by true, divided by k), ``"n"}``; NaN where undefined.
+        lowest by est and by true, divided by k; both NaN for a constant estimate, whose
+        ranking is arbitrary), ``"n"}``; NaN where undefined.
 
     Raises:
         ValueError: ``est`` and ``true`` differ in length.
@@ -203,8 +204,8 @@ def fidelity_metrics(est: torch.Tensor, true: torch.Tensor) -> dict:
         "rel_err": float(np.mean(np.abs(e - t) / np.abs(t))),
         "spread": spread,
         "err_frac_of_spread": absdiff / spread if spread > 0 else nan,
-        "top1": float(np.argmin(e) == np.argmin(t)),
-        "top5": len(top_e & top_t) / k,
+        "top1": float(np.argmin(e) == np.argmin(t)) if np.ptp(e) > 0 else nan,
+        "top5": len(top_e & top_t) / k if np.ptp(e) > 0 else nan,
         "n": n,
     }
 

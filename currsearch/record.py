@@ -322,10 +322,13 @@ class _Recorder:
         store.check_trainer(self.trainer)
         return m
 
-    def _save(self, m: dict, rel: str, tensors: dict[str, torch.Tensor]) -> None:
+    def _save(self, m: dict, rel: str, tensors: dict[str, torch.Tensor], done: list | None = None, t: int = -1) -> None:
+        """Write one file atomically, then one manifest naming it (and marking ``t`` done)."""
         path = self.out / rel
         atomic_save_tensors(path, tensors)
         m["files"][rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        if done is not None:
+            done.append(t)
         self._commit(m)
 
     def _commit(self, m: dict) -> None:
@@ -343,12 +346,14 @@ class _Recorder:
     # -- phases
     def run(self) -> TrajectoryStore:
         m = self._load_or_create()
+        if m["phase"] == "complete":
+            return TrajectoryStore.open(self.out)
         self.base_seconds = m["record_seconds"]
         self.trainer.window_start(progress=self.progress)  # warm-up phase: shared pretraining, not record time
         self.t_start = time.perf_counter()
-        if m["phase"] == "complete":
-            return TrajectoryStore.open(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        for stray in self.out.rglob(".*.tmp*"):  # left by a kill in the middle of an atomic write
+            stray.unlink()
         if not m["files"]:
             self._commit(m)
         if m["phase"] == "reference":
@@ -374,8 +379,7 @@ class _Recorder:
                 state = {"theta": theta, "adam_m": adam.m, "adam_v": adam.v, "adam_step": torch.tensor(adam.step, dtype=torch.int64)}
                 if self.cfg.record.checkpoint_eval:
                     state["eval_loss"] = tr.evaluate(theta)
-                self._save(m, f"checkpoints/ckpt_{t:05d}.safetensors", state)
-                done.append(t)
+                self._save(m, f"checkpoints/ckpt_{t:05d}.safetensors", state, done, t)
                 bar.update(1)
             t1 = time.perf_counter()
             theta, adam, loss = tr.step(theta, adam, tr.lr(t), tr.batch(t))
@@ -404,8 +408,7 @@ class _Recorder:
             tensors: dict[str, torch.Tensor] = {}
             for name in self.cfg.record.terms:
                 tensors.update(TERMS[name].compute(ctx))
-            self._save(m, f"pairs/pairs_{t:05d}.safetensors", tensors)
-            done.append(t)
+            self._save(m, f"pairs/pairs_{t:05d}.safetensors", tensors, done, t)
             bar.update(1)
         bar.close()
 

@@ -70,8 +70,11 @@ def test_resume_after_kill_equals_uninterrupted(store, rec_cfg, tmp_path):
         record(rec_cfg, out, progress=False, crash_after_writes=crash_at)
     with pytest.raises(StoreError, match="incomplete"):
         TrajectoryStore.open(out)
+    stray = out / ".ckpt_00003.safetensors.tmp4242"  # as a kill in the middle of an atomic write leaves it
+    stray.write_bytes(b"partial")
     resumed = record(rec_cfg, out, progress=False)
     assert _payload(resumed) == _payload(store)
+    assert not stray.exists()
     # a second crash in the pair phase resumes too
     out2 = tmp_path / "killed2"
     with pytest.raises(KeyboardInterrupt):
