@@ -1,7 +1,8 @@
 """Trainer: real AdamW training of a causal LM over any order of a BatchPlan's batches.
 
 This is the ground truth for every fidelity claim: on CPU the same config and order give
-bit-identical parameters. Training is an optional warm-up phase on the plan's mixed warm-up
+bit-identical parameters (with the same torch thread count: ``torch.set_num_threads`` changes
+the reduction order, hence the last bits). Training is an optional warm-up phase on the plan's mixed warm-up
 pool, followed by the ordered window of T steps (one batch each). The Adam state at the
 window start is fresh, or carried from the warm-up phase (``train.carry_optimizer_state``).
 """
