@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -96,6 +96,15 @@ class TrainConfig(_Section):
     device: str = "cpu"
     dtype: Literal["float32", "float64"] = "float32"
     eval_batch_size: int = Field(64, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", v):
+            raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {v!r}")
+        return v
 
 
 class RecordConfig(_Section):

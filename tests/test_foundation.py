@@ -218,6 +218,7 @@ def test_local_pretrained_model_and_tokenizer(tmp_path, tiny_cfg, tiny_trainer):
         ({"model": {"n_embd": 30, "n_head": 4}}, "divisible"),
         ({"data": {"num_batchez": 3}}, "unknown key"),
         ({"nonsection": {}}, "unknown key"),
+        ({"train": {"device": "gpu"}}, "train.device"),
     ],
 )
 def test_invalid_config_values(d, fragment):

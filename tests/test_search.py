@@ -1,0 +1,169 @@
+"""Search driver and evaluation backends: real Optuna, real local Ray, a tiny recorded store."""
+
+import socket
+import time
+
+import optuna
+import pytest
+import torch
+
+from currsearch.backends import RayBackend, SerialBackend
+from currsearch.errors import ConfigError, StoreError
+from currsearch.orders import random_order, validate_orders
+from currsearch.record import record
+from currsearch.search import run_search
+from estimators import get_estimator
+
+
+@pytest.fixture(scope="module")
+def store(tiny_cfg, tmp_path_factory):
+    s = record(tiny_cfg.replace(record={"projection_dim": 32}), tmp_path_factory.mktemp("search") / "s", progress=False)
+    s.trainer()  # build (and cache) the plan once for every search below
+    return s
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def orders20(store):
+    T = store.T
+    return torch.stack([torch.arange(T)] + [random_order(T, seed) for seed in range(19)])
+
+
+def _kill(ray, actor):
+    """ray.kill, then wait until the actor is really dead (the kill is asynchronous)."""
+    ray.kill(actor)
+    for _ in range(200):
+        try:
+            ray.get(actor.pid.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the killed actor is still alive")
+
+
+def _is_permutation(order, T):
+    return sorted(order.tolist()) == list(range(T))
+
+
+def test_serial_and_ray_agree_and_a_killed_actor_is_replaced(store, ray_local, orders20):
+    serial = SerialBackend(get_estimator("additive").fit(store), chunk=4)
+    expected = serial.score(orders20)
+    assert expected.shape == (20, len(store.eval_names)) and expected.dtype == torch.float64
+    with RayBackend(store.path, "additive", num_actors=2, chunk=4) as rb:
+        assert not rb.started_ray  # reused the fixture's instance
+        assert torch.equal(rb.score(orders20), expected)
+
+        def kill_first_actor(done, total):  # mid-run: after the first of 5 chunks
+            if done == 1:
+                _kill(ray_local, rb.actors[0])
+
+        assert torch.equal(rb.score(orders20, on_chunk=kill_first_actor), expected)
+        assert rb.n_replaced == 1
+        _kill(ray_local, rb.actors[1])  # dead before the next call is submitted to it
+        assert torch.equal(rb.score(orders20), expected)
+        assert rb.n_replaced == 2 and len(rb.actors) == 2
+        assert torch.equal(rb.assignment_optimum("all"), serial.assignment_optimum("all"))
+        # the same search over either backend gives the same trials
+        a = run_search(store, n_trials=16, batch_size=8, progress=False, backend=serial)
+        b = run_search(store, n_trials=16, batch_size=8, progress=False, backend=rb)
+        assert torch.equal(a.orders, b.orders) and torch.equal(a.estimates, b.estimates)
+    assert ray_local.is_initialized()  # an instance the backend did not start stays up
+
+
+def test_ray_backend_errors(store, ray_local):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConfigError, match="cannot reach a Ray cluster"):
+        RayBackend(store.path, "additive", address=f"127.0.0.1:{port}", connect_timeout=2)
+    with pytest.raises(ConfigError, match="unknown estimator"):
+        RayBackend(store.path, "nope")
+    with pytest.raises(StoreError, match="readouts_checkpoint"):
+        RayBackend(store.path, "additive", estimator_kwargs={"readout": "checkpoint"}, num_actors=1)
+    with pytest.raises(ConfigError, match="not ready within"):  # 3 one-CPU actors on 2 CPUs
+        RayBackend(store.path, "additive", num_actors=3, ready_timeout=2)
+
+
+def test_short_search_beats_the_reference(store):
+    res = run_search(store, space="random_keys", sampler="tpe", n_trials=24, batch_size=8, progress=False)
+    T = store.T
+    assert res.n_trials == 24 and res.n_run == 24
+    trials = res.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 24
+    for t in trials:
+        o = torch.tensor(t.user_attrs["order"])
+        validate_orders(o, T)
+        assert len(t.user_attrs["estimates"]) == len(store.eval_names)
+    ref = [t for t in trials if t.user_attrs.get("source") == "reference"]
+    assert len(ref) == 1 and ref[0].user_attrs["order"] == list(range(T))
+    assert any(t.user_attrs.get("source") == "assignment:all" for t in trials)
+    (best, est), *_ = res.top(3)
+    assert _is_permutation(best, T) and est.shape == (len(store.eval_names),)
+    assert float(res.best_value[0]) <= ref[0].value
+    assert float(res.best_value[0]) == min(t.value for t in trials)
+    # top-k: distinct orders sorted by the objective, estimates match a fresh scoring
+    tops = res.top(5)
+    assert len({tuple(o.tolist()) for o, _ in tops}) == 5
+    vals = [float(e[store.eval_names.index("all")]) for _, e in tops]
+    assert vals == sorted(vals)
+    fresh = get_estimator("additive").fit(store).estimate(torch.stack([o for o, _ in tops]))
+    torch.testing.assert_close(torch.stack([e for _, e in tops]), fresh, rtol=0, atol=1e-12)
+
+
+def test_resume_from_a_journal_runs_only_the_missing_trials(store, tmp_path):
+    journal = tmp_path / "study.journal"
+    first = run_search(store, n_trials=12, batch_size=8, storage=str(journal), study_name="s", progress=False)
+    assert first.n_run == 12 and first.n_trials == 12 and journal.is_file()
+    second = run_search(store, n_trials=20, batch_size=8, storage=str(journal), study_name="s", progress=False)
+    assert second.n_run == 8 and second.n_trials == 20
+    trials = second.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 20
+    assert sum(t.user_attrs.get("source") == "reference" for t in second.study.trials) == 1  # not re-enqueued
+    again = run_search(store, n_trials=20, storage=str(journal), study_name="s", progress=False)
+    assert again.n_run == 0 and again.n_trials == 20
+    with pytest.raises(ConfigError, match="another setup"):
+        run_search(store, n_trials=24, storage=str(journal), study_name="s", space="lehmer", progress=False)
+    db = run_search(store, n_trials=8, storage=f"sqlite:///{tmp_path / 'study.db'}", progress=False)
+    assert db.n_trials == 8
+
+
+def test_multi_objective_nsga2_returns_a_pareto_set(store):
+    res = run_search(
+        store, sampler="nsga2", objectives=("bible", "python"), n_trials=24, batch_size=8,
+        sampler_options={"population_size": 8}, progress=False,
+    )
+    assert len(res.study.directions) == 2 and res.n_trials == 24
+    front = res.pareto_set()
+    assert front and all(_is_permutation(o, store.T) for o, _ in front)
+    assert bool(res.pareto[: len(front)].all())  # Pareto members come first
+    cols = [store.eval_names.index("bible"), store.eval_names.index("python")]
+    all_vals = res.estimates[:, cols]
+    for _, e in front:  # nobody dominates a Pareto member
+        v = e[cols]
+        assert not ((all_vals <= v).all(1) & (all_vals < v).any(1)).any()
+    assert {tuple(o.tolist()) for o, _ in front} == {tuple(t.user_attrs["order"]) for t in res.study.best_trials}
+
+
+def test_clear_errors(store):
+    with pytest.raises(ConfigError, match="unknown sampler 'annealing'.*tpe, cmaes, gp, nsga2, random"):
+        run_search(store, sampler="annealing", progress=False)
+    with pytest.raises(ConfigError, match="unknown search space 'spiral'"):
+        run_search(store, space="spiral", progress=False)
+    with pytest.raises(ConfigError, match=r"unknown objective eval set\(s\) \['klingon'\]"):
+        run_search(store, objectives=("all", "klingon"), progress=False)
+    with pytest.raises(ConfigError, match="single-objective"):
+        run_search(store, sampler="cmaes", objectives=("bible", "python"), progress=False)
+    with pytest.raises(ConfigError, match="unknown estimator"):
+        run_search(store, estimator_name="nope", progress=False)
+    with pytest.raises(StoreError, match="readouts_checkpoint"):
+        run_search(store, estimator_kwargs={"readout": "checkpoint"}, progress=False)
