@@ -64,14 +64,13 @@ class FUT1HVP(Estimator):
         clip = self.trainer.cfg.optim.grad_clip
 
         def grad_and_hvp(theta, batch, v):
-            if not self.curvature:
-                g = torch.func.grad(fm.loss)(theta, batch)
-                return g * torch.clamp(clip / (torch.linalg.vector_norm(g) + 1e-6), max=1.0) if clip is not None else g
-            g, hv = torch.func.jvp(lambda th: torch.func.grad(fm.loss)(th, batch), (theta,), (v,))
-            if clip is not None:
-                c = torch.clamp(clip / (torch.linalg.vector_norm(g) + 1e-6), max=1.0)
-                g, hv = g * c, hv * c
-            return g + hv
+            if self.curvature:
+                g, hv = torch.func.jvp(lambda th: torch.func.grad(fm.loss)(th, batch), (theta,), (v,))
+            else:
+                g, hv = torch.func.grad(fm.loss)(theta, batch), 0.0
+            if clip is None:
+                return g + hv
+            return torch.clamp(clip / (torch.linalg.vector_norm(g) + 1e-6), max=1.0) * (g + hv)
 
         self._ghv = torch.func.vmap(grad_and_hvp, in_dims=(None, 0, 0))
 
