@@ -294,6 +294,7 @@ class _Recorder:
             "hashes": {"corpus": tr.corpus_hash, "plan": tr.plan.fingerprint(), "init_weights": tensor_sha256(tr.theta_init),
                        "config": cfg.fingerprint(*("data", "model", "optim", "train"))},
             "T": self.T, "P": self.P, "eval_names": list(tr.plan.eval_names),
+            "batch_domains": list(tr.plan.domains), "batch_metadata": tr.plan.metadata,
             "anchors": self.anchors, "anchor_stride": cfg.record.anchor_stride, "terms": list(cfg.record.terms),
             "tensors": shapes, "projection": self.projector.describe(),
             "dtypes": {"params": str(tr.model.dtype).replace("torch.", ""), "losses": "float64"},

@@ -379,7 +379,7 @@ def run_search(
         sampler_obj = sampler
     else:
         raise ConfigError(f"sampler must be a name ({', '.join(SAMPLERS)}) or an optuna sampler, got {type(sampler).__name__}")
-    info = BatchInfo.from_plan(store.trainer().plan) if info is None else info
+    info = BatchInfo.from_plan(store) if info is None else info  # the store carries the plan's domains and metadata
     sp = get_space(space, info, **(space_options or {}))
     if sp.T != store.T:
         raise ConfigError(f"BatchInfo has T = {sp.T} batches but the store has T = {store.T}")

@@ -171,6 +171,16 @@ class TrajectoryStore:
                 "(another corpus, tokenizer, plan seed or model initialization); record a new store"
             )
 
+    @property
+    def domains(self) -> list[str]:
+        """Domain of each of the T batches (as ``BatchPlan.domains``), from the manifest."""
+        return self.manifest["batch_domains"] if "batch_domains" in self.manifest else self.trainer().plan.domains
+
+    @property
+    def metadata(self) -> list[dict]:
+        """Per-batch metadata (as ``BatchPlan.metadata``: domain, n_tokens, difficulty proxies)."""
+        return self.manifest["batch_metadata"] if "batch_metadata" in self.manifest else self.trainer().plan.metadata
+
     def trainer(self):
         """A :class:`~currsearch.train.Trainer` rebuilt from the recorded config and checked
         against the recorded hashes (cached)."""

@@ -67,7 +67,8 @@ class BatchInfo:
         """Build from a :class:`~currsearch.plan.BatchPlan`.
 
         Args:
-            plan: the plan (uses ``plan.domains`` and, by default, ``plan.metadata``).
+            plan: the plan, or a ``TrajectoryStore`` recorded from it (uses ``.domains`` and,
+                by default, ``.metadata``).
             difficulty: optional float ``[T]`` (tensor, array or list), higher = harder;
                 default: each batch's ``metadata["unigram_nll"]``.
 

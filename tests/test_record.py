@@ -38,6 +38,7 @@ def test_store_contents_and_reference_run(store, tiny_trainer, rec_cfg):
     assert store.manifest["reference_train_loss"] == ref.train_losses.tolist()
     assert abs(store.nbytes() - store.manifest["formula_bytes"]) / store.manifest["formula_bytes"] < 0.05
     assert "T = 8 batches" in store.summary()
+    assert store.domains == tiny_trainer.plan.domains and store.metadata == tiny_trainer.plan.metadata
 
 
 def test_exact_readouts_equal_direct_computation(store, tiny_trainer):
