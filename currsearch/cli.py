@@ -101,6 +101,107 @@ def cmd_benchmark(args) -> int:
     return {"fidelity": fidelity_main}[args.name](args.args)
 
 
+def _search_opts(p: argparse.ArgumentParser, trials: int) -> None:
+    p.add_argument("--estimator", default="additive", help="surrogate estimator (default: additive)")
+    p.add_argument("--space", default="random_keys", help="search space (default: random_keys)")
+    p.add_argument("--sampler", default="tpe", help="tpe, cmaes, gp, nsga2 or random (default: tpe)")
+    p.add_argument("--trials", type=int, default=trials, help=f"total trials in the study (default: {trials})")
+    p.add_argument("--batch", type=int, default=32, help="trials scored per backend call (default: 32)")
+    p.add_argument("--objectives", default="all", help="comma-separated eval sets to minimize (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
+
+
+def _top_json(res, k: int = 10) -> dict:
+    return {
+        "study": res.study.study_name,
+        "n_trials": res.n_trials,
+        "n_run": res.n_run,
+        "seconds": res.seconds,
+        "eval_names": res.eval_names,
+        "objectives": res.objectives,
+        "top": [{"order": o.tolist(), "estimates": dict(zip(res.eval_names, e.tolist())),
+                 "source": res.sources[i] if i < len(res.sources) else ""}
+                for i, (o, e) in enumerate(res.top(k))],
+    }
+
+
+def cmd_search(args) -> int:
+    from .backends import RayBackend
+    from .export import export_order
+    from .search import run_search
+    from .store import TrajectoryStore
+
+    store = TrajectoryStore.open(args.store)
+    if args.config or args.set:
+        store.check_config(resolve_config(args.config, args.set))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = args.storage or str(out / "study.journal")
+    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    backend = None
+    if args.backend == "ray":
+        backend = RayBackend(str(store.path), args.estimator, num_actors=args.actors, address=args.address)
+    try:
+        res = run_search(store, estimator_name=args.estimator, space=args.space, sampler=args.sampler,
+                         n_trials=args.trials, batch_size=args.batch, storage=storage, backend=backend,
+                         objectives=objectives, seed=args.seed, progress=not args.quiet)
+    finally:
+        if backend is not None:
+            backend.close()
+    (out / "search.json").write_text(json.dumps(_top_json(res), indent=1))
+    export_order(out / "best_order.json", res.best_order, estimates=dict(zip(res.eval_names, res.estimates[0].tolist())))
+    print(res.summary())
+    print(f"study {res.study.study_name!r} in {storage}: {res.n_trials} trials ({res.n_run} run now); "
+          f"wrote {out}/search.json, best_order.json")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from estimators import get_estimator
+
+    from .record import record
+    from .search import run_search
+    from .verify import baseline_orders, summarize, verify, write_report
+
+    cfg = resolve_config(args.config, args.set)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    quiet = args.quiet
+    store = record(cfg, out / "store", progress=not quiet)
+    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    res = run_search(store, estimator_name=args.estimator, space=args.space, sampler=args.sampler,
+                     n_trials=args.trials, batch_size=args.batch, storage=str(out / "study.journal"),
+                     objectives=objectives, seed=args.seed, progress=not quiet)
+    trainer = store.trainer()
+    candidates = {f"search_{i + 1}": o for i, (o, _) in enumerate(res.top(args.top_k))}
+    candidates.update(baseline_orders(trainer, n_random=args.random, seed=args.seed))
+    est = get_estimator(args.estimator).fit(store).estimate(_stack_orders(list(candidates.values())))
+    estimates = dict(zip(candidates, est))
+    if not quiet:
+        print(f"verifying {len(candidates)} orders by real training")
+    result = verify(trainer, candidates, estimates, progress=not quiet)
+    result["search"] = _top_json(res, args.top_k)
+    paths = write_report(out / "report", result, res.study)
+    s = summarize(result)
+    print(f"{'candidate':<20} {'kind':<10} {'estimated all':>14} {'verified all':>13}")
+    for name, v in sorted(result["candidates"].items(), key=lambda kv: kv[1]["verified"]["all"]):
+        e = v["estimated"]["all"] if v["estimated"] else float("nan")
+        print(f"{name:<20} {v['kind']:<10} {e:>14.4f} {v['verified']['all']:>13.4f}")
+    if s["best_searched"]:
+        print(f"best searched {s['best_searched']} ({s['best_searched_loss']:.4f}) "
+              f"{'beats' if s['beats_random_median'] else 'does not beat'} the random median "
+              f"({s['random_median_loss']:.4f}) and {'beats' if s['beats_all_heuristics'] else 'does not beat'} "
+              "every heuristic")
+    print(f"report: {paths[1]}")
+    return 0
+
+
+def _stack_orders(orders):
+    import torch
+
+    return torch.stack([torch.as_tensor(o) for o in orders])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="currsearch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +226,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=["fidelity"], help="which benchmark")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (see --help after the name)")
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("search", help="search orders on a recorded store with a surrogate (resumes the study)")
+    _add_common(p)
+    p.add_argument("--store", required=True, help="recorded store directory")
+    p.add_argument("--out", required=True, help="directory for search.json, best_order.json (and study.journal)")
+    _search_opts(p, 256)
+    p.add_argument("--storage", help="Optuna storage: a .journal path or URL (default: OUT/study.journal)")
+    p.add_argument("--backend", choices=["serial", "ray"], default="serial", help="where orders are scored")
+    p.add_argument("--actors", type=int, default=2, help="Ray actors (default: 2)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("run", help="record, search, verify the best orders by real training and write a report")
+    _add_common(p)
+    p.add_argument("--out", default="runs/main", help="output directory (default: runs/main)")
+    _search_opts(p, 128)
+    p.add_argument("--top-k", type=int, default=3, help="searched orders to verify (default: 3)")
+    p.add_argument("--random", type=int, default=5, help="random baseline orders (default: 5)")
+    p.set_defaults(func=cmd_run)
     return parser
 
 
