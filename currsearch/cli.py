@@ -159,6 +159,7 @@ def cmd_search(args) -> int:
 def cmd_run(args) -> int:
     from estimators import get_estimator
 
+    from .backends import SerialBackend
     from .record import record
     from .search import run_search
     from .verify import baseline_orders, summarize, verify, write_report
@@ -169,13 +170,14 @@ def cmd_run(args) -> int:
     quiet = args.quiet
     store = record(cfg, out / "store", progress=not quiet)
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    estimator = get_estimator(args.estimator).fit(store)  # fitted once: search and the baselines' estimates
     res = run_search(store, estimator_name=args.estimator, space=args.space, sampler=args.sampler,
                      n_trials=args.trials, batch_size=args.batch, storage=str(out / "study.journal"),
-                     objectives=objectives, seed=args.seed, progress=not quiet)
+                     backend=SerialBackend(estimator), objectives=objectives, seed=args.seed, progress=not quiet)
     trainer = store.trainer()
     candidates = {f"search_{i + 1}": o for i, (o, _) in enumerate(res.top(args.top_k))}
     candidates.update(baseline_orders(trainer, n_random=args.random, seed=args.seed))
-    est = get_estimator(args.estimator).fit(store).estimate(_stack_orders(list(candidates.values())))
+    est = estimator.estimate(_stack_orders(list(candidates.values())))
     estimates = dict(zip(candidates, est))
     if not quiet:
         print(f"verifying {len(candidates)} orders by real training")

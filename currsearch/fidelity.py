@@ -451,7 +451,7 @@ def run_fidelity(cfg, estimator_names: list[str], out_dir, n_random: int = 30, n
     trainer = Trainer.from_config(cfg)
     difficulty = torch.tensor([m["unigram_nll"] for m in trainer.plan.metadata], dtype=torch.float64)
     orders = heldout_orders(trainer.T, trainer.plan.domains, difficulty, n_random=n_random, n_near=n_near, seed=seed)
-    store = record(cfg, Path(store_dir) if store_dir else out / "store", progress=progress)
+    store = record(cfg, Path(store_dir) if store_dir else out / "store", progress=progress, trainer=trainer)
     if store.T != trainer.T:
         raise StoreError(f"store at {str(store.path)!r} has T = {store.T} batches but the config gives T = {trainer.T}")
     true, retrain_s = retrain_orders(trainer, orders, progress=progress)

@@ -263,14 +263,16 @@ def _record_settings(cfg: Config) -> dict:
 
 # ---------------------------------------------------------------------------- recording
 class _Recorder:
-    def __init__(self, cfg: Config, out: Path, progress: bool, crash_after_writes: int | None):
+    def __init__(self, cfg: Config, out: Path, progress: bool, crash_after_writes: int | None, trainer: Trainer | None):
         unknown = [t for t in cfg.record.terms if t not in TERMS]
         if unknown:
             raise ConfigError(f"unknown record.terms {unknown}; known terms: {sorted(TERMS)}")
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.crash_after = crash_after_writes
         self.writes = 0
-        self.trainer = Trainer.from_config(cfg)
+        if trainer is not None and trainer.cfg != cfg:
+            raise ConfigError("record(): the given trainer was built from another config; pass the trainer of this config")
+        self.trainer = trainer if trainer is not None else Trainer.from_config(cfg)
         tr = self.trainer
         self.T, self.P = tr.T, tr.model.num_params
         self.anchors = list(range(0, self.T, cfg.record.anchor_stride))
@@ -415,7 +417,7 @@ class _Recorder:
 
 
 def record(cfg: Config, out: str | Path, progress: bool = True, check_budget: bool = True,
-           crash_after_writes: int | None = None) -> TrajectoryStore:
+           crash_after_writes: int | None = None, trainer: Trainer | None = None) -> TrajectoryStore:
     """Record (or resume, or reuse) the trajectory store of ``cfg`` in ``out``.
 
     Prints the estimated time, memory and disk before starting (with ``progress``).
@@ -429,16 +431,18 @@ def record(cfg: Config, out: str | Path, progress: bool = True, check_budget: bo
             ``record.max_memory_bytes`` or ``record.max_disk_bytes``.
         crash_after_writes: testing aid, raise ``KeyboardInterrupt`` after that many file
             writes (simulates a kill between two atomic writes).
+        trainer: the :class:`~currsearch.train.Trainer` of ``cfg`` to record with (its cached
+            warm-up phase is reused); default: built from ``cfg``.
 
     Returns:
-        the opened, verified :class:`TrajectoryStore`.
+        the opened, verified :class:`TrajectoryStore`; its ``trainer()`` is the one recorded with.
 
     Raises:
         ConfigError: unknown term. BudgetError: an estimate exceeds its budget.
         StoreError: ``out`` holds another store (other config, record settings, data or
             model), a corrupt store, or unrelated files.
     """
-    rec = _Recorder(cfg, Path(out), progress, crash_after_writes)
+    rec = _Recorder(cfg, Path(out), progress, crash_after_writes, trainer)
     if not (Path(out) / "manifest.json").exists():
         est = estimate_cost(rec.trainer, cfg)
         r = cfg.record
@@ -454,4 +458,6 @@ def record(cfg: Config, out: str | Path, progress: bool = True, check_budget: bo
                 raise BudgetError("recording would exceed its budget: " + "; ".join(
                     f"{w} estimated {v:.3g} > limit {l:.3g}" for w, v, l in over)
                     + "; raise record.max_* or use a larger record.anchor_stride / smaller record.projection_dim")
-    return rec.run()
+    store = rec.run()
+    store.use_trainer(rec.trainer)
+    return store

@@ -181,6 +181,12 @@ class TrajectoryStore:
         """Per-batch metadata (as ``BatchPlan.metadata``: domain, n_tokens, difficulty proxies)."""
         return self.manifest["batch_metadata"] if "batch_metadata" in self.manifest else self.trainer().plan.metadata
 
+    def use_trainer(self, trainer) -> None:
+        """Make ``trainer()`` return ``trainer`` (checked with :meth:`check_trainer`), e.g. the
+        one a store was just recorded with, so its cached warm-up phase is shared."""
+        self.check_trainer(trainer)
+        self._trainer = trainer
+
     def trainer(self):
         """A :class:`~currsearch.train.Trainer` rebuilt from the recorded config and checked
         against the recorded hashes (cached)."""

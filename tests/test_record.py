@@ -128,6 +128,18 @@ def test_store_rejects_other_model_weights(store, rec_cfg):
     other = Trainer.from_config(rec_cfg.replace(train={"seed": 7}))
     with pytest.raises(StoreError, match="init_weights"):
         store.check_trainer(other)
+    with pytest.raises(StoreError, match="init_weights"):
+        store.use_trainer(other)
+    with pytest.raises(ConfigError, match="another config"):
+        record(rec_cfg, store.path, progress=False, trainer=other)
+
+
+def test_record_shares_the_given_trainer(store, rec_cfg):
+    from currsearch.train import Trainer
+
+    tr = Trainer.from_config(rec_cfg)
+    again = record(rec_cfg, store.path, progress=False, trainer=tr)  # complete store: reused
+    assert again.trainer() is tr and _payload(again) == _payload(store)
 
 
 def test_anchor_stride_and_budget(rec_cfg, tmp_path):
