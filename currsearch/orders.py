@@ -43,20 +43,25 @@ def validate_orders(orders, T: int, allow_repeats: bool = False) -> torch.Tensor
     rows = t.view(-1, t.shape[-1])
     if rows.shape[1] != T:
         raise OrderError(f"order has length {rows.shape[1]} but the plan has T = {T} batches; give one index per step")
-    for i, row in enumerate(rows):
-        where = f"order row {i}" if t.dim() == 2 else "order"
+    # vectorized checks over all rows; the message is built for the first offending row only
+    out_of_range = ((rows < 0) | (rows >= T)).any(1)
+    not_perm = torch.zeros_like(out_of_range)
+    if not allow_repeats and T:
+        not_perm = (rows.sort(dim=1).values != torch.arange(T, device=rows.device)).any(1)
+    bad_rows = (out_of_range | not_perm).nonzero().flatten()
+    if bad_rows.numel():
+        i = int(bad_rows[0])
+        row, where = rows[i].cpu(), f"order row {i}" if t.dim() == 2 else "order"
         bad = row[(row < 0) | (row >= T)]
         if bad.numel():
             raise OrderError(f"{where} has indices outside 0..{T - 1}: {sorted(set(bad.tolist()))[:10]}")
-        if not allow_repeats:
-            counts = torch.bincount(row, minlength=T)
-            if (counts != 1).any():
-                rep = (counts > 1).nonzero().flatten().tolist()[:10]
-                miss = (counts == 0).nonzero().flatten().tolist()[:10]
-                raise OrderError(
-                    f"{where} is not a permutation of 0..{T - 1}: repeated {rep}, missing {miss}; "
-                    "each batch must appear exactly once"
-                )
+        counts = torch.bincount(row, minlength=T)
+        rep = (counts > 1).nonzero().flatten().tolist()[:10]
+        miss = (counts == 0).nonzero().flatten().tolist()[:10]
+        raise OrderError(
+            f"{where} is not a permutation of 0..{T - 1}: repeated {rep}, missing {miss}; "
+            "each batch must appear exactly once"
+        )
     return t
 
 
