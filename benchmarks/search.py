@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from currsearch.backends import RayBackend, SerialBackend
-from currsearch.cli import resolve_config
+from currsearch.cli import csv_list, resolve_config
 from currsearch.record import record
 from currsearch.search import run_search
 from currsearch.verify import baseline_orders, summarize, verify
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed .score calls per backend (best kept)")
     ap.add_argument("--trials", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16, help="trials scored per backend call in the search")
-    ap.add_argument("--samplers", default="tpe,cmaes,gp,random")
+    ap.add_argument("--samplers", type=csv_list, default=["tpe", "cmaes", "gp", "random"])
     ap.add_argument("--estimator", default="additive")
     ap.add_argument("--random", type=int, default=5, help="random baseline orders to verify")
     ap.add_argument("--seed", type=int, default=0)
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         failures.append(f"throughput: backends disagree (max |diff| {tp['max_abs_diff']:.3g})")
 
     # 3. samplers at equal budget
-    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    samplers = args.samplers
     searched: dict[str, dict] = {}
     report["samplers"] = {}
     for s in samplers:

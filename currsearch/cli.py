@@ -42,6 +42,11 @@ def resolve_config(path: str | None, overrides: list[str]) -> Config:
     return config_from_dict(d, source=f"{path or 'defaults'} with --set overrides")
 
 
+def csv_list(text: str) -> list[str]:
+    """Parse a comma-separated option value (``"a, b,"`` -> ``["a", "b"]``); argparse ``type=``."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="TOML or YAML config file (default: built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config value")
@@ -107,7 +112,7 @@ def _search_opts(p: argparse.ArgumentParser, trials: int) -> None:
     p.add_argument("--sampler", default="tpe", help="tpe, cmaes, gp, nsga2 or random (default: tpe)")
     p.add_argument("--trials", type=int, default=trials, help=f"total trials in the study (default: {trials})")
     p.add_argument("--batch", type=int, default=32, help="trials scored per backend call (default: 32)")
-    p.add_argument("--objectives", default="all", help="comma-separated eval sets to minimize (default: all)")
+    p.add_argument("--objectives", type=csv_list, default=["all"], help="comma-separated eval sets to minimize (default: all)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
 
 
@@ -137,14 +142,13 @@ def cmd_search(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     storage = args.storage or str(out / "study.journal")
-    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     backend = None
     if args.backend == "ray":
         backend = RayBackend(str(store.path), args.estimator, num_actors=args.actors, address=args.address)
     try:
         res = run_search(store, estimator_name=args.estimator, space=args.space, sampler=args.sampler,
                          n_trials=args.trials, batch_size=args.batch, storage=storage, backend=backend,
-                         objectives=objectives, seed=args.seed, progress=not args.quiet)
+                         objectives=args.objectives, seed=args.seed, progress=not args.quiet)
     finally:
         if backend is not None:
             backend.close()
@@ -169,11 +173,10 @@ def cmd_run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     quiet = args.quiet
     store = record(cfg, out / "store", progress=not quiet)
-    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     estimator = get_estimator(args.estimator).fit(store)  # fitted once: search and the baselines' estimates
     res = run_search(store, estimator_name=args.estimator, space=args.space, sampler=args.sampler,
                      n_trials=args.trials, batch_size=args.batch, storage=str(out / "study.journal"),
-                     backend=SerialBackend(estimator), objectives=objectives, seed=args.seed, progress=not quiet)
+                     backend=SerialBackend(estimator), objectives=args.objectives, seed=args.seed, progress=not quiet)
     trainer = store.trainer()
     candidates = {f"search_{i + 1}": o for i, (o, _) in enumerate(res.top(args.top_k))}
     candidates.update(baseline_orders(trainer, n_random=args.random, seed=args.seed))

@@ -12,20 +12,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _csv(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
+from .cli import csv_list
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="currsearch benchmark fidelity", description=__doc__.splitlines()[0])
     p.add_argument("config", nargs="?", help="TOML or YAML config file (default: built-in defaults)")
-    p.add_argument("--estimators", type=_csv, default=["reference", "additive"], help="comma-separated estimator names")
+    p.add_argument("--estimators", type=csv_list, default=["reference", "additive"], help="comma-separated estimator names")
     p.add_argument("--out", default="runs/fidelity", help="output directory (default: runs/fidelity)")
     p.add_argument("--n-random", type=int, default=30, help="random held-out orders (default: 30)")
     p.add_argument("--n-near", type=int, default=5, help="orders per number of transpositions near the reference (default: 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out orders (default: 0)")
-    p.add_argument("--settings", type=_csv, default=["fresh", "warm"], help="optimizer-state settings: fresh, warm (default: both)")
+    p.add_argument("--settings", type=csv_list, default=["fresh", "warm"], help="optimizer-state settings: fresh, warm (default: both)")
     p.add_argument("--store-dir", help="trajectory stores directory (default: OUT/<setting>/store)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config value")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
