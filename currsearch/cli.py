@@ -107,7 +107,7 @@ def cmd_benchmark(args) -> int:
 
 
 def _search_opts(p: argparse.ArgumentParser, trials: int) -> None:
-    p.add_argument("--estimator", default="additive", help="surrogate estimator (default: additive)")
+    p.add_argument("--estimator", default=None, help="surrogate estimator (default: additive; fut1-hvp with --rounds)")
     p.add_argument("--space", default="random_keys", help="search space (default: random_keys)")
     p.add_argument("--sampler", default="tpe", help="tpe, cmaes, gp, nsga2 or random (default: tpe)")
     p.add_argument("--trials", type=int, default=trials, help=f"total trials in the study (default: {trials})")
@@ -136,6 +136,11 @@ def cmd_search(args) -> int:
     from .search import run_search
     from .store import TrajectoryStore
 
+    if args.rounds:
+        return _trust_region(args)
+    if not args.store:
+        raise ConfigError("currsearch search needs --store DIR (a recorded store), or --rounds R for trust-region rounds that record their own")
+    args.estimator = args.estimator or "additive"
     store = TrajectoryStore.open(args.store)
     if args.config or args.set:
         store.check_config(resolve_config(args.config, args.set))
@@ -160,6 +165,22 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _trust_region(args) -> int:
+    from .trust_region import run_trust_region, write_trust_region_report
+
+    if args.store or args.backend != "serial" or len(args.objectives) != 1:
+        raise ConfigError("--rounds records its own stores (OUT/round_R/store), scores serially and minimizes one "
+                          "objective; drop --store/--backend, give one --objectives")
+    cfg = resolve_config(args.config, args.set)
+    res = run_trust_region(cfg, args.out, rounds=args.rounds, estimator=args.estimator or "fut1-hvp", radius=args.radius,
+                           trials=args.trials, top_k=args.top_k, sampler=args.sampler, batch_size=args.batch,
+                           objective=args.objectives[0], seed=args.seed, progress=not args.quiet)
+    paths = write_trust_region_report(res, args.out)
+    print(Path(paths[0]).read_text())
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
 def cmd_run(args) -> int:
     from estimators import get_estimator
 
@@ -169,6 +190,7 @@ def cmd_run(args) -> int:
     from .verify import baseline_orders, summarize, verify, write_report
 
     cfg = resolve_config(args.config, args.set)
+    args.estimator = args.estimator or "additive"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     quiet = args.quiet
@@ -234,13 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="search orders on a recorded store with a surrogate (resumes the study)")
     _add_common(p)
-    p.add_argument("--store", required=True, help="recorded store directory")
+    p.add_argument("--store", help="recorded store directory (not with --rounds)")
     p.add_argument("--out", required=True, help="directory for search.json, best_order.json (and study.journal)")
     _search_opts(p, 256)
     p.add_argument("--storage", help="Optuna storage: a .journal path or URL (default: OUT/study.journal)")
     p.add_argument("--backend", choices=["serial", "ray"], default="serial", help="where orders are scored")
     p.add_argument("--actors", type=int, default=2, help="Ray actors (default: 2)")
     p.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="trust-region rounds: search within --radius transpositions of the incumbent, verify the "
+                        "--top-k best by real training, re-record at the new incumbent (resumes; default: 0, one-shot)")
+    p.add_argument("--radius", type=int, default=4, help="initial trust-region radius in transpositions (default: 4)")
+    p.add_argument("--top-k", type=int, default=2, help="orders retrained per round (default: 2)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("run", help="record, search, verify the best orders by real training and write a report")

@@ -51,6 +51,7 @@ from . import __version__
 from .adam import AdamState, adam_direction
 from .config import Config
 from .errors import BudgetError, ConfigError, StoreError
+from .orders import validate_orders
 from .projection import Projector
 from .store import (
     FORMAT,
@@ -263,7 +264,8 @@ def _record_settings(cfg: Config) -> dict:
 
 # ---------------------------------------------------------------------------- recording
 class _Recorder:
-    def __init__(self, cfg: Config, out: Path, progress: bool, crash_after_writes: int | None, trainer: Trainer | None):
+    def __init__(self, cfg: Config, out: Path, progress: bool, crash_after_writes: int | None, trainer: Trainer | None,
+                 reference_order=None):
         unknown = [t for t in cfg.record.terms if t not in TERMS]
         if unknown:
             raise ConfigError(f"unknown record.terms {unknown}; known terms: {sorted(TERMS)}")
@@ -275,6 +277,8 @@ class _Recorder:
         self.trainer = trainer if trainer is not None else Trainer.from_config(cfg)
         tr = self.trainer
         self.T, self.P = tr.T, tr.model.num_params
+        ref = torch.arange(self.T) if reference_order is None else reference_order
+        self.reference_order = validate_orders(ref, self.T).view(-1).tolist()
         self.anchors = list(range(0, self.T, cfg.record.anchor_stride))
         self.projector = Projector(cfg.record.projection, self.P, cfg.record.projection_dim, cfg.record.projection_seed)
 
@@ -297,6 +301,7 @@ class _Recorder:
                        "config": cfg.fingerprint(*("data", "model", "optim", "train"))},
             "T": self.T, "P": self.P, "eval_names": list(tr.plan.eval_names),
             "batch_domains": list(tr.plan.domains), "batch_metadata": tr.plan.metadata,
+            "reference_order": self.reference_order,
             "anchors": self.anchors, "anchor_stride": cfg.record.anchor_stride, "terms": list(cfg.record.terms),
             "tensors": shapes, "projection": self.projector.describe(),
             "dtypes": {"params": str(tr.model.dtype).replace("torch.", ""), "losses": "float64"},
@@ -323,6 +328,10 @@ class _Recorder:
                 f"store {str(self.out)!r} was recorded with other record settings {changed}; use the same settings to resume, or another --out"
             )
         store.check_trainer(self.trainer)
+        if store.reference_order.tolist() != self.reference_order:
+            raise StoreError(
+                f"store {str(self.out)!r} was recorded along another reference order; use the same order to resume, or another --out"
+            )
         return m
 
     def _save(self, m: dict, rel: str, tensors: dict[str, torch.Tensor], done: list | None = None, t: int = -1) -> None:
@@ -385,7 +394,7 @@ class _Recorder:
                 self._save(m, f"checkpoints/ckpt_{t:05d}.safetensors", state, done, t)
                 bar.update(1)
             t1 = time.perf_counter()
-            theta, adam, loss = tr.step(theta, adam, tr.lr(t), tr.batch(t))
+            theta, adam, loss = tr.step(theta, adam, tr.lr(t), tr.batch(self.reference_order[t]))
             m["reference_seconds"] += time.perf_counter() - t1
             m["reference_train_loss"].append(loss)
         bar.close()
@@ -417,7 +426,7 @@ class _Recorder:
 
 
 def record(cfg: Config, out: str | Path, progress: bool = True, check_budget: bool = True,
-           crash_after_writes: int | None = None, trainer: Trainer | None = None) -> TrajectoryStore:
+           crash_after_writes: int | None = None, trainer: Trainer | None = None, reference_order=None) -> TrajectoryStore:
     """Record (or resume, or reuse) the trajectory store of ``cfg`` in ``out``.
 
     Prints the estimated time, memory and disk before starting (with ``progress``).
@@ -433,16 +442,19 @@ def record(cfg: Config, out: str | Path, progress: bool = True, check_budget: bo
             writes (simulates a kill between two atomic writes).
         trainer: the :class:`~currsearch.train.Trainer` of ``cfg`` to record with (its cached
             warm-up phase is reused); default: built from ``cfg``.
+        reference_order: the order (int64 ``[T]``) of the recorded reference run, e.g. the
+            incumbent of a trust-region round; default ``0..T-1``. Estimators expand around
+            this run, so they are most accurate for orders near it.
 
     Returns:
         the opened, verified :class:`TrajectoryStore`; its ``trainer()`` is the one recorded with.
 
     Raises:
-        ConfigError: unknown term. BudgetError: an estimate exceeds its budget.
+        ConfigError: unknown term. OrderError: ``reference_order`` is not a permutation. BudgetError: an estimate exceeds its budget.
         StoreError: ``out`` holds another store (other config, record settings, data or
             model), a corrupt store, or unrelated files.
     """
-    rec = _Recorder(cfg, Path(out), progress, crash_after_writes, trainer)
+    rec = _Recorder(cfg, Path(out), progress, crash_after_writes, trainer, reference_order)
     if not (Path(out) / "manifest.json").exists():
         est = estimate_cost(rec.trainer, cfg)
         r = cfg.record

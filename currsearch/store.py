@@ -85,6 +85,7 @@ class TrajectoryStore:
         T: window length; P: parameter count; k: projection dimension;
         eval_names: the E eval sets; anchors: checkpoint indices with pair terms;
         terms: names of the recorded pair terms.
+        reference_order: int64 ``[T]``, the order of the recorded run (property).
     """
 
     def __init__(self, path: Path, manifest: dict):
@@ -96,6 +97,13 @@ class TrajectoryStore:
         self.eval_names: list[str] = manifest["eval_names"]
         self.anchors: list[int] = manifest["anchors"]
         self.terms: list[str] = manifest["terms"]
+
+    @property
+    def reference_order(self) -> torch.Tensor:
+        """The order of the recorded reference run, int64 ``[T]`` (``0..T-1`` unless recorded
+        around another order, e.g. a trust-region incumbent): step t trained batch
+        ``reference_order[t]``, and checkpoint t is the state before that step."""
+        return torch.tensor(self.manifest.get("reference_order", list(range(self.T))), dtype=torch.int64)
 
     # ------------------------------------------------------------------ opening and checks
     @classmethod

@@ -9,9 +9,10 @@ The deviation d_t ~ P(gamma_t - theta_t) of the new order pi from the reference 
 (paper Eq. 5-7, Adam update expanded around the reference checkpoint)::
 
     d_0 = 0
-    d_{t+1} = d_t - eta_t ( u_{t,pi(t)} + D_{t,pi(t)} * d_t [+ 1/2 D2_{t,pi(t)} * d_t^2] - u_{t,t} )
+    d_{t+1} = d_t - eta_t ( u_{t,pi(t)} + D_{t,pi(t)} * d_t [+ 1/2 D2_{t,pi(t)} * d_t^2] - u_{t,r(t)} )
 
-with the curvature approximated element-wise by finite differences along the trajectory
+where r = ``store.reference_order`` (the batch the recorded run used at step t), with the
+curvature approximated element-wise by finite differences along the trajectory
 (the paper's "differences between successive checkpoints")::
 
     D_{t,l}  = (u_{t+1,l} - u_{t,l}) / (p_{t+1} - p_t)          (first order, fut1)
@@ -76,6 +77,7 @@ class _FUT(Estimator):
         self.eta = eta.to(self.device)
         self.readout = store.final_eval_grads_proj().double().to(self.device)  # [E, k]
         self.ref = store.final()["eval_loss"].to(self.device)
+        self.ref_order = store.reference_order.to(self.device)
 
     def _estimate(self, orders: torch.Tensor) -> torch.Tensor:
         n, T = orders.shape
@@ -83,8 +85,7 @@ class _FUT(Estimator):
         u_new = gather_positions(self.u, orders)  # [n, T, k]
         D_new = gather_positions(self.D, orders)
         D2_new = gather_positions(self.D2, orders) if self.D2 is not None else None
-        diag = torch.arange(T, device=self.device)
-        u_ref = self.u[diag, diag]  # [T, k]
+        u_ref = gather_positions(self.u, self.ref_order[None])[0]  # [T, k]: the recorded run's own updates
         for t in range(T):
             lin = D_new[:, t] * d
             step = u_new[:, t] + lin - u_ref[t]

@@ -3,7 +3,8 @@
 ``reference``: every order gets the reference run's final eval losses.
 
 ``additive``: the first-order effect of putting batch B_l at step t instead of B_t,
-propagated to the end with an identity Jacobian and read out exactly with the final
+propagated to the end with an identity Jacobian (B_t: the batch the recorded reference run
+used at step t, ``store.reference_order[t]``) and read out exactly with the final
 eval gradient (path-integrated first order; TracIn, Pruthi et al. 2020, Eq. 2, with the Adam
 update term of arXiv 2505.22042 Sec. 3 in place of the gradient)::
 
@@ -61,8 +62,8 @@ class AdditiveEstimator(Estimator):
         r = per_step(store.get(key), store).to(self.device)  # [T, T, E]
         eta = window_lrs(store).to(self.device)
         self.cost = -eta[:, None, None] * r  # [T, T, E]: loss change of batch l at step t
-        T = store.T
-        self.ref = store.final()["eval_loss"].to(self.device) - self.cost[torch.arange(T), torch.arange(T)].sum(0)
+        ref_order = store.reference_order.to(self.device)
+        self.ref = store.final()["eval_loss"].to(self.device) - gather_positions(self.cost, ref_order[None])[0].sum(0)
 
     def _estimate(self, orders: torch.Tensor) -> torch.Tensor:
         return self.ref + gather_positions(self.cost, orders).sum(1)

@@ -12,6 +12,7 @@ parameters with :meth:`~SearchSpace.encode` (for ``study.enqueue_trial``). Space
   (DeepSpeed curriculum learning).
 * ``lfr`` (:mod:`.lfr`): Learn-Focus-Review style schedule (arXiv 2409.06131), adapted.
 * ``interleave`` (:mod:`.interleave`): domain proportions by weighted round robin.
+* ``local`` (:mod:`.local`): orders within a few transpositions of a center (trust region).
 
 :func:`heuristic_orders` gives named heuristic curricula (baselines and enqueued starts).
 """
@@ -22,6 +23,7 @@ from .curriculum import CurriculumSpace
 from .heuristics import heuristic_orders, heuristic_params
 from .interleave import InterleaveSpace
 from .lfr import LFRSpace, lfr_baseline
+from .local import LocalSpace
 from .permutation import LehmerSpace, RandomKeysSpace
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "CurriculumSpace",
     "InterleaveSpace",
     "LFRSpace",
+    "LocalSpace",
     "LehmerSpace",
     "RandomKeysSpace",
     "heuristic_orders",
