@@ -106,6 +106,18 @@ def cmd_benchmark(args) -> int:
     return {"fidelity": fidelity_main}[args.name](args.args)
 
 
+def cmd_analyze(args) -> int:
+    from .analyze_cli import main as positions_main
+
+    return {"positions": positions_main}[args.name](args.args)
+
+
+def cmd_ablate(args) -> int:
+    from .ablate_cli import main as ablate_main
+
+    return ablate_main((["--help"] if args.help else []) + args.args)
+
+
 def _search_opts(p: argparse.ArgumentParser, trials: int) -> None:
     p.add_argument("--estimator", default=None, help="surrogate estimator (default: additive; fut1-hvp with --rounds)")
     p.add_argument("--space", default="random_keys", help="search space (default: random_keys)")
@@ -171,8 +183,11 @@ def _trust_region(args) -> int:
     if args.store or args.backend != "serial" or len(args.objectives) != 1:
         raise ConfigError("--rounds records its own stores (OUT/round_R/store), scores serially and minimizes one "
                           "objective; drop --store/--backend, give one --objectives")
+    from .orders import parse_order
+
     cfg = resolve_config(args.config, args.set)
-    res = run_trust_region(cfg, args.out, rounds=args.rounds, estimator=args.estimator or "fut1-hvp", radius=args.radius,
+    start = parse_order(args.start, cfg.data.num_batches)
+    res = run_trust_region(cfg, args.out, rounds=args.rounds, start=start, estimator=args.estimator or "fut1-hvp", radius=args.radius,
                            trials=args.trials, top_k=args.top_k, sampler=args.sampler, batch_size=args.batch,
                            objective=args.objectives[0], seed=args.seed, progress=not args.quiet)
     paths = write_trust_region_report(res, args.out)
@@ -254,6 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (see --help after the name)")
     p.set_defaults(func=cmd_benchmark)
 
+    p = sub.add_parser("analyze", help="analyses checked against real retraining (positions: memorization vs position)",
+                       add_help=False)
+    p.add_argument("name", choices=["positions"], help="which analysis")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the analysis's own options (see --help after the name)")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("ablate", help="data ablations: partition models, merged estimates, validation, subset search", add_help=False)
+    p.add_argument("-h", "--help", action="store_true", help="show the ablate actions")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="train | estimate | validate | search and their options (see --help)")
+    p.set_defaults(func=cmd_ablate)
+
     p = sub.add_parser("search", help="search orders on a recorded store with a surrogate (resumes the study)")
     _add_common(p)
     p.add_argument("--store", help="recorded store directory (not with --rounds)")
@@ -268,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--top-k best by real training, re-record at the new incumbent (resumes; default: 0, one-shot)")
     p.add_argument("--radius", type=int, default=4, help="initial trust-region radius in transpositions (default: 4)")
     p.add_argument("--top-k", type=int, default=2, help="orders retrained per round (default: 2)")
+    p.add_argument("--start", default="reference", help="first incumbent with --rounds: 'reference', 'random:SEED' or a "
+                   "JSON order file, e.g. a best_order.json of `currsearch run` (default: reference)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("run", help="record, search, verify the best orders by real training and write a report")

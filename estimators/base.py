@@ -87,6 +87,24 @@ class Estimator(ABC):
         ``None`` where the estimator cannot give it."""
         return None
 
+    def estimate_with_batch_losses(self, orders) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Eval losses and per-batch losses of the same orders in one call.
+
+        Args:
+            orders: int64 ``[n, T]`` (or ``[T]``) permutations of ``0..T-1``.
+
+        Returns:
+            ``(eval_losses, batch_losses)``: float64 ``[n, E]`` as :meth:`estimate`, and float64
+            ``[n, T]`` as :meth:`estimate_batch_losses` (column l: estimated final loss on
+            window batch B_l, nats/token) or ``None``; rows lose their n dimension for one order.
+            The default calls both methods; estimators whose two outputs share one expensive
+            computation (``fut1-hvp``: the final parameters) override it to run it once.
+
+        Raises:
+            OrderError: invalid orders. RuntimeError: ``fit`` was not called.
+        """
+        return self.estimate(orders), self.estimate_batch_losses(orders)
+
     @abstractmethod
     def _fit(self, store) -> None: ...
 

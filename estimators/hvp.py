@@ -15,6 +15,14 @@ not differentiated). The gradient and the HVP come from one forward-over-reverse
 final loss is evaluated exactly at gamma_T (``readout="exact"``) or by the first-order
 Taylor read-out ``L_e(theta_T) + <grad L_e(theta_T), gamma_T - theta_T>`` (``"taylor"``).
 Source: arXiv 2505.22042 Eq. 5 (first-order expansion), with the Hessian computed exactly.
+
+Each order's rollout starts at the recorded checkpoint (theta and Adam state) of the last
+anchor before its first departure from the recorded order (``start_anchors``): the prefix
+they share would reproduce the recorded run, so near-reference orders cost only their suffix.
+
+Per-batch losses (memorization, arXiv 2505.22042's memorization/generalization application):
+``estimate_batch_losses`` evaluates every window batch B_l exactly at gamma_T, whatever the
+``readout``; ``estimate_with_batch_losses`` returns both outputs from one gamma_T computation.
 """
 
 from __future__ import annotations
@@ -22,10 +30,32 @@ from __future__ import annotations
 import torch
 
 from currsearch.adam import AdamState, adam_direction
+from currsearch.orders import validate_orders
 from currsearch.record import eval_gradients
 
 from .base import Estimator, register
 from .common import anchor_of_step, window_lrs
+
+
+@torch.no_grad()
+def window_batch_losses(trainer, thetas: torch.Tensor) -> torch.Tensor:
+    """Loss of every window batch B_l of ``trainer.plan`` at each parameter vector.
+
+    Args:
+        trainer: a :class:`~currsearch.train.Trainer` (its flat model and plan).
+        thetas: float ``[n, P]`` (or ``[P]``) parameter vectors.
+
+    Returns:
+        float64 ``[n, T]`` (or ``[T]``) on the CPU: mean next-token loss of B_l in nats/token
+        (every batch has the same token count), the quantity the Trainer minimizes.
+    """
+    fm = trainer.model
+    th = thetas.reshape(-1, thetas.shape[-1]).to(fm.device)
+    out = torch.empty(th.shape[0], trainer.T, dtype=torch.float64)
+    for i in range(th.shape[0]):
+        for l in range(trainer.T):
+            out[i, l] = float(fm.loss(th[i], trainer.batch(l)))
+    return out if thetas.dim() == 2 else out[0]
 
 
 @register
@@ -51,9 +81,11 @@ class FUT1HVP(Estimator):
     def _fit(self, store) -> None:
         self.trainer = store.trainer()
         fm = self.trainer.model
-        self.thetas = torch.stack([store.checkpoint(t)["theta"] for t in store.anchors]).to(fm.device)
-        c0 = store.checkpoint(store.anchors[0])
-        self.start = AdamState(c0["adam_m"].to(fm.device), c0["adam_v"].to(fm.device), int(c0["adam_step"]))
+        cks = [store.checkpoint(t, device=fm.device) for t in store.anchors]
+        self.thetas = torch.stack([c["theta"] for c in cks])  # [A, P]
+        self.moments = [AdamState(c["adam_m"], c["adam_v"], int(c["adam_step"])) for c in cks]  # Adam state at each anchor
+        self.anchors = torch.tensor(store.anchors)
+        self.ref_order = store.reference_order
         self.anchor = anchor_of_step(store)
         self.eta = window_lrs(store)
         fin = store.final()
@@ -74,26 +106,73 @@ class FUT1HVP(Estimator):
 
         self._ghv = torch.func.vmap(grad_and_hvp, in_dims=(None, 0, 0))
 
-    def final_parameters(self, orders: torch.Tensor) -> torch.Tensor:
-        """Estimated final parameters gamma_T for orders int64 ``[n, T]``: float ``[n, P]``."""
+    def start_anchors(self, orders: torch.Tensor) -> torch.Tensor:
+        """Index of the anchor each order's rollout starts from: int64 ``[n]``, the last anchor at
+        or before the first step where the order departs from ``store.reference_order``.
+
+        Before that step the rollout would reproduce the recorded run (delta stays 0 with
+        anchor stride 1), so starting there from the recorded checkpoint and Adam state gives
+        the same result for a fraction of the cost: orders near the reference (trust-region
+        search) share long prefixes with it.
+        """
+        differs = orders.cpu() != self.ref_order
+        first = torch.where(differs.any(1), differs.int().argmax(1), torch.tensor(self.T))
+        return torch.searchsorted(self.anchors, first, right=True) - 1
+
+    def final_parameters(self, orders: torch.Tensor, deviation_map=None) -> torch.Tensor:
+        """Estimated final parameters gamma_T for orders int64 ``[n, T]``: float ``[n, P]``.
+
+        Orders are processed in chunks of ``chunk``, grouped by :meth:`start_anchors` so that
+        each chunk skips the prefix it shares with the recorded run.
+
+        Args:
+            deviation_map: ablation hook ``f(t, delta) -> v``: the HVP at step t is applied to
+                ``v`` instead of the deviation ``delta`` (float ``[n, P]``); default identity.
+        """
         tr, fm = self.trainer, self.trainer.model
-        out = []
+        starts = self.start_anchors(orders)
+        perm = torch.argsort(starts, descending=True, stable=True)
+        out = torch.empty(orders.shape[0], fm.num_params, dtype=fm.dtype, device=fm.device)
         for i in range(0, orders.shape[0], self.chunk):
-            o = orders[i : i + self.chunk]
+            rows = perm[i : i + self.chunk]
+            o = orders[rows.to(orders.device)]
             n = o.shape[0]
-            gamma = self.thetas[0].expand(n, -1).clone()
-            state = AdamState(self.start.m.expand(n, -1), self.start.v.expand(n, -1), self.start.step)
-            for t in range(self.T):
+            a0 = int(starts[rows].min())
+            s0 = self.moments[a0]
+            gamma = self.thetas[a0].expand(n, -1).clone()
+            state = AdamState(s0.m.expand(n, -1), s0.v.expand(n, -1), s0.step)
+            for t in range(int(self.anchors[a0]), self.T):
                 a = int(self.anchor[t])
                 batches = tr.plan.batches[o[:, t].cpu()].to(fm.device)
-                g = self._ghv(self.thetas[a], batches, gamma - self.thetas[a])
+                delta = gamma - self.thetas[a]
+                g = self._ghv(self.thetas[a], batches, delta if deviation_map is None else deviation_map(t, delta))
                 step, state = adam_direction(g, state, gamma, fm.decay_mask, tr.cfg.optim)
                 gamma = gamma - float(self.eta[t]) * step
-            out.append(gamma)
-        return torch.cat(out)
+            out[rows.to(out.device)] = gamma
+        return out
 
     def _estimate(self, orders: torch.Tensor) -> torch.Tensor:
-        gammas = self.final_parameters(orders)
+        return self._readout(self.final_parameters(orders))
+
+    def estimate_batch_losses(self, orders) -> torch.Tensor:
+        """Loss (nats/token) of every window batch B_l at the estimated gamma_T of each order:
+        float64 ``[n, T]`` (``[T]`` for one order ``[T]``), evaluated exactly at gamma_T.
+
+        Raises:
+            OrderError: invalid orders. RuntimeError: ``fit`` was not called.
+        """
+        return self.estimate_with_batch_losses(orders)[1]
+
+    def estimate_with_batch_losses(self, orders) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(estimate(orders), estimate_batch_losses(orders))`` from one :meth:`final_parameters` call."""
+        if self.store is None:
+            raise RuntimeError(f"call {type(self).__name__}.fit(store) before estimate_with_batch_losses()")
+        o = validate_orders(orders, self.T)
+        gammas = self.final_parameters(o.view(-1, self.T).to(self.device))
+        ev, bl = self._readout(gammas), window_batch_losses(self.trainer, gammas).to(self.device)
+        return (ev[0], bl[0]) if o.dim() == 1 else (ev, bl)
+
+    def _readout(self, gammas: torch.Tensor) -> torch.Tensor:
         if self.readout == "taylor":
             return self.ref.to(self.device) + ((gammas - self.theta_T).double() @ self.eval_grads_T.T).to(self.device)
         return torch.stack([self.trainer.evaluate(g) for g in gammas]).to(self.device)

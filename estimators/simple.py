@@ -37,6 +37,21 @@ class ReferenceEstimator(Estimator):
     def _estimate(self, orders: torch.Tensor) -> torch.Tensor:
         return self.ref.expand(orders.shape[0], -1).clone()
 
+    def estimate_batch_losses(self, orders) -> torch.Tensor:
+        """The reference run's final loss on every window batch, for every order: float64
+        ``[n, T]`` nats/token (computed once at theta_T, on first call)."""
+        from currsearch.orders import validate_orders
+
+        from .hvp import window_batch_losses
+
+        if self.store is None:
+            raise RuntimeError(f"call {type(self).__name__}.fit(store) before estimate_batch_losses()")
+        o = validate_orders(orders, self.T)
+        if getattr(self, "_batch_ref", None) is None:
+            tr = self.store.trainer()
+            self._batch_ref = window_batch_losses(tr, self.store.final()["theta"]).to(self.device)
+        return self._batch_ref.clone() if o.dim() == 1 else self._batch_ref.expand(o.shape[0], -1).clone()
+
 
 @register
 class AdditiveEstimator(Estimator):
