@@ -223,12 +223,23 @@ def cmd_run(args) -> int:
         print(f"verifying {len(candidates)} orders by real training")
     result = verify(trainer, candidates, estimates, progress=not quiet)
     result["search"] = _top_json(res, args.top_k)
+    if args.rounds:
+        from .trust_region import refine_verified
+
+        if not quiet:
+            print(f"trust-region rounds from the best verified order ({args.rounds} rounds, fut1-hvp)")
+        refine_verified(cfg, out / "trust_region", result, rounds=args.rounds, objective=args.objectives[0],
+                        progress=not quiet, trainer=trainer, estimator=estimator, trials=args.tr_trials, top_k=2, seed=args.seed)
     paths = write_report(out / "report", result, res.study)
     s = summarize(result)
     print(f"{'candidate':<20} {'kind':<10} {'estimated all':>14} {'verified all':>13}")
     for name, v in sorted(result["candidates"].items(), key=lambda kv: kv[1]["verified"]["all"]):
         e = v["estimated"]["all"] if v["estimated"] else float("nan")
         print(f"{name:<20} {v['kind']:<10} {e:>14.4f} {v['verified']['all']:>13.4f}")
+    tr = result.get("trust_region")
+    if tr:
+        print(f"trust region: {tr['rounds']} rounds from {tr['start']} ({tr['start_loss']:.4f}) to {tr['final_loss']:.4f} "
+              f"(gain {tr['gain']:.4f} nats/token, {tr['verified_runs']} real training runs)")
     if s["best_searched"]:
         print(f"best searched {s['best_searched']} ({s['best_searched_loss']:.4f}) "
               f"{'beats' if s['beats_random_median'] else 'does not beat'} the random median "
@@ -304,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     _search_opts(p, 128)
     p.add_argument("--top-k", type=int, default=3, help="searched orders to verify (default: 3)")
     p.add_argument("--random", type=int, default=5, help="random baseline orders (default: 5)")
+    p.add_argument("--rounds", type=int, default=2, help="trust-region rounds (fut1-hvp) from the best verified order "
+                   "(default: 2; 0 skips them)")
+    p.add_argument("--tr-trials", type=int, default=16, help="orders estimated per trust-region round (default: 16)")
     p.set_defaults(func=cmd_run)
     return parser
 

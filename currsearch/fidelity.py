@@ -15,7 +15,6 @@ Files written per setting: ``fidelity.json``, ``fidelity.md``, ``scatter_<estima
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
 import zlib
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, StoreError
+from .reports import pyplot, save_figure, write_result_files
 
 #: Bin edges of the normalized Kendall distance to the reference; the last bin is closed.
 DISTANCE_BINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 1.0)
@@ -311,16 +311,6 @@ def evaluate_estimators(
     return result
 
 
-def _finite(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
 def _num(x) -> float:
     return float("nan") if x is None else float(x)
 
@@ -374,25 +364,12 @@ def render_markdown(result: dict, title: str = "") -> str:
 def write_report(result: dict, out_dir) -> list[Path]:
     """Write ``fidelity.json`` (the whole result, NaN as null), ``fidelity.md``,
     ``scatter_<estimator>.png`` and ``rho_vs_distance.png`` into ``out_dir``; returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fidelity.json").write_text(json.dumps(_finite(result), indent=1, allow_nan=False))
-    (out / "fidelity.md").write_text(f"# Fidelity benchmark\n\n{render_markdown(result)}")
-    paths = [out / "fidelity.json", out / "fidelity.md"]
+    paths = write_result_files(out, "fidelity", result, f"# Fidelity benchmark\n\n{render_markdown(result)}")
+    plt = pyplot()
     ev, j = _main_eval(result)
     true = np.array(result["true_losses"])[:, j]
     groups = np.array([_group(o["kind"]) for o in result["orders"]])
-
-    def save(fig, name):
-        fig.tight_layout()
-        paths.append(out / name)
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
 
     for name, r in result["estimators"].items():
         est = np.array(r["estimates"])[:, j]
@@ -404,7 +381,7 @@ def write_report(result: dict, out_dir) -> list[Path]:
         ax.set(xlabel=f"true final loss, {ev} (nats/token)", ylabel="estimated (nats/token)",
                title=f"{name}: rho = {_fmt(r['metrics'][ev]['all']['spearman'], '.2f')}")
         ax.legend(fontsize=7)
-        save(fig, f"scatter_{name}.png")
+        paths.append(save_figure(fig, out / f"scatter_{name}.png"))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     x = np.arange(len(result["distance_bins"]) - 1)
     for name, r in result["estimators"].items():
@@ -417,7 +394,7 @@ def write_report(result: dict, out_dir) -> list[Path]:
         ax.set_xticks(x, _bin_labels(result["distance_bins"]), fontsize=7)
         ax.set(xlabel="normalized Kendall distance to the reference", ylabel=yl)
         ax.legend(fontsize=7)
-    save(fig, "rho_vs_distance.png")
+    paths.append(save_figure(fig, out / "rho_vs_distance.png"))
     return paths
 
 

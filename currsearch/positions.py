@@ -36,7 +36,6 @@ on the other domains). :func:`write_position_report` writes ``positions.json``,
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, OrderError
+from .reports import pyplot, save_figure, write_result_files
 
 SOURCE = ("arXiv 2505.22042 (Taylor-expanded training dynamics of sample orders), application to "
           "memorization and generalization versus sample position")
@@ -529,24 +529,11 @@ def write_position_report(result: dict, out_dir) -> list[Path]:
     """
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .fidelity import _finite
-
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "positions.json").write_text(json.dumps(_finite(result), indent=1, allow_nan=False))
-    (out / "positions.md").write_text(render_markdown(result))
-    paths = [out / "positions.json", out / "positions.md"]
+    paths = write_result_files(out, "positions", result, render_markdown(result))
+    plt = pyplot()
     grid, pos, batches = result["grid"], result["positions"], result["batches"]
     ylabels = [f"B{b['id']} {b['domain']}" for b in batches]
-
-    def save(fig, name):
-        fig.tight_layout()
-        paths.append(out / name)
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
 
     def heat(ax, values, vmax, title, cmap):
         im = ax.imshow(np.array(values, dtype=float), cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto")
@@ -564,7 +551,7 @@ def write_position_report(result: dict, out_dir) -> list[Path]:
             vmax = float(np.nanmax(np.abs(np.concatenate([e.ravel(), t.ravel()])))) or 1e-12
             heat(axes[r, 0], e, vmax, f"estimated: {_LABELS[q]}", cmap)
             heat(axes[r, 1], t, vmax, f"true (verified cells): {_LABELS[q]}", cmap)
-        save(fig, name)
+        paths.append(save_figure(fig, out / name))
 
     doms = sorted({b["domain"] for b in batches})
     fig, axes = plt.subplots(2, len(doms), figsize=(3.6 * len(doms) + 1, 6.5), squeeze=False, sharex=True)
@@ -598,5 +585,5 @@ def write_position_report(result: dict, out_dir) -> list[Path]:
             ax.axhline(0, color="k", lw=0.5)
             ax.legend(fontsize=6)
     fig.suptitle("estimated (lines) and true (x) change vs the reference order; dotted: reference position", fontsize=9)
-    save(fig, "curves.png")
+    paths.append(save_figure(fig, out / "curves.png"))
     return paths

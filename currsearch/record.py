@@ -51,18 +51,10 @@ from . import __version__
 from .adam import AdamState, adam_direction
 from .config import Config
 from .errors import BudgetError, ConfigError, StoreError
+from .manifest import config_diff, remove_partial_writes, save_listed_tensors, trainer_hashes, write_manifest
 from .orders import validate_orders
 from .projection import Projector
-from .store import (
-    FORMAT,
-    SCHEMA_VERSION,
-    TrajectoryStore,
-    atomic_save_tensors,
-    config_diff,
-    sha256_file,
-    tensor_sha256,
-    write_manifest,
-)
+from .store import FORMAT, SCHEMA_VERSION, TrajectoryStore
 from .train import Trainer
 
 _DTYPE_BYTES = {torch.float32: 4, torch.float64: 8, torch.int64: 8}
@@ -272,8 +264,9 @@ class _Recorder:
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.crash_after = crash_after_writes
         self.writes = 0
-        if trainer is not None and trainer.cfg != cfg:
-            raise ConfigError("record(): the given trainer was built from another config; pass the trainer of this config")
+        if trainer is not None and config_diff(trainer.cfg.to_dict(), cfg.to_dict()):
+            raise ConfigError("record(): the given trainer was built from another config (other data/model/optim/train "
+                              "settings); pass a trainer of this config")
         self.trainer = trainer if trainer is not None else Trainer.from_config(cfg)
         tr = self.trainer
         self.T, self.P = tr.T, tr.model.num_params
@@ -297,8 +290,7 @@ class _Recorder:
             "schema_version": SCHEMA_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": cfg.to_dict(),
-            "hashes": {"corpus": tr.corpus_hash, "plan": tr.plan.fingerprint(), "init_weights": tensor_sha256(tr.theta_init),
-                       "config": cfg.fingerprint(*("data", "model", "optim", "train"))},
+            "hashes": {**trainer_hashes(tr), "config": cfg.fingerprint(*("data", "model", "optim", "train"))},
             "T": self.T, "P": self.P, "eval_names": list(tr.plan.eval_names),
             "batch_domains": list(tr.plan.domains), "batch_metadata": tr.plan.metadata,
             "reference_order": self.reference_order,
@@ -336,9 +328,7 @@ class _Recorder:
 
     def _save(self, m: dict, rel: str, tensors: dict[str, torch.Tensor], done: list | None = None, t: int = -1) -> None:
         """Write one file atomically, then one manifest naming it (and marking ``t`` done)."""
-        path = self.out / rel
-        atomic_save_tensors(path, tensors)
-        m["files"][rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        save_listed_tensors(self.out, m, rel, tensors)
         if done is not None:
             done.append(t)
         self._commit(m)
@@ -364,8 +354,7 @@ class _Recorder:
         self.trainer.window_start(progress=self.progress)  # warm-up phase: shared pretraining, not record time
         self.t_start = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
-        for stray in self.out.rglob(".*.tmp*"):  # left by a kill in the middle of an atomic write
-            stray.unlink()
+        remove_partial_writes(self.out)
         if not m["files"]:
             self._commit(m)
         if m["phase"] == "reference":
@@ -440,8 +429,9 @@ def record(cfg: Config, out: str | Path, progress: bool = True, check_budget: bo
             ``record.max_memory_bytes`` or ``record.max_disk_bytes``.
         crash_after_writes: testing aid, raise ``KeyboardInterrupt`` after that many file
             writes (simulates a kill between two atomic writes).
-        trainer: the :class:`~currsearch.train.Trainer` of ``cfg`` to record with (its cached
-            warm-up phase is reused); default: built from ``cfg``.
+        trainer: a :class:`~currsearch.train.Trainer` with ``cfg``'s data/model/optim/train
+            settings to record with (its cached warm-up phase is reused; its ``record``
+            section may differ); default: built from ``cfg``.
         reference_order: the order (int64 ``[T]``) of the recorded reference run, e.g. the
             incumbent of a trust-region round; default ``0..T-1``. Estimators expand around
             this run, so they are most accurate for orders near it.

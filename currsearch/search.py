@@ -35,7 +35,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import optuna
 import torch
@@ -278,8 +278,14 @@ def _enqueue_fresh(study: optuna.Study, space, backend, objectives, enqueue_heur
     return len(queued)
 
 
-def _check_resume(study: optuna.Study, meta: dict[str, Any]) -> None:
-    """Raise ConfigError when a resumed study was run with another estimator/space/objectives."""
+def check_resume(study: optuna.Study, meta: dict[str, Any]) -> None:
+    """Check a resumed study's setup, then record it: ``meta`` (JSON-serializable values, e.g.
+    estimator, space, objectives) is compared with the study's user attrs ``currsearch_<key>``,
+    and keys the study lacks (a fresh study) are stored.
+
+    Raises:
+        ConfigError: a stored value differs (the study was run with another setup), naming the keys.
+    """
     old = {k: study.user_attrs.get(f"currsearch_{k}") for k in meta}
     diff = [f"{k} ({old[k]!r} in the study vs {v!r} now)" for k, v in meta.items() if old[k] is not None and old[k] != v]
     if diff:
@@ -290,6 +296,70 @@ def _check_resume(study: optuna.Study, meta: dict[str, Any]) -> None:
     for k, v in meta.items():
         if old[k] is None:
             study.set_user_attr(f"currsearch_{k}", v)
+
+
+def ask_and_tell(
+    study: optuna.Study,
+    n_trials: int,
+    batch_size: int,
+    score: Callable[[list[optuna.trial.Trial]], list[tuple[Any, dict[str, Any]]]],
+    progress: bool = False,
+    desc: str = "search",
+) -> int:
+    """Ask ``n_trials`` trials, ``batch_size`` at a time, score each batch with ONE ``score`` call and tell the results.
+
+    Args:
+        study: the Optuna study.
+        n_trials: trials to ask (>= 0).
+        batch_size: trials per ``score`` call (>= 1).
+        score: ``score(trials) -> [(value, user_attrs), ...]``, one entry per trial in order.
+            ``value`` is what the trial is told: a float (one objective), a list of floats
+            (several), or an ``optuna.trial.TrialState`` (``FAIL``, ``PRUNED``) to tell that state;
+            ``user_attrs`` (``{name: JSON-serializable value}``) are set on the trial first.
+        progress: show a progress bar (``desc``, one tick per trial).
+
+    Returns:
+        The number of trials asked (``n_trials``).
+
+    Raises:
+        ValueError: ``score`` returned another number of entries than trials.
+        Whatever ``score`` or the storage raises. In every case the batch's trials not yet told
+        are told ``FAIL`` first, so no trial is left RUNNING in the storage.
+    """
+    bar = None
+    if progress and n_trials:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_trials, desc=desc, unit="trial")
+    n_run = 0
+    try:
+        while n_run < n_trials:
+            k = min(batch_size, n_trials - n_run)
+            trials = [study.ask() for _ in range(k)]
+            n_run += k
+            told = 0
+            try:
+                results = score(trials)
+                if len(results) != k:
+                    raise ValueError(f"ask_and_tell(): score returned {len(results)} results for {k} trials")
+                for t, (value, attrs) in zip(trials, results):
+                    for key, v in attrs.items():
+                        t.set_user_attr(key, v)
+                    if isinstance(value, optuna.trial.TrialState):
+                        study.tell(t, state=value)
+                    else:
+                        study.tell(t, value)
+                    told += 1
+            except BaseException:
+                for t in trials[told:]:  # leave no trial RUNNING behind
+                    study.tell(t, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+                raise
+            if bar is not None:
+                bar.update(k)
+    finally:
+        if bar is not None:
+            bar.close()
+    return n_run
 
 
 def run_search(
@@ -420,46 +490,28 @@ def run_search(
             "objectives": objectives,
             "T": store.T,
         }
-        _check_resume(study, meta)
+        check_resume(study, meta)
         if fresh:
             _enqueue_fresh(study, sp, backend, objectives, enqueue_heuristics, enqueue_assignment)
 
         n_complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
         budget = max(0, n_trials - n_complete)
         obj_idx = torch.tensor([list(backend.eval_names).index(o) for o in objectives])
-        bar = None
-        if progress and budget:
-            from tqdm.auto import tqdm
 
-            bar = tqdm(total=budget, desc=f"search {name}", unit="trial")
-        n_run = 0
-        try:
-            while n_run < budget:
-                k = min(batch_size, budget - n_run)
-                trials = [study.ask() for _ in range(k)]
-                n_run += k
-                told = 0
-                try:
-                    orders = torch.stack([sp.suggest(t) for t in trials])  # [k, T]
-                    scores = backend.score(orders)  # [k, E]: one backend call per batch
-                    values = scores[:, obj_idx]
-                    for t, o, row, v in zip(trials, orders, scores, values):
-                        t.set_user_attr("order", o.tolist())
-                        t.set_user_attr("estimates", row.tolist())
-                        if torch.isfinite(v).all():
-                            study.tell(t, v.tolist() if len(objectives) > 1 else float(v[0]))
-                        else:
-                            study.tell(t, state=optuna.trial.TrialState.FAIL)
-                        told += 1
-                except BaseException:
-                    for t in trials[told:]:  # leave no trial RUNNING behind
-                        study.tell(t, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-                    raise
-                if bar is not None:
-                    bar.update(k)
-        finally:
-            if bar is not None:
-                bar.close()
+        def score(trials):
+            orders = torch.stack([sp.suggest(t) for t in trials])  # [k, T]
+            scores = backend.score(orders)  # [k, E]: one backend call per batch
+            values = scores[:, obj_idx]
+            out = []
+            for o, row, v in zip(orders, scores, values):
+                if torch.isfinite(v).all():
+                    value = v.tolist() if len(objectives) > 1 else float(v[0])
+                else:
+                    value = optuna.trial.TrialState.FAIL  # a non-finite estimate
+                out.append((value, {"order": o.tolist(), "estimates": row.tolist()}))
+            return out
+
+        n_run = ask_and_tell(study, budget, batch_size, score, progress=progress, desc=f"search {name}")
         return collect_result(study, sp, backend, objectives, n_run=n_run, seconds=time.perf_counter() - t0)
     finally:
         optuna.logging.set_verbosity(verbosity)

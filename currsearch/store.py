@@ -20,64 +20,19 @@ loaded memory-mapped (``safe_open``) onto any device.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from pathlib import Path
-from typing import Any
-
 import torch
 
-from .config import Config, config_from_dict
 from .errors import StoreError
+from .manifest import ManifestDirectory
+
 
 SCHEMA_VERSION = 1
 FORMAT = "currsearch-trajectory-store"
-# config sections that determine the recorded numbers (record.* budgets do not)
-TRAJECTORY_SECTIONS = ("data", "model", "optim", "train")
 
 
-def sha256_file(path: Path) -> str:
-    """SHA-256 (hex) of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Save tensors as a safetensors file atomically."""
-    from safetensors.torch import save
-
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-    atomic_write_bytes(path, data)
-
-
-def config_diff(a: dict, b: dict, sections=TRAJECTORY_SECTIONS) -> list[str]:
-    """Dotted keys whose values differ between two config dicts, as ``key (a vs b)``."""
-    out = []
-    for s in sections:
-        for k in sorted(set(a.get(s, {})) | set(b.get(s, {}))):
-            va, vb = a.get(s, {}).get(k), b.get(s, {}).get(k)
-            if va != vb:
-                out.append(f"{s}.{k} ({va!r} vs {vb!r})")
-    return out
-
-
-class TrajectoryStore:
-    """A recorded trajectory store (see module docstring). Open with :meth:`open`.
+class TrajectoryStore(ManifestDirectory):
+    """A recorded trajectory store (see module docstring). Open with :meth:`open`
+    (:meth:`~currsearch.manifest.ManifestDirectory.open`: format, schema, completeness, checksums).
 
     Attributes:
         path: the store directory.
@@ -88,9 +43,26 @@ class TrajectoryStore:
         reference_order: int64 ``[T]``, the order of the recorded run (property).
     """
 
-    def __init__(self, path: Path, manifest: dict):
-        self.path = Path(path)
-        self.manifest = manifest
+    FORMAT = FORMAT
+    SCHEMA_VERSION = SCHEMA_VERSION
+    MESSAGES = {
+        "no_manifest": "{path!r} is not a trajectory store (no manifest.json); record one with `currsearch record`",
+        "corrupt": "manifest {mpath!r} is corrupt ({err}); re-record the store",
+        "format": "{mpath!r} is not a {format} manifest",
+        "schema": "store {path!r} has schema version {version}, this currsearch reads version {expected}; "
+                  "upgrade currsearch or re-record the store",
+        "incomplete": "store {path!r} is incomplete ({progress}); run `currsearch record` again to resume it",
+        "file_missing": "store file {file!r} is missing; re-run `currsearch record` on this directory to rebuild it",
+        "file_size": "store file {file!r} has {size} bytes, the manifest says {expected} (truncated or modified)",
+        "file_hash": "store file {file!r} does not match its SHA-256 in the manifest (modified or corrupt)",
+        "config": "store {path!r} was recorded with another config; differs in: {diff} "
+                  "(store vs given); use the store's config or record a new store",
+        "trainer": "store {path!r} does not match the model/data it is used with: {bad} hash differs "
+                   "(another corpus, tokenizer, plan seed or model initialization); record a new store",
+    }
+
+    def __init__(self, path, manifest: dict):
+        super().__init__(path, manifest)
         self.T: int = manifest["T"]
         self.P: int = manifest["P"]
         self.k: int = manifest["projection"]["dim_out"]
@@ -105,80 +77,6 @@ class TrajectoryStore:
         ``reference_order[t]``, and checkpoint t is the state before that step."""
         return torch.tensor(self.manifest.get("reference_order", list(range(self.T))), dtype=torch.int64)
 
-    # ------------------------------------------------------------------ opening and checks
-    @classmethod
-    def open(cls, path: str | Path, verify: bool = True, allow_incomplete: bool = False) -> "TrajectoryStore":
-        """Open a store, checking schema, completeness and (with ``verify``) every checksum.
-
-        Raises:
-            StoreError: no manifest, unparsable manifest, another format or a newer schema,
-                an incomplete recording, a missing/truncated/modified file.
-        """
-        path = Path(path)
-        mpath = path / "manifest.json"
-        if not mpath.is_file():
-            raise StoreError(f"{str(path)!r} is not a trajectory store (no manifest.json); record one with `currsearch record`")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as err:
-            raise StoreError(f"manifest {str(mpath)!r} is corrupt ({err}); re-record the store") from None
-        if manifest.get("format") != FORMAT:
-            raise StoreError(f"{str(mpath)!r} is not a {FORMAT} manifest")
-        version = manifest.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise StoreError(
-                f"store {str(path)!r} has schema version {version}, this currsearch reads version {SCHEMA_VERSION}; "
-                "upgrade currsearch or re-record the store"
-            )
-        if not allow_incomplete and manifest.get("phase") != "complete":
-            raise StoreError(
-                f"store {str(path)!r} is incomplete (phase {manifest.get('phase')!r}); run `currsearch record` again to resume it"
-            )
-        store = cls(path, manifest)
-        if verify:
-            store.verify()
-        return store
-
-    def verify(self) -> None:
-        """Check every file listed in the manifest exists with the recorded size and SHA-256.
-
-        Raises:
-            StoreError: naming the first missing, truncated or modified file.
-        """
-        for rel, info in self.manifest["files"].items():
-            f = self.path / rel
-            if not f.is_file():
-                raise StoreError(f"store file {str(f)!r} is missing; re-run `currsearch record` on this directory to rebuild it")
-            size = f.stat().st_size
-            if size != info["bytes"]:
-                raise StoreError(f"store file {str(f)!r} has {size} bytes, the manifest says {info['bytes']} (truncated or modified)")
-            if sha256_file(f) != info["sha256"]:
-                raise StoreError(f"store file {str(f)!r} does not match its SHA-256 in the manifest (modified or corrupt)")
-
-    def config(self) -> Config:
-        """The full config the store was recorded with."""
-        return config_from_dict(self.manifest["config"], source=str(self.path / "manifest.json"))
-
-    def check_config(self, cfg: Config) -> None:
-        """Raise StoreError if ``cfg`` differs from the recorded config in data/model/optim/train."""
-        diff = config_diff(self.manifest["config"], cfg.to_dict())
-        if diff:
-            raise StoreError(
-                f"store {str(self.path)!r} was recorded with another config; differs in: {', '.join(diff)} "
-                "(store vs given); use the store's config or record a new store"
-            )
-
-    def check_trainer(self, trainer) -> None:
-        """Raise StoreError if a Trainer's corpus, plan or initial weights differ from the store's."""
-        h = self.manifest["hashes"]
-        got = {"corpus": trainer.corpus_hash, "plan": trainer.plan.fingerprint(), "init_weights": tensor_sha256(trainer.theta_init)}
-        bad = [k for k, v in got.items() if v != h[k]]
-        if bad:
-            raise StoreError(
-                f"store {str(self.path)!r} does not match the model/data it is used with: {bad} hash differs "
-                "(another corpus, tokenizer, plan seed or model initialization); record a new store"
-            )
-
     @property
     def domains(self) -> list[str]:
         """Domain of each of the T batches (as ``BatchPlan.domains``), from the manifest."""
@@ -189,30 +87,7 @@ class TrajectoryStore:
         """Per-batch metadata (as ``BatchPlan.metadata``: domain, n_tokens, difficulty proxies)."""
         return self.manifest["batch_metadata"] if "batch_metadata" in self.manifest else self.trainer().plan.metadata
 
-    def use_trainer(self, trainer) -> None:
-        """Make ``trainer()`` return ``trainer`` (checked with :meth:`check_trainer`), e.g. the
-        one a store was just recorded with, so its cached warm-up phase is shared."""
-        self.check_trainer(trainer)
-        self._trainer = trainer
-
-    def trainer(self):
-        """A :class:`~currsearch.train.Trainer` rebuilt from the recorded config and checked
-        against the recorded hashes (cached)."""
-        if getattr(self, "_trainer", None) is None:
-            from .train import Trainer
-
-            tr = Trainer.from_config(self.config())
-            self.check_trainer(tr)
-            self._trainer = tr
-        return self._trainer
-
     # ------------------------------------------------------------------ reading tensors
-    def _read(self, rel: str, names: list[str] | None, device) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
-        with safe_open(str(self.path / rel), framework="pt", device=str(device)) as f:
-            return {n: f.get_tensor(n) for n in (names or list(f.keys()))}
-
     def checkpoint(self, t: int, device="cpu") -> dict[str, torch.Tensor]:
         """Reference state before step ``t`` (an anchor): ``theta``, ``adam_m``, ``adam_v`` (float ``[P]``),
         ``adam_step`` (int64 scalar) and, with ``record.checkpoint_eval``, ``eval_loss`` (float64 ``[E]``)."""
@@ -277,12 +152,3 @@ class TrajectoryStore:
             lines.append(f"    {name:<24} [A={len(self.anchors)}] x {shape['shape']} {shape['dtype']}")
         return "\n".join(lines)
 
-
-def tensor_sha256(t: torch.Tensor) -> str:
-    """SHA-256 (hex) of a tensor's bytes (CPU, contiguous)."""
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    """Write ``manifest.json`` atomically (sorted keys, indented)."""
-    atomic_write_bytes(path / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())

@@ -30,7 +30,8 @@ import torch
 
 from .config import Config
 from .errors import ConfigError
-from .store import atomic_write_bytes
+from .manifest import atomic_write_bytes, config_diff
+from .reports import pyplot, save_figure
 
 
 def _record_cfg(cfg: Config, estimator_cls) -> Config:
@@ -67,7 +68,8 @@ def run_trust_region(cfg: Config, out_dir, rounds: int = 3, estimator: str = "fu
         objective: the eval set whose final loss (nats/token) is minimized.
         min_radius, max_radius: radius bounds (default max: T - 1).
         start: the first incumbent, int64 ``[T]`` (default ``0..T-1``).
-        trainer: the :class:`~currsearch.train.Trainer` of ``cfg`` (default: built once).
+        trainer: a :class:`~currsearch.train.Trainer` with ``cfg``'s training settings, whose
+            cached warm-up phase is reused (default: built once).
 
     Returns:
         ``{"rounds": [per-round dict], "incumbent": order list, "incumbent_loss": float,
@@ -94,7 +96,8 @@ def run_trust_region(cfg: Config, out_dir, rounds: int = 3, estimator: str = "fu
                           f"(got rounds={rounds}, radius={radius}, min_radius={min_radius}, top_k={top_k}, trials={trials})")
     est_cls = type(get_estimator(estimator, **(estimator_kwargs or {})))
     rcfg = _record_cfg(cfg, est_cls)
-    trainer = trainer if trainer is not None and trainer.cfg == rcfg else Trainer.from_config(rcfg)
+    if trainer is None or config_diff(trainer.cfg.to_dict(), rcfg.to_dict()):
+        trainer = Trainer.from_config(rcfg)
     T = trainer.T
     if objective not in trainer.plan.eval_names:
         raise ConfigError(f"unknown objective eval set {objective!r}; the plan has {list(trainer.plan.eval_names)}")
@@ -166,16 +169,54 @@ def run_trust_region(cfg: Config, out_dir, rounds: int = 3, estimator: str = "fu
     }
 
 
+def refine_verified(cfg: Config, out_dir, result: dict, rounds: int = 2, objective: str = "all", progress: bool = True,
+                    trainer=None, estimator=None, **options) -> dict:
+    """Trust-region rounds started from the best order of a verification ``result``.
+
+    The start is the candidate of ``result`` (:func:`currsearch.verify.verify`) with the lowest
+    verified ``objective`` loss, whatever its kind. The final incumbent is retrained once more
+    with :func:`~currsearch.verify.verify` (all eval sets) and added to ``result["candidates"]``
+    as ``search_trust_region`` (kind ``searched``); ``result["trust_region"]`` gets the start,
+    the gain (nats/token, >= 0: every move was verified) and the rounds.
+
+    Args:
+        cfg, out_dir, rounds, objective, progress: as :func:`run_trust_region` (``out_dir``
+            holds the rounds).
+        trainer: the Trainer that verifies the final incumbent (default: built from ``cfg``).
+        estimator: a fitted estimator whose estimate of the final incumbent is reported next
+            to the other candidates' (default: none).
+        options: further :func:`run_trust_region` keyword arguments (trials, top_k, radius, ...).
+
+    Returns:
+        ``result``, updated in place.
+    """
+    from .verify import verify
+
+    c = result["candidates"]
+    start_name = min(c, key=lambda n: c[n]["verified"][objective])
+    res = run_trust_region(cfg, out_dir, rounds=rounds, objective=objective, start=torch.tensor(c[start_name]["order"]),
+                           progress=progress, trainer=trainer, **options)
+    write_trust_region_report(res, out_dir)
+    if trainer is None:
+        from .train import Trainer
+
+        trainer = Trainer.from_config(cfg)
+    order = torch.tensor(res["incumbent"])
+    est = {"search_trust_region": estimator.estimate(order)} if estimator is not None else None
+    final = verify(trainer, {"search_trust_region": order}, est, kinds={"search_trust_region": "searched"})
+    c["search_trust_region"] = final["candidates"]["search_trust_region"]
+    result["trust_region"] = {"start": start_name, "start_loss": res["start_loss"], "final_loss": res["incumbent_loss"],
+                              "gain": res["start_loss"] - res["incumbent_loss"], "rounds": len(res["rounds"]),
+                              "verified_runs": res["verified_runs"], "estimator": res["estimator"], "objective": objective}
+    return result
+
+
 def write_trust_region_report(result: dict, out_dir) -> list[Path]:
     """Write ``trust_region.md``, ``trust_region_rounds.png`` (verified loss per round) and
     ``best_order.json`` (the final incumbent) into ``out_dir``; returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from .export import export_order
 
+    plt = pyplot()
     out = Path(out_dir)
     rs = result["rounds"]
     lines = [f"# Trust-region search ({result['estimator']}, objective `{result['objective']}`)", "",
@@ -198,9 +239,7 @@ def write_trust_region_report(result: dict, out_dir) -> list[Path]:
                    label="retrained candidates" if x is rs[0] else None)
     ax.set(xlabel="round", ylabel=f"verified final loss, {result['objective']} (nats/token)", title="trust-region rounds")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "trust_region_rounds.png", dpi=100)
-    plt.close(fig)
+    png = save_figure(fig, out / "trust_region_rounds.png")
     best = export_order(out / "best_order.json", torch.tensor(result["incumbent"]), name="trust_region_incumbent",
                         verified={result["objective"]: result["incumbent_loss"]})
-    return [out / "trust_region.md", out / "trust_region_rounds.png", best]
+    return [out / "trust_region.md", png, best]

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .orders import random_order, reference_order, validate_orders
+from .reports import pyplot, save_figure
 
 
 def kind_of(name: str) -> str:
@@ -151,6 +152,14 @@ def render_markdown(result: dict, summary: dict) -> str:
             f"{'beats' if s['beats_all_heuristics'] else 'does not beat'} every heuristic ({hb}); "
             f"reference {_fmt(s['reference_loss'])}."
         )
+    tr = result.get("trust_region")
+    if tr:
+        verdict += (
+            f"\n`search_trust_region`: {tr['rounds']} trust-region rounds ({tr['estimator']}) started from the best "
+            f"verified candidate `{tr['start']}` ({_fmt(tr['start_loss'])}) and reached {_fmt(tr['final_loss'])} "
+            f"on `{tr['objective']}` (gain {_fmt(tr['gain'])} nats/token, {tr['verified_runs']} real training runs"
+            + ("; no round found a better order, so it is the start order itself" if tr["gain"] <= 0 else "") + ").\n"
+        )
     return ("# Search and verification report\n\nLosses are final eval losses in nats/token (lower is better); "
             "'estimated' comes from the surrogate, 'verified' from real retraining.\n\n"
             + "\n".join(lines) + "\n\n" + verdict + "\n")
@@ -160,14 +169,11 @@ def write_report(out_dir, result: dict, study=None) -> list[Path]:
     """Write ``report.json``, ``report.md``, ``optimization_history.png`` (when ``study`` is
     given), ``estimated_vs_verified.png``, ``best_order_domains.png`` and ``best_order.json``
     (the best verified searched order, else the best verified candidate) into ``out_dir``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import optuna
 
     from .export import export_order
 
+    plt = pyplot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(result)
@@ -176,12 +182,6 @@ def write_report(out_dir, result: dict, study=None) -> list[Path]:
     (out / "report.json").write_text(json.dumps({**result, "summary": summary, "best": best}, indent=1))
     (out / "report.md").write_text(render_markdown(result, summary))
     paths = [out / "report.json", out / "report.md"]
-
-    def save(fig, name):
-        fig.tight_layout()
-        paths.append(out / name)
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
 
     if study is not None:
         trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -193,7 +193,7 @@ def write_report(out_dir, result: dict, study=None) -> list[Path]:
         ax.step(xs, run, where="post", color="C1", label="best so far")
         ax.set(xlabel="trial number", ylabel="estimated objective (nats/token)", title="optimization history")
         ax.legend(fontsize=7)
-        save(fig, "optimization_history.png")
+        paths.append(save_figure(fig, out / "optimization_history.png"))
 
     fig, ax = plt.subplots(figsize=(5, 5))
     for kind in dict.fromkeys(v["kind"] for v in c.values()):
@@ -203,7 +203,7 @@ def write_report(out_dir, result: dict, study=None) -> list[Path]:
     ax.set(xlabel="verified final loss, all (nats/token)", ylabel="estimated (nats/token)",
            title="estimated vs verified")
     ax.legend(fontsize=7)
-    save(fig, "estimated_vs_verified.png")
+    paths.append(save_figure(fig, out / "estimated_vs_verified.png"))
 
     order = c[best]["order"]
     domains = result["domains"]
@@ -218,7 +218,7 @@ def write_report(out_dir, result: dict, study=None) -> list[Path]:
 
     ax.legend(handles=[Patch(color=cmap(i), label=n) for i, n in enumerate(names)], fontsize=7,
               loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=len(names))
-    save(fig, "best_order_domains.png")
+    paths.append(save_figure(fig, out / "best_order_domains.png"))
 
     paths.append(export_order(out / "best_order.json", torch.tensor(order), name=best,
                               verified=c[best]["verified"], estimated=c[best]["estimated"]))

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny real configs on the embedded corpus (seconds on 2 CPU cores)."""
 
+import json
 import os
 import tempfile
 
@@ -30,3 +31,15 @@ def tiny_trainer(tiny_cfg):
     from currsearch.train import Trainer
 
     return Trainer.from_config(tiny_cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_set_args(tiny_cfg) -> list[str]:
+    """``--set section.key=value`` command-line arguments that give a command ``tiny_cfg``'s
+    data, model, optim and train sections (append ``record.*`` settings as a test needs)."""
+    args = []
+    for sec in ("data", "model", "optim", "train"):
+        for k, v in getattr(tiny_cfg, sec).model_dump().items():
+            if v is not None:
+                args += ["--set", f"{sec}.{k}={json.dumps(v)}"]
+    return args

@@ -203,16 +203,11 @@ def test_validate_and_search_write_reports(models, est, tmp_path):
         search_subsets(est, n_trials=1, objective="nope")
 
 
-def test_cli(tiny_cfg, models, tmp_path, capsys):
+def test_cli(tiny_set_args, models, tmp_path, capsys):
     from currsearch.cli import main
 
-    sets = []
-    for sec in ("data", "model", "optim", "train"):
-        for k, val in getattr(tiny_cfg, sec).model_dump().items():
-            if val is not None:
-                sets += ["--set", f"{sec}.{k}={json.dumps(val)}"]
     out = tmp_path / "m"
-    assert main(["ablate", "train", "--out", str(out), "--quiet", *sets]) == 0
+    assert main(["ablate", "train", "--out", str(out), "--quiet", *tiny_set_args]) == 0
     assert _payload(AblationModels.open(out)) == _payload(models)  # CLI == API, bit for bit
     assert "K = 4 partitions" in capsys.readouterr().out
     a, b = models.names[:2]

@@ -104,15 +104,6 @@ def test_estimator_without_batch_losses_is_refused(store):
         analyze_positions(store, est, [0], [0, 1], n_verify=0)
 
 
-def _set_args(cfg):
-    args = []
-    for sec in ("data", "model", "optim", "train"):
-        for k, v in getattr(cfg, sec).model_dump().items():
-            if v is not None:
-                args += ["--set", f"{sec}.{k}={json.dumps(v)}"]
-    return args + ["--set", 'record.terms=["batch_losses"]', "--set", "record.projection_dim=16"]
-
-
 def _numbers(x):
     if isinstance(x, bool) or x is None or isinstance(x, str):
         return []
@@ -134,10 +125,11 @@ def _quoted(md):
     return out
 
 
-def test_analyze_positions_command_writes_files_whose_summary_numbers_are_in_the_json(tiny_cfg, tmp_path, capsys):
+def test_analyze_positions_command_writes_files_whose_summary_numbers_are_in_the_json(tiny_cfg, tiny_set_args, tmp_path, capsys):
     out = tmp_path / "positions"
     args = ["analyze", "positions", "--quiet", "--out", str(out), "--batches", "1,6", "--positions", "0,4,7", "--verify", "4"]
-    assert main(args + _set_args(tiny_cfg)) == 0
+    record_args = ["--set", 'record.terms=["batch_losses"]', "--set", "record.projection_dim=16"]
+    assert main(args + tiny_set_args + record_args) == 0
     names = ("positions.json", "positions.md", "heatmap_memorization.png", "heatmap_generalization.png", "curves.png")
     for name in names:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name

@@ -15,24 +15,18 @@ from currsearch.orders import parse_order
 from currsearch.train import Trainer
 
 
-def _set_args(cfg):
-    args = []
-    for sec in ("data", "model", "optim", "train"):
-        for k, v in getattr(cfg, sec).model_dump().items():
-            if v is not None:
-                args += ["--set", f"{sec}.{k}={json.dumps(v)}"]
-    return args + ["--set", "record.projection_dim=16", "--set", "record.anchor_stride=4"]
+RECORD_ARGS = ["--set", "record.projection_dim=16", "--set", "record.anchor_stride=4"]
+RUN_ARGS = ["--trials", "16", "--top-k", "2", "--batch", "8", "--random", "3", "--rounds", "1", "--tr-trials", "4"]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_cfg, tmp_path_factory):
+def run_dir(tiny_set_args, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "main"
-    args = ["run", "--quiet", "--out", str(out), "--trials", "16", "--top-k", "2", "--batch", "8", "--random", "3"]
-    assert main(args + _set_args(tiny_cfg)) == 0
+    assert main(["run", "--quiet", "--out", str(out)] + RUN_ARGS + tiny_set_args + RECORD_ARGS) == 0
     return out
 
 
-def test_run_writes_the_report_and_verified_losses_are_real(run_dir, tiny_cfg, capsys):
+def test_run_writes_the_report_and_verified_losses_are_real(run_dir, tiny_cfg, tiny_set_args, capsys):
     rep = run_dir / "report"
     for name in ("report.json", "report.md", "optimization_history.png", "estimated_vs_verified.png",
                  "best_order_domains.png", "best_order.json"):
@@ -42,25 +36,29 @@ def test_run_writes_the_report_and_verified_losses_are_real(run_dir, tiny_cfg, c
     cands = report["candidates"]
     kinds = {v["kind"] for v in cands.values()}
     assert kinds == {"searched", "reference", "random", "heuristic"}
-    assert sum(v["kind"] == "searched" for v in cands.values()) == 2
+    assert sum(v["kind"] == "searched" for v in cands.values()) == 3  # search_1, search_2, search_trust_region
+    # the trust-region rounds start from the best verified candidate and move only on verified gains
+    tr = report["trust_region"]
+    assert tr["start_loss"] == min(v["verified"]["all"] for n, v in cands.items() if n != "search_trust_region")
+    assert cands["search_trust_region"]["verified"]["all"] == tr["final_loss"] <= tr["start_loss"]
+    assert (run_dir / "trust_region" / "trust_region.md").is_file()
     md = (rep / "report.md").read_text()
-    assert "random median" in md and "every heuristic" in md
+    assert "random median" in md and "every heuristic" in md and "trust-region rounds" in md
     trainer = Trainer.from_config(Config_from(tiny_cfg))
     T = trainer.T
     for name, v in cands.items():
         assert sorted(v["order"]) == list(range(T)), name
         assert v["estimated"] is not None and set(v["verified"]) == set(report["eval_names"])
     # verified losses equal a fresh real training of the same order (searched + one baseline)
-    for name in ["search_1", "search_2", "reference"]:
+    for name in ["search_1", "search_2", "search_trust_region", "reference"]:
         res = trainer.train(torch.tensor(cands[name]["order"]))
         assert res.eval_losses.tolist() == [cands[name]["verified"][n] for n in res.eval_names], name
     best = parse_order(str(rep / "best_order.json"), T)
     assert best.tolist() == cands[report["best"]]["order"] and report["best"].startswith("search_")
     s = report["summary"]
     assert s["random_median"] in cands and cands[s["random_median"]]["kind"] == "random"
-    # rerun: everything resumes (store complete, study complete), same report
-    assert main(["run", "--quiet", "--out", str(run_dir), "--trials", "16", "--top-k", "2", "--batch", "8",
-                 "--random", "3"] + _set_args(tiny_cfg)) == 0
+    # rerun: everything resumes (store complete, study complete, trust-region rounds done), same report
+    assert main(["run", "--quiet", "--out", str(run_dir)] + RUN_ARGS + tiny_set_args + RECORD_ARGS) == 0
     again = json.loads((rep / "report.json").read_text())["candidates"]
     strip = lambda d: {n: {k: x for k, x in v.items() if k != "seconds"} for n, v in d.items()}  # noqa: E731
     assert strip(again) == strip(cands)

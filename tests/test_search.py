@@ -11,7 +11,7 @@ from currsearch.backends import RayBackend, SerialBackend
 from currsearch.errors import ConfigError, StoreError
 from currsearch.orders import random_order, validate_orders
 from currsearch.record import record
-from currsearch.search import run_search
+from currsearch.search import ask_and_tell, run_search
 from estimators import get_estimator
 
 
@@ -167,3 +167,27 @@ def test_clear_errors(store):
         run_search(store, estimator_name="nope", progress=False)
     with pytest.raises(StoreError, match="readouts_checkpoint"):
         run_search(store, estimator_kwargs={"readout": "checkpoint"}, progress=False)
+
+
+def test_ask_and_tell_tells_every_trial_and_fails_the_rest_of_a_batch_that_raises():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    calls = []
+
+    def score(trials):
+        calls.append(len(trials))
+        if len(calls) == 6:  # the third batch of the second call below
+            raise RuntimeError("scorer died")
+        xs = [t.suggest_float("x", -1.0, 1.0) for t in trials]
+        return [(optuna.trial.TrialState.PRUNED, {"reason": "x < 0"}) if x < 0 else (x * x, {"x2": x * x}) for x in xs]
+
+    assert ask_and_tell(study, 5, 2, score) == 5 and calls == [2, 2, 1]  # one score call per batch
+    done = study.get_trials(deepcopy=False)
+    assert [t.state.name for t in done] == ["PRUNED" if t.params["x"] < 0 else "COMPLETE" for t in done]
+    assert all(t.value == t.user_attrs["x2"] for t in done if t.state.name == "COMPLETE")
+    with pytest.raises(RuntimeError, match="scorer died"):
+        ask_and_tell(study, 6, 2, score)
+    states = [t.state.name for t in study.get_trials(deepcopy=False)[5:]]
+    assert states[4:] == ["FAIL", "FAIL"] and "RUNNING" not in states  # the third batch: failed, not left running
+    with pytest.raises(ValueError, match="returned 1 results for 2 trials"):
+        ask_and_tell(study, 2, 2, lambda trials: [(0.0, {})])
+    assert [t.state.name for t in study.get_trials(deepcopy=False)[-2:]] == ["FAIL", "FAIL"]

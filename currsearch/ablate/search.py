@@ -1,0 +1,320 @@
+"""Search over subsets (and mixture weights) of partitions with the Optuna driver of
+:mod:`currsearch.search`, scored by the merged-model estimate, and verification of the best
+subsets by real training (Na et al. 2024, arXiv 2410.15661, proxy)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import ConfigError
+from ..reports import pyplot, save_figure, write_result_files
+from .merge import MergeEstimator
+from .models import as_models
+from .partitions import PAPER
+from .subsets import all_subsets, subset_label, subset_weights
+from .training import real_union
+
+
+@dataclass
+class SubsetSearchResult:
+    """Distinct subsets/mixtures scored by an Optuna study, best first.
+
+    Attributes:
+        study: the Optuna study (earlier runs of a resumed study included).
+        names: the K partition names; eval_names: the E eval sets; objective: the minimized one.
+        weights: float64 ``[m, K]`` normalized weights of the distinct completed trials, best first.
+        estimates: float64 ``[m, E]`` merged eval losses (nats/token).
+        values: float64 ``[m]`` the objective column of ``estimates``.
+        n_trials: finished trials in the study (complete + pruned empty subsets).
+        n_run: trials asked by this call; seconds: its wall time.
+    """
+
+    study: object
+    names: list[str]
+    eval_names: list[str]
+    objective: str
+    weights: torch.Tensor
+    estimates: torch.Tensor
+    values: torch.Tensor
+    n_trials: int
+    n_run: int
+    seconds: float
+    labels: list[str] = field(default_factory=list)
+
+    def top(self, k: int = 1) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """The ``k`` best: list of ``(label, weights float64 [K], estimates float64 [E])``."""
+        return [(self.labels[i], self.weights[i], self.estimates[i]) for i in range(min(k, self.weights.shape[0]))]
+
+
+def _decode(trial, names: Sequence[str], use_weights: bool, min_weight: float) -> list[float]:
+    use = [trial.suggest_categorical(f"use:{n}", [0, 1]) for n in names]
+    if not use_weights:
+        return [float(u) for u in use]
+    return [trial.suggest_float(f"weight:{n}", min_weight, 1.0) if u else 0.0 for n, u in zip(names, use)]
+
+
+def _key(w: torch.Tensor) -> tuple:
+    return tuple(round(float(x), 6) for x in w)
+
+
+def search_subsets(estimator, n_trials: int = 64, sampler="tpe", weights: bool = False, objective: str = "all",
+                   storage=None, study_name: str | None = None, seed: int = 0, batch_size: int = 8,
+                   min_weight: float = 0.05, progress: bool = False) -> SubsetSearchResult:
+    """Search subsets (and optionally mixture weights) minimizing the merged eval loss.
+
+    Optuna ask/tell (the driver of :mod:`currsearch.search`: :func:`make_sampler`,
+    :func:`make_storage`, resumable with a ``.journal`` storage): one categorical 0/1 parameter
+    ``use:<partition>`` per partition and, with ``weights``, ``weight:<partition>`` in
+    ``[min_weight, 1]`` for each used partition (normalized). An empty subset is told PRUNED.
+    Trials are asked ``batch_size`` at a time and their subsets scored in one
+    :meth:`MergeEstimator.estimate` call (identical subsets are scored once). A fresh study is
+    seeded with the full set and every single partition.
+
+    Args:
+        estimator: a :class:`MergeEstimator` (or an :class:`AblationModels` / directory).
+        n_trials: finished trials wanted in the study (a resumed study counts its own).
+        sampler: ``tpe``, ``cmaes``, ``gp``, ``nsga2``, ``random`` or an Optuna sampler.
+        weights: search mixture weights too (merged model = weighted average).
+        objective: eval set whose merged loss is minimized.
+        storage: ``None``, a ``*.journal`` path or an Optuna storage URL.
+        study_name: default ``"ablate-subsets-<objective>"`` / ``"ablate-weights-<objective>"``.
+
+    Returns:
+        :class:`SubsetSearchResult`.
+
+    Raises:
+        ConfigError: unknown objective or sampler, ``n_trials < 0``, ``batch_size < 1``, a bad
+            ``min_weight``, a resumed study of other partitions/models/objective/mode.
+    """
+    import optuna
+
+    from ..search import ask_and_tell, check_resume, make_sampler, make_storage
+
+    t0 = time.perf_counter()
+    est = estimator if isinstance(estimator, MergeEstimator) else MergeEstimator(estimator)
+    names, ev = est.names, est.eval_names
+    if objective not in ev:
+        raise ConfigError(f"unknown objective eval set {objective!r}; eval sets are {ev}")
+    if n_trials < 0 or batch_size < 1:
+        raise ConfigError(f"n_trials must be >= 0 and batch_size >= 1 (got {n_trials}, {batch_size})")
+    if not 0 < min_weight <= 1:
+        raise ConfigError(f"min_weight must be in (0, 1], got {min_weight}")
+    j = ev.index(objective)
+    sampler_obj = make_sampler(sampler, seed=seed) if isinstance(sampler, str) else sampler
+    name = study_name or f"ablate-{'weights' if weights else 'subsets'}-{objective}"
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(verbosity, optuna.logging.WARNING))
+    try:
+        study = optuna.create_study(storage=make_storage(storage), sampler=sampler_obj, study_name=name,
+                                    direction="minimize", load_if_exists=True)
+        fresh = len(study.get_trials(deepcopy=False)) == 0
+        check_resume(study, {"partitions": names, "objective": objective, "weights": bool(weights),
+                              "models": est.models.manifest["hashes"].get("base", ""), "min_weight": min_weight})
+        if fresh:
+            full = {f"use:{n}": 1 for n in names}
+            if weights:
+                full.update({f"weight:{n}": 1.0 for n in names})
+            study.enqueue_trial(full, user_attrs={"source": "full"})
+            for n in names:
+                p = {f"use:{m}": int(m == n) for m in names}
+                if weights:
+                    p[f"weight:{n}"] = 1.0
+                study.enqueue_trial(p, user_attrs={"source": f"single:{n}"})
+        done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        budget = max(0, n_trials - len(study.get_trials(deepcopy=False, states=done_states)))
+        cache: dict[tuple, torch.Tensor] = {}  # rounded normalized weights -> merged eval losses [E]
+
+        def score(trials):
+            raw = [torch.tensor(_decode(t, names, weights, min_weight), dtype=torch.float64) for t in trials]
+            normed = [r / r.sum() if r.sum() > 0 else None for r in raw]
+            new = list(dict.fromkeys(_key(w) for w in normed if w is not None and _key(w) not in cache))
+            if new:  # one estimate call per batch; identical subsets are scored once
+                cache.update(zip(new, est.estimate(torch.tensor(new, dtype=torch.float64))))
+            out = []
+            for w in normed:
+                if w is None:
+                    out.append((optuna.trial.TrialState.PRUNED, {"reason": "empty subset"}))
+                else:
+                    s = cache[_key(w)]
+                    out.append((float(s[j]), {"weights": w.tolist(), "estimates": s.tolist(), "label": subset_label(w, names)}))
+            return out
+
+        n_run = ask_and_tell(study, budget, batch_size, score, progress=progress, desc=f"search {name}")
+        trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        seen: dict[tuple, int] = {}
+        W, E = [], []
+        for t in trials:
+            w = t.user_attrs.get("weights")
+            e = t.user_attrs.get("estimates")
+            if w is None or e is None:
+                continue
+            key = _key(torch.tensor(w))
+            if key not in seen:
+                seen[key] = len(W)
+                W.append(w)
+                E.append(e)
+        Wt = torch.tensor(W, dtype=torch.float64).view(-1, len(names))
+        Et = torch.tensor(E, dtype=torch.float64).view(-1, len(ev))
+        rank = torch.sort(Et[:, j], stable=True).indices
+        Wt, Et = Wt[rank], Et[rank]
+        n_finished = len(study.get_trials(deepcopy=False, states=done_states))
+        return SubsetSearchResult(study, names, ev, objective, Wt, Et, Et[:, j], n_finished, n_run,
+                                  time.perf_counter() - t0, [subset_label(w, names) for w in Wt])
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def verify_subsets(models, candidates: dict, estimator: MergeEstimator | None = None, progress: bool = False) -> dict:
+    """Train each candidate subset/mixture for real (:func:`real_union`) next to its merged estimate.
+
+    Args:
+        candidates: ``{name: subset}`` (weights ``[K]``, bool ``[K]`` or a name string).
+
+    Returns:
+        ``{name: {"label", "weights", "estimated", "verified" ({eval set: nats/token}), "steps",
+        "seconds", "reused_partition_model"}}``; identical subsets are trained once.
+    """
+    models = as_models(models)
+    est = estimator or MergeEstimator(models)
+    ev = models.eval_names
+    done: dict[tuple, tuple] = {}
+    out = {}
+    for name, sub in candidates.items():
+        w = subset_weights(sub, models.names)[0]
+        key = _key(w)
+        if key not in done:
+            r = real_union(models, w)
+            e = est.estimate(w[None])[0]
+            done[key] = (r, e)
+            if progress:
+                print(f"verified {name} ({subset_label(w, models.names)}): {ev[-1]} = {float(r['eval_loss'][-1]):.4f} "
+                      f"nats/token real, {float(e[-1]):.4f} merged ({r['seconds']:.2f} s)", flush=True)
+        r, e = done[key]
+        out[name] = {"label": subset_label(w, models.names), "weights": w.tolist(),
+                     "estimated": dict(zip(ev, e.tolist())), "verified": dict(zip(ev, r["eval_loss"].tolist())),
+                     "steps": r["steps"], "seconds": r["seconds"], "reused_partition_model": r["reused"]}
+    return out
+
+
+def run_subset_search(models, out=None, n_trials: int = 64, sampler="tpe", weights: bool = False, objective: str = "all",
+                      top_k: int = 3, seed: int = 0, batch_size: int = 8, storage=None, progress: bool = False) -> dict:
+    """Search subsets with :func:`search_subsets`, verify the top-k by real training, and report
+    them against the full set and the best single partition (both also trained for real).
+
+    Args:
+        models: an :class:`AblationModels` or its directory.
+        out: directory for ``search.json``, ``search.md``, ``optimization_history.png`` and the
+            study journal (``study.journal`` unless ``storage`` is given); ``None``: in memory.
+        top_k: distinct searched subsets to verify.
+        Others: as :func:`search_subsets`.
+
+    Returns:
+        ``{"search": {...top subsets...}, "candidates": {name: verify_subsets entry}, "summary":
+        {"best_searched", "full", "best_single", losses on the objective, "beats_full", "best_is_full",
+        "beats_best_single", "merged_optimum" (exhaustive merged optimum when K is small and
+        no weights), "search_found_merged_optimum"}}``.
+    """
+    models = as_models(models)
+    est = MergeEstimator(models)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        storage = storage or str(out / "study.journal")
+    res = search_subsets(est, n_trials=n_trials, sampler=sampler, weights=weights, objective=objective, storage=storage,
+                         seed=seed, batch_size=batch_size, progress=progress)
+    names = models.names
+    cands = {f"search_{i + 1}": w for i, (_, w, _) in enumerate(res.top(top_k))}
+    cands["full"] = torch.ones(models.K, dtype=torch.float64)
+    for k, n in enumerate(names):
+        cands[f"single:{n}"] = torch.nn.functional.one_hot(torch.tensor(k), models.K).double()
+    verified = verify_subsets(models, cands, est, progress=progress)
+    loss = {n: v["verified"][objective] for n, v in verified.items()}
+    searched = [n for n in verified if n.startswith("search_")]
+    singles = [n for n in verified if n.startswith("single:")]
+    best = min(searched, key=lambda n: (loss[n], n)) if searched else None
+    best_single = min(singles, key=lambda n: (loss[n], n))
+    summary = {
+        "objective": objective,
+        "best_searched": best, "best_searched_label": verified[best]["label"] if best else None,
+        "best_searched_loss": loss[best] if best else None,
+        "full_loss": loss["full"], "best_single": best_single, "best_single_loss": loss[best_single],
+        "beats_full": (loss[best] < loss["full"]) if best else None,
+        "best_is_full": (verified[best]["label"] == verified["full"]["label"]) if best else None,
+        "beats_best_single": (loss[best] < loss[best_single]) if best else None,
+        "merged_optimum": None, "search_found_merged_optimum": None,
+    }
+    if not weights and models.K <= 10:
+        subs = all_subsets(models.K)
+        allest = est.estimate(subs)[:, res.eval_names.index(objective)]
+        i = int(torch.argmin(allest))
+        summary["merged_optimum"] = {"label": subset_label(subs[i], names), "estimated": float(allest[i])}
+        summary["search_found_merged_optimum"] = bool(res.labels) and res.labels[0] == summary["merged_optimum"]["label"]
+    result = {
+        "method": PAPER, "models": str(models.path), "partitions": names, "eval_names": res.eval_names,
+        "search": {"study": res.study.study_name, "storage": str(storage) if storage else None, "n_trials": res.n_trials,
+                   "n_run": res.n_run, "seconds": res.seconds, "weights": weights, "sampler": sampler if isinstance(sampler, str) else type(sampler).__name__,
+                   "distinct": int(res.weights.shape[0]),
+                   "top": [{"label": l, "weights": w.tolist(), "estimates": dict(zip(res.eval_names, e.tolist()))}
+                           for l, w, e in res.top(max(top_k, 10))]},
+        "candidates": verified,
+        "summary": summary,
+    }
+    if out is not None:
+        result["files"] = [str(p) for p in write_search_report(result, out, res.study)]
+    return result
+
+
+def render_search_markdown(result: dict) -> str:
+    """Markdown of a :func:`run_subset_search` result."""
+    s, ev, obj = result["summary"], result["eval_names"], result["summary"]["objective"]
+    se = result["search"]
+    lines = [
+        "# Data ablation: subset search", "",
+        f"Optuna study `{se['study']}` ({se['sampler']}, {'subsets and mixture weights' if se['weights'] else 'subsets'}): "
+        f"{se['n_trials']} trials, {se['distinct']} distinct candidates, objective = merged eval loss on `{obj}` "
+        f"({PAPER} proxy). Verified candidates were trained for real from the same base with matched budget.", "",
+        f"| candidate | subset | merged {obj} | real {obj} | " + " | ".join(f"real {e}" for e in ev if e != obj) + " | steps |",
+        "|---|---|---|---|" + "---|" * (len(ev) - 1) + "---|",
+    ]
+    for name, v in sorted(result["candidates"].items(), key=lambda kv: kv[1]["verified"][obj]):
+        lines.append(f"| {name} | {v['label']} | {v['estimated'][obj]:.4f} | {v['verified'][obj]:.4f} | "
+                     + " | ".join(f"{v['verified'][e]:.4f}" for e in ev if e != obj) + f" | {v['steps']} |")
+    if s["best_searched"]:
+        vs_full = "is the full set" if s.get("best_is_full") else f"{'beats' if s['beats_full'] else 'does not beat'} the full set"
+        lines += ["", f"Best verified searched subset `{s['best_searched_label']}`: {s['best_searched_loss']:.4f} nats/token "
+                  f"on `{obj}`; it {vs_full} ({s['full_loss']:.4f}) and "
+                  f"{'beats' if s['beats_best_single'] else 'does not beat'} the best single partition "
+                  f"(`{s['best_single']}`, {s['best_single_loss']:.4f})."]
+    if s.get("merged_optimum"):
+        lines.append(f"Exhaustive optimum of the merged estimate: `{s['merged_optimum']['label']}` "
+                     f"({s['merged_optimum']['estimated']:.4f}); found by the search: {s['search_found_merged_optimum']}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_search_report(result: dict, out_dir, study=None) -> list[Path]:
+    """Write ``search.json``, ``search.md`` and (with a study) ``optimization_history.png``."""
+    import optuna
+
+    out = Path(out_dir)
+    paths = write_result_files(out, "search", result, render_search_markdown(result))
+    plt = pyplot()
+    if study is not None:
+        trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if trials:
+            xs = [t.number for t in trials]
+            ys = [math.exp(t.value) for t in trials]
+            run = [min(ys[: i + 1]) for i in range(len(ys))]
+            fig, ax = plt.subplots(figsize=(6, 4))
+            ax.scatter(xs, ys, s=8, alpha=0.5, label="trial")
+            ax.step(xs, run, where="post", color="C1", label="best so far")
+            ax.set(xlabel="trial number", ylabel=f"merged perplexity, {result['summary']['objective']}",
+                   title="subset search: optimization history")
+            ax.legend(fontsize=7)
+            paths.append(save_figure(fig, out / "optimization_history.png"))
+    return paths
