@@ -56,7 +56,10 @@ def open_or_record(store_dir: Path, config: str | None, overrides: list[str], pr
     from .store import TrajectoryStore
 
     if (store_dir / "manifest.json").is_file() and not (config or overrides):
-        cfg = TrajectoryStore.open(store_dir, verify=False, allow_incomplete=True).config()
+        store = TrajectoryStore.open(store_dir, verify=False, allow_incomplete=True)
+        if store.manifest.get("phase") == "complete":
+            return TrajectoryStore.open(store_dir)  # used as it is (analyze_positions checks its reference order)
+        cfg = store.config()
     else:
         cfg = resolve_config(config, overrides)
     return record(cfg, store_dir, progress=progress)

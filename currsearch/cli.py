@@ -54,7 +54,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
-    import torch
     from safetensors.torch import save_file
 
     from .orders import parse_order, save_order
@@ -118,14 +117,21 @@ def cmd_ablate(args) -> int:
     return ablate_main((["--help"] if args.help else []) + args.args)
 
 
-def _search_opts(p: argparse.ArgumentParser, trials: int) -> None:
-    p.add_argument("--estimator", default=None, help="surrogate estimator (default: additive; fut1-hvp with --rounds)")
+def _search_opts(p: argparse.ArgumentParser, trials: str, estimator: str, batch: str) -> None:
+    """Options shared by ``search`` and ``run``; defaults given as help text are resolved by the command."""
+    p.add_argument("--estimator", default=None, help=f"surrogate estimator (default: {estimator})")
     p.add_argument("--space", default="random_keys", help="search space (default: random_keys)")
     p.add_argument("--sampler", default="tpe", help="tpe, cmaes, gp, nsga2 or random (default: tpe)")
-    p.add_argument("--trials", type=int, default=trials, help=f"total trials in the study (default: {trials})")
-    p.add_argument("--batch", type=int, default=32, help="trials scored per backend call (default: 32)")
+    p.add_argument("--trials", type=int, default=None, help=f"trials in the study (default: {trials})")
+    p.add_argument("--batch", type=int, default=None, help=f"trials scored per backend call (default: {batch})")
     p.add_argument("--objectives", type=csv_list, default=["all"], help="comma-separated eval sets to minimize (default: all)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
+
+
+def _defaults(args, estimator: str, trials: int, batch: int) -> tuple[str, int, int]:
+    """``(estimator, trials, batch)`` of the command line, with these defaults where not given."""
+    return (args.estimator or estimator, trials if args.trials is None else args.trials,
+            batch if args.batch is None else args.batch)
 
 
 def _top_json(res, k: int = 10) -> dict:
@@ -152,7 +158,7 @@ def cmd_search(args) -> int:
         return _trust_region(args)
     if not args.store:
         raise ConfigError("currsearch search needs --store DIR (a recorded store), or --rounds R for trust-region rounds that record their own")
-    args.estimator = args.estimator or "additive"
+    args.estimator, args.trials, args.batch = _defaults(args, "additive", 256, 32)
     store = TrajectoryStore.open(args.store)
     if args.config or args.set:
         store.check_config(resolve_config(args.config, args.set))
@@ -187,8 +193,9 @@ def _trust_region(args) -> int:
 
     cfg = resolve_config(args.config, args.set)
     start = parse_order(args.start, cfg.data.num_batches)
-    res = run_trust_region(cfg, args.out, rounds=args.rounds, start=start, estimator=args.estimator or "fut1-hvp", radius=args.radius,
-                           trials=args.trials, top_k=args.top_k, sampler=args.sampler, batch_size=args.batch,
+    estimator, trials, batch = _defaults(args, "fut1-hvp", 32, 8)
+    res = run_trust_region(cfg, args.out, rounds=args.rounds, start=start, estimator=estimator, radius=args.radius,
+                           trials=trials, top_k=args.top_k, sampler=args.sampler, batch_size=batch,
                            objective=args.objectives[0], seed=args.seed, progress=not args.quiet)
     paths = write_trust_region_report(res, args.out)
     print(Path(paths[0]).read_text())
@@ -205,7 +212,9 @@ def cmd_run(args) -> int:
     from .verify import baseline_orders, summarize, verify, write_report
 
     cfg = resolve_config(args.config, args.set)
-    args.estimator = args.estimator or "additive"
+    args.estimator, args.trials, args.batch = _defaults(args, "additive", 128, 32)
+    if args.rounds < 0 or args.tr_trials < 3:
+        raise ConfigError(f"--rounds must be >= 0 and --tr-trials >= 3 (got {args.rounds}, {args.tr_trials})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     quiet = args.quiet
@@ -295,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--store", help="recorded store directory (not with --rounds)")
     p.add_argument("--out", required=True, help="directory for search.json, best_order.json (and study.journal)")
-    _search_opts(p, 256)
+    _search_opts(p, "256; 32 per round with --rounds", "additive; fut1-hvp with --rounds", "32; 8 with --rounds")
     p.add_argument("--storage", help="Optuna storage: a .journal path or URL (default: OUT/study.journal)")
     p.add_argument("--backend", choices=["serial", "ray"], default="serial", help="where orders are scored")
     p.add_argument("--actors", type=int, default=2, help="Ray actors (default: 2)")
@@ -304,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trust-region rounds: search within --radius transpositions of the incumbent, verify the "
                         "--top-k best by real training, re-record at the new incumbent (resumes; default: 0, one-shot)")
     p.add_argument("--radius", type=int, default=4, help="initial trust-region radius in transpositions (default: 4)")
-    p.add_argument("--top-k", type=int, default=2, help="orders retrained per round (default: 2)")
+    p.add_argument("--top-k", type=int, default=2, help="orders retrained per round with --rounds (default: 2)")
     p.add_argument("--start", default="reference", help="first incumbent with --rounds: 'reference', 'random:SEED' or a "
                    "JSON order file, e.g. a best_order.json of `currsearch run` (default: reference)")
     p.set_defaults(func=cmd_search)
@@ -312,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="record, search, verify the best orders by real training and write a report")
     _add_common(p)
     p.add_argument("--out", default="runs/main", help="output directory (default: runs/main)")
-    _search_opts(p, 128)
+    _search_opts(p, "128", "additive (the trust-region rounds use fut1-hvp)", "32")
     p.add_argument("--top-k", type=int, default=3, help="searched orders to verify (default: 3)")
     p.add_argument("--random", type=int, default=5, help="random baseline orders (default: 5)")
     p.add_argument("--rounds", type=int, default=2, help="trust-region rounds (fut1-hvp) from the best verified order "

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, StoreError
-from .reports import pyplot, save_figure, write_result_files
+from .reports import fmt, pyplot, save_figure, write_result_files
 
 #: Bin edges of the normalized Kendall distance to the reference; the last bin is closed.
 DISTANCE_BINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 1.0)
@@ -315,8 +315,8 @@ def _num(x) -> float:
     return float("nan") if x is None else float(x)
 
 
-def _fmt(x, spec=".3f") -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+def _fmt(x, spec: str = ".3f") -> str:
+    return fmt(x, spec)
 
 
 def _row(cells) -> str:

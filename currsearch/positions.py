@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, OrderError
-from .reports import pyplot, save_figure, write_result_files
+from .reports import fmt, pyplot, save_figure, write_result_files
 
 SOURCE = ("arXiv 2505.22042 (Taylor-expanded training dynamics of sample orders), application to "
           "memorization and generalization versus sample position")
@@ -429,7 +429,7 @@ def analyze_positions(store, estimator="fut1-hvp", batch_ids=None, positions=Non
 
 # ---------------------------------------------------------------------------- report
 def _fmt(x, spec: str = "+.4f") -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+    return fmt(x, spec)
 
 
 def _row(cells) -> str:

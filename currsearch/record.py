@@ -322,7 +322,8 @@ class _Recorder:
         store.check_trainer(self.trainer)
         if store.reference_order.tolist() != self.reference_order:
             raise StoreError(
-                f"store {str(self.out)!r} was recorded along another reference order; use the same order to resume, or another --out"
+                f"store {str(self.out)!r} was recorded along another reference order (manifest reference_order); "
+                "record with the same reference_order to resume, or into another directory"
             )
         return m
 

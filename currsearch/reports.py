@@ -42,6 +42,11 @@ def write_result_files(out_dir, name: str, result: dict, markdown: str) -> list[
     return paths
 
 
+def fmt(x, spec: str = ".4f") -> str:
+    """``format(x, spec)``, or ``"n/a"`` for None, NaN and infinities (markdown tables)."""
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
 def pyplot():
     """``matplotlib.pyplot`` with the off-screen Agg backend selected (no display needed)."""
     import matplotlib

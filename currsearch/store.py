@@ -143,7 +143,7 @@ class TrajectoryStore(ManifestDirectory):
             f"  anchors: {len(self.anchors)} (stride {m['anchor_stride']}), terms: {', '.join(self.terms)}",
             f"  projection: {m['projection']['kind']} k = {self.k}, seed {m['projection']['seed']}",
             f"  optimizer state at window start: {'carried from warm-up' if m['config']['train']['carry_optimizer_state'] else 'fresh'}",
-            f"  reference final eval loss (nats/token): " + ", ".join(f"{n} {x:.4f}" for n, x in zip(self.eval_names, fin)),
+            "  reference final eval loss (nats/token): " + ", ".join(f"{n} {x:.4f}" for n, x in zip(self.eval_names, fin)),
             f"  size: {self.nbytes():,} bytes in {len(m['files']) + 1} files (formula {m['formula_bytes']:,})",
             f"  record time {m['record_seconds']:.1f} s = {m['record_seconds'] / max(m['reference_seconds'], 1e-9):.1f} x "
             f"one reference run ({m['reference_seconds']:.2f} s)",

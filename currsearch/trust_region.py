@@ -30,7 +30,7 @@ import torch
 
 from .config import Config
 from .errors import ConfigError
-from .manifest import atomic_write_bytes, config_diff
+from .manifest import TRAJECTORY_SECTIONS, atomic_write_bytes, config_diff
 from .reports import pyplot, save_figure
 
 
@@ -68,6 +68,8 @@ def run_trust_region(cfg: Config, out_dir, rounds: int = 3, estimator: str = "fu
         objective: the eval set whose final loss (nats/token) is minimized.
         min_radius, max_radius: radius bounds (default max: T - 1).
         start: the first incumbent, int64 ``[T]`` (default ``0..T-1``).
+        progress: print one line per round and show the recorder's and search's progress bars.
+        estimator_kwargs: keyword arguments of the estimator (e.g. ``{"chunk": 4}``).
         trainer: a :class:`~currsearch.train.Trainer` with ``cfg``'s training settings, whose
             cached warm-up phase is reused (default: built once).
 
@@ -104,8 +106,12 @@ def run_trust_region(cfg: Config, out_dir, rounds: int = 3, estimator: str = "fu
     max_radius = T - 1 if max_radius is None else max_radius
     radius = min(radius, max_radius)
     incumbent = validate_orders(torch.arange(T) if start is None else start, T).view(-1)
-    settings = {"estimator": estimator, "objective": objective, "trials": trials, "top_k": top_k, "sampler": sampler,
-                "seed": seed, "start": incumbent.tolist(), "config": rcfg.fingerprint()}
+    rec = rcfg.record
+    settings = {"estimator": estimator, "estimator_kwargs": estimator_kwargs or {}, "objective": objective, "trials": trials,
+                "top_k": top_k, "sampler": sampler, "batch_size": batch_size, "seed": seed, "start": incumbent.tolist(),
+                "min_radius": min_radius, "max_radius": max_radius,
+                "config": rcfg.fingerprint(*TRAJECTORY_SECTIONS),
+                "record": [rec.anchor_stride, rec.projection, rec.projection_dim, rec.projection_seed]}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "trust_region.json"

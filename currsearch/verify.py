@@ -13,14 +13,13 @@ and ``heuristic`` (anything else).
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
 from .orders import random_order, reference_order, validate_orders
-from .reports import pyplot, save_figure
+from .reports import fmt, pyplot, save_figure
 
 
 def kind_of(name: str) -> str:
@@ -124,7 +123,7 @@ def summarize(result: dict, eval_set: str = "all") -> dict:
 
 
 def _fmt(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4f}"
+    return fmt(x, ".4f")
 
 
 def render_markdown(result: dict, summary: dict) -> str:
@@ -155,7 +154,7 @@ def render_markdown(result: dict, summary: dict) -> str:
     tr = result.get("trust_region")
     if tr:
         verdict += (
-            f"\n`search_trust_region`: {tr['rounds']} trust-region rounds ({tr['estimator']}) started from the best "
+            f"\n\n`search_trust_region`: {tr['rounds']} trust-region rounds ({tr['estimator']}) started from the best "
             f"verified candidate `{tr['start']}` ({_fmt(tr['start_loss'])}) and reached {_fmt(tr['final_loss'])} "
             f"on `{tr['objective']}` (gain {_fmt(tr['gain'])} nats/token, {tr['verified_runs']} real training runs"
             + ("; no round found a better order, so it is the start order itself" if tr["gain"] <= 0 else "") + ").\n"

@@ -17,8 +17,9 @@ Taylor read-out ``L_e(theta_T) + <grad L_e(theta_T), gamma_T - theta_T>`` (``"ta
 Source: arXiv 2505.22042 Eq. 5 (first-order expansion), with the Hessian computed exactly.
 
 Each order's rollout starts at the recorded checkpoint (theta and Adam state) of the last
-anchor before its first departure from the recorded order (``start_anchors``): the prefix
-they share would reproduce the recorded run, so near-reference orders cost only their suffix.
+anchor before its first departure from the recorded order (``start_anchors``): the shared
+prefix would replay the recorded run (exactly with anchor stride 1), so near-reference orders
+cost only their suffix.
 
 Per-batch losses (memorization, arXiv 2505.22042's memorization/generalization application):
 ``estimate_batch_losses`` evaluates every window batch B_l exactly at gamma_T, whatever the
@@ -107,13 +108,14 @@ class FUT1HVP(Estimator):
         self._ghv = torch.func.vmap(grad_and_hvp, in_dims=(None, 0, 0))
 
     def start_anchors(self, orders: torch.Tensor) -> torch.Tensor:
-        """Index of the anchor each order's rollout starts from: int64 ``[n]``, the last anchor at
-        or before the first step where the order departs from ``store.reference_order``.
+        """Index of the anchor each order's rollout starts from, for int64 orders ``[n, T]`` (any
+        device): int64 ``[n]`` on the CPU, the last anchor at or before the first step where
+        the order departs from ``store.reference_order``.
 
-        Before that step the rollout would reproduce the recorded run (delta stays 0 with
-        anchor stride 1), so starting there from the recorded checkpoint and Adam state gives
-        the same result for a fraction of the cost: orders near the reference (trust-region
-        search) share long prefixes with it.
+        Before that step the rollout would replay the recorded run (delta stays 0 with anchor
+        stride 1; with a larger stride the recorded checkpoint is more exact than the
+        linearized replay), so each order starts from that recorded checkpoint and Adam state:
+        orders near the reference (trust-region search) pay only for their suffix.
         """
         differs = orders.cpu() != self.ref_order
         first = torch.where(differs.any(1), differs.int().argmax(1), torch.tensor(self.T))
@@ -122,12 +124,17 @@ class FUT1HVP(Estimator):
     def final_parameters(self, orders: torch.Tensor, deviation_map=None) -> torch.Tensor:
         """Estimated final parameters gamma_T for orders int64 ``[n, T]``: float ``[n, P]``.
 
-        Orders are processed in chunks of ``chunk``, grouped by :meth:`start_anchors` so that
-        each chunk skips the prefix it shares with the recorded run.
+        Each order starts at its own :meth:`start_anchors` checkpoint, whatever other orders
+        share its chunk (a chunk runs from its earliest start; a row is reset to its recorded
+        checkpoint and Adam state when its own start comes), so an order's estimate does not
+        depend on the batch it is scored in. Orders are grouped by start to skip shared
+        prefixes.
 
         Args:
+            orders: int64 ``[n, T]`` validated orders.
             deviation_map: ablation hook ``f(t, delta) -> v``: the HVP at step t is applied to
-                ``v`` instead of the deviation ``delta`` (float ``[n, P]``); default identity.
+                ``v`` (float ``[n_chunk, P]``) instead of the deviation ``delta`` (same shape);
+                default identity.
         """
         tr, fm = self.trainer, self.trainer.model
         starts = self.start_anchors(orders)
@@ -137,12 +144,19 @@ class FUT1HVP(Estimator):
             rows = perm[i : i + self.chunk]
             o = orders[rows.to(orders.device)]
             n = o.shape[0]
-            a0 = int(starts[rows].min())
-            s0 = self.moments[a0]
-            gamma = self.thetas[a0].expand(n, -1).clone()
-            state = AdamState(s0.m.expand(n, -1), s0.v.expand(n, -1), s0.step)
-            for t in range(int(self.anchors[a0]), self.T):
+            row_start = self.anchors[starts[rows]]  # [n] step at which each row leaves the recorded run
+            gamma = state = None
+            for t in range(int(row_start.min()), self.T):
                 a = int(self.anchor[t])
+                reset = (row_start == t).to(fm.device)[:, None]
+                if reset.any():  # rows starting here take the recorded checkpoint and Adam state
+                    s0 = self.moments[a]
+                    if gamma is None:
+                        gamma = self.thetas[a].expand(n, -1).clone()
+                        state = AdamState(s0.m.expand(n, -1).clone(), s0.v.expand(n, -1).clone(), s0.step)
+                    else:
+                        gamma = torch.where(reset, self.thetas[a], gamma)
+                        state = AdamState(torch.where(reset, s0.m, state.m), torch.where(reset, s0.v, state.v), state.step)
                 batches = tr.plan.batches[o[:, t].cpu()].to(fm.device)
                 delta = gamma - self.thetas[a]
                 g = self._ghv(self.thetas[a], batches, delta if deviation_map is None else deviation_map(t, delta))

@@ -33,6 +33,7 @@ class ReferenceEstimator(Estimator):
 
     def _fit(self, store) -> None:
         self.ref = store.final()["eval_loss"].to(self.device)
+        self._batch_ref = None  # per-batch losses of this store, computed on first use
 
     def _estimate(self, orders: torch.Tensor) -> torch.Tensor:
         return self.ref.expand(orders.shape[0], -1).clone()
@@ -47,7 +48,7 @@ class ReferenceEstimator(Estimator):
         if self.store is None:
             raise RuntimeError(f"call {type(self).__name__}.fit(store) before estimate_batch_losses()")
         o = validate_orders(orders, self.T)
-        if getattr(self, "_batch_ref", None) is None:
+        if self._batch_ref is None:
             tr = self.store.trainer()
             self._batch_ref = window_batch_losses(tr, self.store.final()["theta"]).to(self.device)
         return self._batch_ref.clone() if o.dim() == 1 else self._batch_ref.expand(o.shape[0], -1).clone()

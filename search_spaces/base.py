@@ -42,10 +42,13 @@ class BatchInfo:
         difficulty: float64 ``[T]``, higher = harder: e.g. the plan's ``unigram_nll``
             (nats/token) or a per-batch reference loss. Only its ranking matters to the
             spaces here; ties are broken by batch index.
+        reference_order: int64 ``[T]``, the order a trajectory store was recorded along
+            (``store.reference_order``), or None for ``0..T-1``; the ``local`` space centres on it.
     """
 
     domains: list[str]
     difficulty: torch.Tensor
+    reference_order: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.domains = [str(d) for d in self.domains]
@@ -83,7 +86,8 @@ class BatchInfo:
                 raise ConfigError(
                     "BatchInfo.from_plan: plan.metadata lacks 'unigram_nll'; pass difficulty= explicitly"
                 ) from None
-        return cls(domains=list(plan.domains), difficulty=torch.as_tensor(difficulty, dtype=torch.float64))
+        return cls(domains=list(plan.domains), difficulty=torch.as_tensor(difficulty, dtype=torch.float64),
+                   reference_order=getattr(plan, "reference_order", None))
 
     @property
     def T(self) -> int:

@@ -27,7 +27,8 @@ from .base import SearchSpace, register_space
 
 
 def transpositions_between(center: torch.Tensor, order: torch.Tensor) -> list[tuple[int, int]]:
-    """A minimal list of position swaps turning ``center`` into ``order`` (both int64 ``[T]``).
+    """A minimal list of position swaps turning ``center`` into ``order`` (both int64 ``[T]``
+    permutations of the same T batches; validate them first, e.g. with ``validate_orders``).
 
     Its length is the Cayley distance (``T`` minus the number of cycles of the position
     permutation); applying the swaps in turn to ``center`` gives ``order``.
@@ -50,7 +51,8 @@ class LocalSpace(SearchSpace):
     """Orders within ``moves`` transpositions of ``center`` (see module docstring).
 
     Options:
-        center: the center order (list of T ints; default ``0..T-1``).
+        center: the center order (list of T ints; default: ``info.reference_order``, the order
+            the store was recorded along, else ``0..T-1``).
         moves: maximal number of transpositions, the trust-region radius (default 4).
     """
 
@@ -61,7 +63,9 @@ class LocalSpace(SearchSpace):
         super().__init__(info, **options)
         c = self.options["center"]
         try:
-            self.center = validate_orders(torch.arange(self.T) if c is None else torch.as_tensor(c), self.T).view(-1)
+            if c is None:
+                c = torch.arange(self.T) if info.reference_order is None else info.reference_order
+            self.center = validate_orders(torch.as_tensor(c), self.T).view(-1)
         except OrderError as err:
             raise ConfigError(f"search space 'local': option center is not an order of the {self.T} batches: {err}") from None
         m = self.options["moves"]
@@ -70,6 +74,7 @@ class LocalSpace(SearchSpace):
         self.moves = m
 
     def suggest(self, trial) -> torch.Tensor:
+        """Apply the trial's ``moves`` swaps (``swap_k_a``, ``swap_k_b``) to the center: int64 ``[T]``."""
         order = self.center.clone()
         for k in range(self.moves):
             a = trial.suggest_int(f"swap_{k}_a", 0, self.T - 1)

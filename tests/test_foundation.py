@@ -76,7 +76,7 @@ def test_tokenizer_roundtrip_and_cache(tiny_trainer, tiny_cfg):
     assert tok.decode(tok(text)["input_ids"]) == text
     assert len(tok) <= tiny_cfg.data.vocab_size
     assert tok.eos_token_id is not None
-    from currsearch.data import corpus_fingerprint, get_tokenizer
+    from currsearch.data import get_tokenizer
 
     again = get_tokenizer(tiny_cfg.data, None, tiny_trainer.corpus_hash)  # served from the cache
     assert again.get_vocab() == tok.get_vocab()

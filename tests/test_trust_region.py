@@ -76,3 +76,18 @@ def test_trust_region_rounds_resume_and_cli(tiny_cfg, tmp_path):
     assert (out / "trust_region.md").is_file() and (out / "trust_region_rounds.png").is_file()
     assert json.loads((out / "best_order.json").read_text())["order"]
     assert main(["search", "--out", str(tmp_path / "x")]) == 2  # neither --store nor --rounds
+
+
+def test_fut1_hvp_estimate_does_not_depend_on_its_batch(tiny_cfg, tiny_trainer, tmp_path):
+    """Prefix skipping starts every order at its own checkpoint, whatever shares its chunk."""
+    cfg = tiny_cfg.replace(record={"terms": (), "anchor_stride": 2})
+    store = record(cfg, tmp_path / "s", progress=False, trainer=tiny_trainer)
+    T = store.T
+    near = torch.arange(T)
+    near[[T - 3, T - 1]] = near[[T - 1, T - 3]]  # departs late: starts from a late checkpoint
+    rand = torch.randperm(T, generator=torch.Generator().manual_seed(0))
+    est = get_estimator("fut1-hvp", chunk=4).fit(store)
+    assert est.start_anchors(torch.stack([near, rand])).tolist() == [(T - 3) // 2, 0]
+    alone = est.estimate(near)
+    mixed = est.estimate(torch.stack([rand, near, rand]))
+    assert torch.allclose(mixed[1], alone, atol=1e-6) and torch.allclose(mixed[0], mixed[2])

@@ -23,6 +23,7 @@ from ..adam import AdamState, lr_at
 from ..errors import ConfigError, StoreError
 from ..manifest import (
     TRAJECTORY_SECTIONS,
+    config_diff,
     remove_partial_writes,
     save_listed_tensors,
     tensor_sha256,
@@ -93,12 +94,11 @@ def train_partitions(cfg, out, partitions=None, split: int = 1, epochs: int = 1,
     from ..train import Trainer
 
     out = Path(out)
-    if trainer is not None and trainer.cfg != cfg:
+    if trainer is not None and config_diff(trainer.cfg.to_dict(), cfg.to_dict()):
         raise ConfigError("train_partitions(): the given trainer was built from another config; pass the trainer of this config")
     tr = trainer if trainer is not None else Trainer.from_config(cfg)
     parts = check_partitions(default_partitions(tr.plan.domains, split) if partitions is None else partitions, tr.T)
     n = steps_per_partition(parts, epochs)
-    t_start = time.perf_counter()
 
     mpath = out / "manifest.json"
     if mpath.exists():
@@ -150,6 +150,7 @@ def train_partitions(cfg, out, partitions=None, split: int = 1, epochs: int = 1,
     models = AblationModels(out, m)
     start = models.window_start(tr.device)
 
+    t_start = time.perf_counter()  # partition training only (the warm-up phase is base_seconds)
     todo = [k for k, p in enumerate(parts) if p.name not in m["partitions_done"]]
     written = 0
     bar = None

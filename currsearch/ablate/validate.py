@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..reports import pyplot, save_figure, write_result_files
+from ..reports import fmt, pyplot, save_figure, write_result_files
 from .merge import MergeEstimator
 from .models import as_models
 from .partitions import PAPER
@@ -114,8 +114,8 @@ def validate_subsets(models, out=None, max_subsets: int = 16, seed: int = 0, pro
     return result
 
 
-def _fmt(x, spec=".3f") -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+def _fmt(x, spec: str = ".3f") -> str:
+    return fmt(x, spec)
 
 
 def render_validation_markdown(result: dict) -> str:
