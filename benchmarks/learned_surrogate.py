@@ -1,0 +1,103 @@
+"""Baseline for the estimators: a surrogate learned from N real training runs, no trajectory.
+
+How many real runs would a plain learned model of the order need to rank orders as well as the
+trajectory estimators? Features of an order: each batch's normalized position (T values) and
+its position quartile (one-hot, 4 T values); model: ridge regression (alpha by 5-fold cross-
+validation) of the final ``all`` eval loss, fitted on N seeded random orders retrained for
+real, scored on the held-out orders of the fidelity benchmark (same seed, retrained here). The
+model is additive over positions, so its exact optimum over permutations is a linear
+assignment problem, like ``additive``'s.
+
+    python benchmarks/learned_surrogate.py [CONFIG] [--set k=v] [--n 50,100,200,300] [--out runs/learned_surrogate]
+
+Prints Spearman rho (all / random / near held-out orders) per N and writes
+OUT/learned_surrogate.json. It reports measurements; it has no target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from currsearch.cli import csv_list, resolve_config
+from currsearch.fidelity import HeldoutOrder, fidelity_metrics, heldout_orders, retrain_orders
+from currsearch.train import Trainer
+
+
+def features(orders: torch.Tensor) -> np.ndarray:
+    """float64 ``[n, 5 T]``: per batch its position / (T - 1) and its position quartile one-hot."""
+    n, T = orders.shape
+    pos = torch.empty(n, T, dtype=torch.float64)
+    pos.scatter_(1, orders, torch.arange(T, dtype=torch.float64).expand(n, -1) / (T - 1))
+    quart = torch.nn.functional.one_hot((pos * 4).long().clamp(max=3), 4).reshape(n, -1).double()
+    return torch.cat([pos, quart], 1).numpy()
+
+
+def fit_ridge(X: np.ndarray, y: np.ndarray, alphas=np.logspace(-4, 3, 30), folds: int = 5):
+    """Ridge regression on standardized features, alpha by k-fold CV; returns ``predict(X)``."""
+
+    def fit(Xf, yf, a):
+        mu, sd = Xf.mean(0), Xf.std(0) + 1e-12
+        Z = (Xf - mu) / sd
+        w = np.linalg.solve(Z.T @ Z + a * np.eye(Z.shape[1]), Z.T @ (yf - yf.mean()))
+        return lambda Xn: ((Xn - mu) / sd) @ w + yf.mean()
+
+    idx = np.arange(len(y))
+    parts = np.array_split(np.random.default_rng(0).permutation(idx), folds)
+
+    def cv(a):
+        return sum(float(((fit(X[np.setdiff1d(idx, f)], y[np.setdiff1d(idx, f)], a)(X[f]) - y[f]) ** 2).sum()) for f in parts)
+
+    return fit(X, y, min(alphas, key=cv))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", nargs="?")
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--n", type=csv_list, default=["50", "100", "200", "300"], help="training-run counts N")
+    ap.add_argument("--out", default="runs/learned_surrogate")
+    args = ap.parse_args(argv)
+    cfg = resolve_config(args.config, args.set)
+    ns = [int(x) for x in args.n]
+    trainer = Trainer.from_config(cfg)
+    T = trainer.T
+    diff = torch.tensor([m["unigram_nll"] for m in trainer.plan.metadata], dtype=torch.float64)
+    held = heldout_orders(T, trainer.plan.domains, diff, seed=0)
+    e = list(trainer.plan.eval_names).index("all")
+    true, retrain_s = retrain_orders(trainer, held, progress=False)
+    g = torch.Generator().manual_seed(12345)
+    train = [HeldoutOrder(f"train-{i}", "random", torch.randperm(T, generator=g), 0) for i in range(max(ns))]
+    y_train, _ = retrain_orders(trainer, train, progress=True)
+    X_held = features(torch.stack([h.order for h in held]))
+    X_train = features(torch.stack([h.order for h in train]))
+    groups = [h.group for h in held]
+    report = {"T": T, "retrain_seconds_per_order": retrain_s, "features": X_train.shape[1], "rows": {}}
+    for n in ns:
+        predict = fit_ridge(X_train[:n], y_train[:n, e].numpy())
+        t0 = time.perf_counter()
+        pred = torch.as_tensor(predict(X_held))
+        est_s = (time.perf_counter() - t0) / len(held)
+        row = {}
+        for grp in ("all", "random", "near"):
+            idx = [i for i, x in enumerate(groups) if grp == "all" or x == grp]
+            row[grp] = fidelity_metrics(pred[idx], true[idx, e])["spearman"]
+        row["speedup"] = retrain_s / est_s
+        report["rows"][n] = row
+        print(f"N = {n:>4} real runs: rho all {row['all']:.2f} / random {row['random']:.2f} / near {row['near']:.2f}; "
+              f"estimate {row['speedup']:.0f}x faster than retraining per order", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "learned_surrogate.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out / 'learned_surrogate.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
