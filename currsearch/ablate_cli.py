@@ -20,6 +20,7 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Argument parser of the ``currsearch ablate`` actions (train, estimate, validate, search) and their options."""
     p = argparse.ArgumentParser(prog="currsearch ablate", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="action", required=True)
 

@@ -19,6 +19,7 @@ from .cli import csv_list
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Argument parser of the ``currsearch analyze positions`` options (see the module docstring)."""
     p = argparse.ArgumentParser(prog="currsearch analyze positions", description=__doc__.splitlines()[0])
     p.add_argument("config", nargs="?", help="TOML or YAML config file (default: the store's config, else built-in defaults)")
     p.add_argument("--store", help="trajectory store directory; recorded there if absent (default: OUT/store)")

@@ -33,6 +33,7 @@ class SubsetSearchResult:
         values: float64 ``[m]`` the objective column of ``estimates``.
         n_trials: finished trials in the study (complete + pruned empty subsets).
         n_run: trials asked by this call; seconds: its wall time.
+        labels: human-readable label of each row of ``weights`` (e.g. ``"bible+python"``).
     """
 
     study: object
@@ -174,7 +175,14 @@ def verify_subsets(models, candidates: dict, estimator: MergeEstimator | None = 
     """Train each candidate subset/mixture for real (:func:`real_union`) next to its merged estimate.
 
     Args:
+        models: the partition-models directory (path or :class:`AblationModels`).
         candidates: ``{name: subset}`` (weights ``[K]``, bool ``[K]`` or a name string).
+        estimator: the :class:`MergeEstimator` giving the ``estimated`` column (default: one
+            built on ``models``).
+        progress: show training progress.
+
+    Raises:
+        ConfigError: an invalid subset (empty, unknown name, negative weight).
 
     Returns:
         ``{name: {"label", "weights", "estimated", "verified" ({eval set: nats/token}), "steps",
