@@ -1,4 +1,4 @@
-"""Baseline for the estimators: a surrogate learned from N real training runs, no trajectory.
+"""The ``calibrated`` estimator's model vs the number N of real training runs it is fitted on.
 
 How many real runs would a plain learned model of the order need to rank orders as well as the
 trajectory estimators? Features of an order: each batch's normalized position (T values) and
@@ -6,7 +6,8 @@ its position quartile (one-hot, 4 T values); model: ridge regression (alpha by 5
 validation) of the final ``all`` eval loss, fitted on N seeded random orders retrained for
 real, scored on the held-out orders of the fidelity benchmark (same seed, retrained here). The
 model is additive over positions, so its exact optimum over permutations is a linear
-assignment problem, like ``additive``'s.
+assignment problem, like ``additive``'s. This is the model of ``estimators/calibrated.py``
+(``position_features``, ``fit_ridge``), measured here for several N at once.
 
     python benchmarks/learned_surrogate.py [CONFIG] [--set k=v] [--n 50,100,200,300] [--out runs/learned_surrogate]
 
@@ -22,39 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from currsearch.cli import csv_list, resolve_config
 from currsearch.fidelity import HeldoutOrder, fidelity_metrics, heldout_orders, retrain_orders
 from currsearch.train import Trainer
-
-
-def features(orders: torch.Tensor) -> np.ndarray:
-    """float64 ``[n, 5 T]``: per batch its position / (T - 1) and its position quartile one-hot."""
-    n, T = orders.shape
-    pos = torch.empty(n, T, dtype=torch.float64)
-    pos.scatter_(1, orders, torch.arange(T, dtype=torch.float64).expand(n, -1) / (T - 1))
-    quart = torch.nn.functional.one_hot((pos * 4).long().clamp(max=3), 4).reshape(n, -1).double()
-    return torch.cat([pos, quart], 1).numpy()
-
-
-def fit_ridge(X: np.ndarray, y: np.ndarray, alphas=np.logspace(-4, 3, 30), folds: int = 5):
-    """Ridge regression on standardized features, alpha by k-fold CV; returns ``predict(X)``."""
-
-    def fit(Xf, yf, a):
-        mu, sd = Xf.mean(0), Xf.std(0) + 1e-12
-        Z = (Xf - mu) / sd
-        w = np.linalg.solve(Z.T @ Z + a * np.eye(Z.shape[1]), Z.T @ (yf - yf.mean()))
-        return lambda Xn: ((Xn - mu) / sd) @ w + yf.mean()
-
-    idx = np.arange(len(y))
-    parts = np.array_split(np.random.default_rng(0).permutation(idx), folds)
-
-    def cv(a):
-        return sum(float(((fit(X[np.setdiff1d(idx, f)], y[np.setdiff1d(idx, f)], a)(X[f]) - y[f]) ** 2).sum()) for f in parts)
-
-    return fit(X, y, min(alphas, key=cv))
+from estimators.calibrated import fit_ridge, position_features
 
 
 def main(argv=None) -> int:
@@ -75,14 +49,14 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(12345)
     train = [HeldoutOrder(f"train-{i}", "random", torch.randperm(T, generator=g), 0) for i in range(max(ns))]
     y_train, _ = retrain_orders(trainer, train, progress=True)
-    X_held = features(torch.stack([h.order for h in held]))
-    X_train = features(torch.stack([h.order for h in train]))
+    X_held = position_features(torch.stack([h.order for h in held]))
+    X_train = position_features(torch.stack([h.order for h in train]))
     groups = [h.group for h in held]
     report = {"T": T, "retrain_seconds_per_order": retrain_s, "features": X_train.shape[1], "rows": {}}
     for n in ns:
-        predict = fit_ridge(X_train[:n], y_train[:n, e].numpy())
+        w, b = fit_ridge(X_train[:n], y_train[:n, e].numpy())
         t0 = time.perf_counter()
-        pred = torch.as_tensor(predict(X_held))
+        pred = torch.as_tensor(X_held @ w + b)
         est_s = (time.perf_counter() - t0) / len(held)
         row = {}
         for grp in ("all", "random", "near"):

@@ -104,3 +104,24 @@ def test_missing_term_names_term_and_record_option(tiny_cfg, tmp_path):
         get_estimator("fut1").fit(s)
     with pytest.raises(StoreError, match="readouts_checkpoint"):
         get_estimator("additive", readout="checkpoint").fit(s)
+
+
+def test_calibrated_fits_real_runs_caches_them_and_its_assignment_optimum_is_exact(tiny_trainer, tmp_path, tiny_cfg):
+    import itertools
+
+    from currsearch.record import record
+
+    store = record(tiny_cfg.replace(record={"terms": ()}), tmp_path / "s", progress=False, trainer=tiny_trainer)
+    est = get_estimator("calibrated", n_runs=12).fit(store)
+    assert len(est.runs["orders"]) == 12 and list(store.path.glob("calibration/runs_*.json"))
+    # the fitted model reproduces its training runs roughly and is exactly additive
+    o = torch.tensor(est.runs["orders"])
+    assert est.estimate(o).shape == (12, len(store.eval_names))
+    again = get_estimator("calibrated", n_runs=12).fit(store)  # served from the cache: same model
+    assert torch.equal(again.cost, est.cost) and again.runs == est.runs
+    perms = torch.tensor(list(itertools.permutations(range(store.T))))
+    all_est = est.estimate(perms)[:, store.eval_names.index("all")]
+    best = est.assignment_optimum("all")
+    assert torch.isclose(est.estimate(best)[-1], all_est.min())
+    with pytest.raises(ValueError, match="n_runs >= 8"):
+        get_estimator("calibrated", n_runs=2)
