@@ -15,9 +15,9 @@ cross-validation) on ``n_runs`` seeded random orders retrained for real with the
 Trainer. Being additive over positions, its exact optimum over all T! orders is a linear
 assignment problem (``assignment_optimum``, inherited from ``additive``).
 
-Cost: fitting retrains ``n_runs`` orders (cached in ``STORE/calibration/``, keyed by the
-store's hashes, reference order, ``n_runs`` and ``seed``; a rerun or a Ray actor reads the
-cache); an estimate is O(T E) per order. Exact: nothing (a regression). Approximate: the
+Cost: fitting retrains ``n_runs`` orders; the runs and the fitted coefficients are cached in
+``STORE/calibration/`` (keyed by the store's hashes, reference order, ``n_runs`` and ``seed``),
+so a rerun or a Ray actor reads them and scores bit-identically; an estimate is O(T E) per order. Exact: nothing (a regression). Approximate: the
 additive form (no interactions between positions) and the training distribution (random
 orders: measured to transfer poorly to domain-blocked orders).
 """
@@ -90,31 +90,36 @@ class CalibratedAdditive(AdditiveEstimator):
         self.required_terms = ()
         self.n_runs, self.seed = n_runs, seed
 
-    def _runs(self, store) -> dict:
+    def _fit(self, store) -> None:
         from currsearch.manifest import atomic_write_bytes
 
+        t0 = time.perf_counter()
         key = hashlib.sha256(json.dumps([store.manifest["hashes"], store.reference_order.tolist(), self.n_runs,
                                          self.seed], sort_keys=True).encode()).hexdigest()[:16]
         path = store.path / "calibration" / f"runs_{key}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        tr = store.trainer()
-        g = torch.Generator().manual_seed(self.seed)
-        orders = [torch.randperm(store.T, generator=g) for _ in range(self.n_runs)]
-        runs = {"orders": [o.tolist() for o in orders], "losses": [tr.train(o).eval_losses.tolist() for o in orders]}
-        try:
-            path.parent.mkdir(exist_ok=True)
-            atomic_write_bytes(path, json.dumps(runs).encode())
-        except OSError:  # a read-only store: fit again next time
-            pass
-        return runs
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        if "cost" not in data:
+            if "orders" not in data:
+                tr = store.trainer()
+                g = torch.Generator().manual_seed(self.seed)
+                orders = [torch.randperm(store.T, generator=g) for _ in range(self.n_runs)]
+                data = {"orders": [o.tolist() for o in orders], "losses": [tr.train(o).eval_losses.tolist() for o in orders]}
+            data["cost"], data["ref"] = self._regress(data, store.T)
+            try:  # the fitted coefficients are cached too, so every process (Ray actors) scores identically
+                path.parent.mkdir(exist_ok=True)
+                atomic_write_bytes(path, json.dumps(data).encode())
+            except OSError:  # a read-only store: fit again next time
+                pass
+        self.runs = {"orders": data["orders"], "losses": data["losses"]}
+        self.cost = torch.tensor(data["cost"], dtype=torch.float64, device=self.device)  # [T, T, E]
+        self.ref = torch.tensor(data["ref"], dtype=torch.float64, device=self.device)  # [E]
+        self.fit_seconds = time.perf_counter() - t0
 
-    def _fit(self, store) -> None:
-        t0 = time.perf_counter()
-        self.runs = self._runs(store)
-        T = store.T
-        X = position_features(torch.tensor(self.runs["orders"]))
-        Y = np.asarray(self.runs["losses"])  # [n, E]
+    @staticmethod
+    def _regress(runs: dict, T: int) -> tuple[list, list]:
+        """Cost tensor ``[T, T, E]`` (position t, batch l) and intercepts ``[E]`` fitted to the runs."""
+        X = position_features(torch.tensor(runs["orders"]))
+        Y = np.asarray(runs["losses"])  # [n, E]
         t = np.arange(T) / max(T - 1, 1)
         q = np.minimum((t * 4).astype(int), 3)
         cost = np.zeros((T, T, Y.shape[1]))
@@ -122,6 +127,4 @@ class CalibratedAdditive(AdditiveEstimator):
         for e in range(Y.shape[1]):
             w, ref[e] = fit_ridge(X, Y[:, e])
             cost[:, :, e] = np.outer(t, w[:T]) + w[T:].reshape(T, 4)[:, q].T  # [t, l]
-        self.cost = torch.as_tensor(cost, device=self.device)
-        self.ref = torch.as_tensor(ref, device=self.device)
-        self.fit_seconds = time.perf_counter() - t0
+        return cost.tolist(), ref.tolist()
