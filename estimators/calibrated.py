@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 
 import numpy as np
@@ -97,9 +98,14 @@ class CalibratedAdditive(AdditiveEstimator):
         key = hashlib.sha256(json.dumps([store.manifest["hashes"], store.reference_order.tolist(), self.n_runs,
                                          self.seed], sort_keys=True).encode()).hexdigest()[:16]
         path = store.path / "calibration" / f"runs_{key}.json"
-        data = json.loads(path.read_text()) if path.is_file() else {}
+        try:
+            data = json.loads(path.read_text()) if path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):  # a damaged cache is refitted, not trusted
+            data = {}
         if "cost" not in data:
             if "orders" not in data:
+                print(f"calibrated: retraining {self.n_runs} random orders for real to fit the estimator "
+                      f"(cached in {path.parent})", file=sys.stderr)
                 tr = store.trainer()
                 g = torch.Generator().manual_seed(self.seed)
                 orders = [torch.randperm(store.T, generator=g) for _ in range(self.n_runs)]
