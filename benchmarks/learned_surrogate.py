@@ -49,8 +49,8 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(12345)
     train = [HeldoutOrder(f"train-{i}", "random", torch.randperm(T, generator=g), 0) for i in range(max(ns))]
     y_train, _ = retrain_orders(trainer, train, progress=True)
-    X_held = position_features(torch.stack([h.order for h in held]))
-    X_train = position_features(torch.stack([h.order for h in train]))
+    X_held = position_features(torch.stack([h.order for h in held])).numpy()
+    X_train = position_features(torch.stack([h.order for h in train])).numpy()
     groups = [h.group for h in held]
     report = {"T": T, "retrain_seconds_per_order": retrain_s, "features": X_train.shape[1], "rows": {}}
     for n in ns:

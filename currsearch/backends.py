@@ -109,8 +109,8 @@ class SerialBackend(_Backend):
         return torch.cat(out)
 
     def assignment_optimum(self, eval_set: str) -> torch.Tensor | None:
-        """The estimator's exact optimum order for ``eval_set`` (int64 ``[T]``) when it has
-        one (``assignment_optimum``, additive estimators), else ``None``."""
+        """The estimator's own optimum order for ``eval_set`` (int64 ``[T]``) when it has
+        one (``assignment_optimum``, additive and calibrated estimators), else ``None``."""
         fn = getattr(self.estimator, "assignment_optimum", None)
         return None if fn is None else fn(eval_set).cpu()
 
@@ -396,7 +396,7 @@ class RayBackend(_Backend):
         return torch.cat([torch.tensor(r) for r in results]).to(torch.float64)
 
     def assignment_optimum(self, eval_set: str) -> torch.Tensor | None:
-        """The estimator's exact optimum order for ``eval_set`` (int64 ``[T]``, computed on one
+        """The estimator's own optimum order for ``eval_set`` (int64 ``[T]``, computed on one
         actor) when it has one (``assignment_optimum``), else ``None``."""
         import ray
 

@@ -212,7 +212,7 @@ def cmd_run(args) -> int:
     from .verify import baseline_orders, summarize, verify, write_report
 
     cfg = resolve_config(args.config, args.set)
-    args.estimator, args.trials, args.batch = _defaults(args, "calibrated", 128, 32)
+    args.estimator, args.trials, args.batch = _defaults(args, "calibrated-interactions", 128, 32)
     if args.rounds < 0 or args.tr_trials < 3:
         raise ConfigError(f"--rounds must be >= 0 and --tr-trials >= 3 (got {args.rounds}, {args.tr_trials})")
     out = Path(args.out)
@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="record, search, verify the best orders by real training and write a report")
     _add_common(p)
     p.add_argument("--out", default="runs/main", help="output directory (default: runs/main)")
-    _search_opts(p, "128", "calibrated, fitted to 64 real runs (the trust-region rounds use fut1-hvp)", "32")
+    _search_opts(p, "128", "calibrated-interactions, fitted to 512 real runs (the trust-region rounds use fut1-hvp)", "32")
     p.add_argument("--top-k", type=int, default=3, help="searched orders to verify (default: 3)")
     p.add_argument("--random", type=int, default=5, help="random baseline orders (default: 5)")
     p.add_argument("--rounds", type=int, default=2, help="trust-region rounds (fut1-hvp) from the best verified order "

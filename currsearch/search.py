@@ -20,8 +20,9 @@ How it works (DESIGN.md section 5):
   completed count toward ``n_trials`` and only the rest run.
 * A fresh study is seeded (``enqueue_trial``) with the heuristic curricula the space can
   represent (:func:`search_spaces.heuristic_params`; ``reference`` among them) and, when
-  the estimator has an exact optimum (``assignment_optimum``: the additive surrogate, a
-  linear assignment problem), that optimum per objective when the space can represent it.
+  the estimator has an optimum of its own (``assignment_optimum``: exact for the additive
+  surrogates, a linear assignment problem; swap-local for ``calibrated-interactions``), that
+  optimum per objective when the space can represent it.
 * Each trial keeps its order (user attr ``"order"``: list of T ints) and all E estimates
   (``"estimates"``: list of E floats, ``eval_names`` order) so results are read back
   without decoding; enqueued trials also carry ``"source"`` (the heuristic's name).
@@ -253,7 +254,7 @@ def collect_result(study: optuna.Study, space, backend, objectives: Sequence[str
 
 
 def _enqueue_fresh(study: optuna.Study, space, backend, objectives, enqueue_heuristics: bool, enqueue_assignment: bool) -> int:
-    """Enqueue heuristic and exact-optimum starts in a fresh study; return how many."""
+    """Enqueue heuristic and estimator-optimum starts in a fresh study; return how many."""
     from search_spaces import heuristic_orders, heuristic_params
 
     queued: list[dict[str, Any]] = []
@@ -404,8 +405,9 @@ def run_search(
         seed: sampler seed.
         enqueue_heuristics: seed a fresh study with the heuristic curricula the space can
             represent (``reference`` included).
-        enqueue_assignment: seed a fresh study with the estimator's exact optimum per objective
-            (additive estimators), when the space can represent it.
+        enqueue_assignment: seed a fresh study with the estimator's own optimum per objective
+            (``assignment_optimum``: exact for the additive estimators, swap-local for
+            ``calibrated-interactions``), when the space can represent it.
         progress: show a progress bar.
         space_options: keyword options of the space (e.g. ``{"by": "difficulty"}``).
         estimator_kwargs: keyword arguments of the estimator (default backend only).

@@ -1,10 +1,11 @@
-"""calibrated: an additive position model whose coefficients are fitted to real training runs.
+"""Calibrated estimators: position models whose coefficients are fitted to real training runs.
 
-Our estimator. The position analysis and ``benchmarks/learned_surrogate.py`` (docs/estimators.md)
+Ours. The position analysis and ``benchmarks/learned_surrogate.py`` (docs/estimators.md)
 show that, on random orders, the order effect is mostly additive over positions (a batch's
 primacy under Adam), while the additive models derived from the trajectory (``additive``, the
-adjoint) get the coefficients wrong. ``calibrated`` keeps the additive form and fits the
-coefficients to the truth::
+adjoint) get the coefficients wrong.
+
+``calibrated`` keeps the additive form and fits the coefficients to the truth::
 
     L_e(pi) ~ b_e + sum_t C_e[t, pi(t)],
     C_e[t, l] = w_e[l] * t / (T - 1) + u_e[l, q(t)],      q(t) = min(floor(4 t / (T - 1)), 3)
@@ -13,13 +14,20 @@ coefficients to the truth::
 coefficients per eval set) by ridge regression (standardized features, alpha by 5-fold
 cross-validation) on ``n_runs`` seeded random orders retrained for real with the store's
 Trainer. Being additive over positions, its exact optimum over all T! orders is a linear
-assignment problem (``assignment_optimum``, inherited from ``additive``).
-
-Cost: fitting retrains ``n_runs`` orders; the runs and the fitted coefficients are cached in
-``STORE/calibration/`` (keyed by the store's hashes, reference order, ``n_runs`` and ``seed``),
-so a rerun or a Ray actor reads them and scores bit-identically; an estimate is O(T E) per order. Exact: nothing (a regression). Approximate: the
+assignment problem (``assignment_optimum``, inherited from ``additive``). Approximate: the
 additive form (no interactions between positions) and the training distribution (random
 orders: measured to transfer poorly to domain-blocked orders).
+
+``calibrated-interactions`` adds group-level second-order features (``interaction_features``:
+how the batches of each domain are spread over the window, and their pairwise products) and
+fits to three families of orders (random, near the reference, clumped by domain), which is
+what the order effects of blocked curricula and of small perturbations need; its optimum is
+only swap-local.
+
+Cost: fitting retrains ``n_runs`` orders; the runs and the fitted coefficients are cached in
+``STORE/calibration/`` (keyed by the store's hashes, reference order and the estimator's
+settings), so a rerun or a Ray actor reads them and scores bit-identically; an estimate is
+O(T E) (``calibrated``) or O((T + F) E) (``calibrated-interactions``) per order.
 """
 
 from __future__ import annotations
@@ -32,29 +40,37 @@ import time
 import numpy as np
 import torch
 
-from .base import register
+from tqdm.auto import tqdm
+
+from .base import Estimator, register
 from .simple import AdditiveEstimator
 
 
-def position_features(orders: torch.Tensor) -> np.ndarray:
-    """Features of orders int64 ``[n, T]``: float64 ``[n, 5 T]``, per batch l its position
-    ``t / (T - 1)`` (columns 0..T-1) and its position-quartile one-hot (columns T + 4 l + q)."""
+def position_features(orders: torch.Tensor) -> torch.Tensor:
+    """Features of orders int64 ``[n, T]``: float64 ``[n, 5 T]`` on the orders' device, per
+    batch l its position ``t / (T - 1)`` (columns 0..T-1) and its position-quartile one-hot
+    (columns T + 4 l + q)."""
     n, T = orders.shape
-    pos = torch.empty(n, T, dtype=torch.float64)
-    pos.scatter_(1, orders.cpu(), torch.arange(T, dtype=torch.float64).expand(n, -1) / max(T - 1, 1))
+    pos = torch.empty(n, T, dtype=torch.float64, device=orders.device)
+    pos.scatter_(1, orders, torch.arange(T, dtype=torch.float64, device=orders.device).expand(n, -1) / max(T - 1, 1))
     quart = torch.nn.functional.one_hot((pos * 4).long().clamp(max=3), 4).reshape(n, -1).double()
-    return torch.cat([pos, quart], 1).numpy()
+    return torch.cat([pos, quart], 1)
 
 
-def fit_ridge(X: np.ndarray, y: np.ndarray, alphas=tuple(np.logspace(-4, 3, 30)), folds: int = 5):
-    """Ridge regression of ``y`` ``[n]`` on ``X`` ``[n, d]`` (standardized columns), alpha by
-    k-fold cross-validation. Returns ``(w [d], b)`` in raw feature units: ``y ~ X @ w + b``."""
+def fit_ridge(X: np.ndarray, y: np.ndarray, alphas=tuple(np.logspace(-4, 3, 30)), folds: int = 5,
+              sample_weight: np.ndarray | None = None):
+    """Weighted ridge regression of ``y`` ``[n]`` on ``X`` ``[n, d]`` (standardized columns),
+    alpha by k-fold cross-validation of the weighted squared error. ``sample_weight`` ``[n]``
+    (default: ones) weighs each run in the fit and in the cross-validation.
+    Returns ``(w [d], b)`` in raw feature units: ``y ~ X @ w + b``."""
+    sw = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
 
-    def fit(Xf, yf, a):
-        mu, sd = Xf.mean(0), Xf.std(0) + 1e-12
-        Z = (Xf - mu) / sd
-        w = np.linalg.solve(Z.T @ Z + a * np.eye(Z.shape[1]), Z.T @ (yf - yf.mean())) / sd
-        return w, yf.mean() - mu @ w
+    def fit(Xf, yf, wf, a):
+        mu = wf @ Xf / wf.sum()
+        sd = np.sqrt(wf @ (Xf - mu) ** 2 / wf.sum()) + 1e-12
+        Z, ym = (Xf - mu) / sd, wf @ yf / wf.sum()
+        w = np.linalg.solve((Z * wf[:, None]).T @ Z + a * np.eye(Z.shape[1]), (Z * wf[:, None]).T @ (yf - ym)) / sd
+        return w, ym - mu @ w
 
     idx = np.arange(len(y))
     parts = np.array_split(np.random.default_rng(0).permutation(idx), min(folds, len(y)))
@@ -62,11 +78,65 @@ def fit_ridge(X: np.ndarray, y: np.ndarray, alphas=tuple(np.logspace(-4, 3, 30))
     def cv(a):
         err = 0.0
         for f in parts:
-            w, b = fit(X[np.setdiff1d(idx, f)], y[np.setdiff1d(idx, f)], a)
-            err += float(((X[f] @ w + b - y[f]) ** 2).sum())
+            keep = np.setdiff1d(idx, f)
+            w, b = fit(X[keep], y[keep], sw[keep], a)
+            err += float(sw[f] @ (X[f] @ w + b - y[f]) ** 2)
         return err
 
-    return fit(X, y, min(alphas, key=cv))
+    return fit(X, y, sw, min(alphas, key=cv))
+
+
+def load_or_fit_runs(store, name: str, settings: list, make_orders, regress, save_every: int = 16) -> dict:
+    """Real runs and fitted coefficients of a calibrated estimator, cached in ``STORE/calibration/``.
+
+    Args:
+        store: the trajectory store (its Trainer retrains the orders; its hashes and reference
+            order key the cache).
+        name: estimator name (cache file prefix).
+        settings: JSON-serializable settings that change the runs or the fit (part of the key).
+        make_orders: ``() -> (orders int64 [n, T], kinds list[str])``, the orders to retrain.
+        regress: ``(runs dict) -> dict`` of fitted coefficients (JSON-serializable).
+        save_every: runs between atomic saves of the partial runs (an interrupted fit resumes).
+
+    Returns:
+        ``{"orders": [n][T], "kinds": [n], "losses": [n][E] (nats/token), "fit": coefficients}``.
+        A damaged cache file is refitted, not trusted; a read-only store fits again next time.
+    """
+    from currsearch.manifest import atomic_write_bytes
+
+    key = hashlib.sha256(json.dumps([store.manifest["hashes"], store.reference_order.tolist(), *settings],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    path = store.path / "calibration" / f"{name}_{key}.json"
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = {}
+    if "fit" in data:
+        return data
+
+    def save():
+        try:
+            path.parent.mkdir(exist_ok=True)
+            atomic_write_bytes(path, json.dumps(data).encode())
+        except OSError:  # a read-only store: fit again next time
+            pass
+
+    if "orders" not in data:
+        orders, kinds = make_orders()
+        data = {"orders": orders.tolist(), "kinds": list(kinds), "losses": []}
+    data.setdefault("losses", [])
+    todo = range(len(data["losses"]), len(data["orders"]))
+    if todo:
+        print(f"{name}: retraining {len(todo)} of {len(data['orders'])} orders for real to fit the estimator "
+              f"(saved every {save_every} runs in {path}; an interrupted fit resumes)", file=sys.stderr)
+        tr = store.trainer()
+        for i in tqdm(todo, desc=f"{name} runs", leave=False, disable=None):
+            data["losses"].append(tr.train(torch.tensor(data["orders"][i])).eval_losses.tolist())
+            if (i + 1) % save_every == 0:
+                save()
+    data["fit"] = regress(data)
+    save()  # the coefficients are cached too, so every process (Ray actors) scores identically
+    return data
 
 
 @register
@@ -87,44 +157,28 @@ class CalibratedAdditive(AdditiveEstimator):
     def __init__(self, device="cpu", n_runs: int = 64, seed: int = 0):
         super().__init__(device)
         if n_runs < 8:
-            raise ValueError(f"calibrated needs n_runs >= 8 real runs to fit, got {n_runs}")
+            raise ValueError(f"{self.name} needs n_runs >= 8 real runs to fit, got {n_runs}")
         self.required_terms = ()
         self.n_runs, self.seed = n_runs, seed
 
     def _fit(self, store) -> None:
-        from currsearch.manifest import atomic_write_bytes
-
         t0 = time.perf_counter()
-        key = hashlib.sha256(json.dumps([store.manifest["hashes"], store.reference_order.tolist(), self.n_runs,
-                                         self.seed], sort_keys=True).encode()).hexdigest()[:16]
-        path = store.path / "calibration" / f"runs_{key}.json"
-        try:
-            data = json.loads(path.read_text()) if path.is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):  # a damaged cache is refitted, not trusted
-            data = {}
-        if "cost" not in data:
-            if "orders" not in data:
-                print(f"calibrated: retraining {self.n_runs} random orders for real to fit the estimator "
-                      f"(cached in {path.parent})", file=sys.stderr)
-                tr = store.trainer()
-                g = torch.Generator().manual_seed(self.seed)
-                orders = [torch.randperm(store.T, generator=g) for _ in range(self.n_runs)]
-                data = {"orders": [o.tolist() for o in orders], "losses": [tr.train(o).eval_losses.tolist() for o in orders]}
-            data["cost"], data["ref"] = self._regress(data, store.T)
-            try:  # the fitted coefficients are cached too, so every process (Ray actors) scores identically
-                path.parent.mkdir(exist_ok=True)
-                atomic_write_bytes(path, json.dumps(data).encode())
-            except OSError:  # a read-only store: fit again next time
-                pass
+        T = store.T
+
+        def make_orders():
+            g = torch.Generator().manual_seed(self.seed)
+            return torch.stack([torch.randperm(T, generator=g) for _ in range(self.n_runs)]), ["random"] * self.n_runs
+
+        data = load_or_fit_runs(store, "runs", [self.n_runs, self.seed], make_orders, lambda r: self._regress(r, T))
         self.runs = {"orders": data["orders"], "losses": data["losses"]}
-        self.cost = torch.tensor(data["cost"], dtype=torch.float64, device=self.device)  # [T, T, E]
-        self.ref = torch.tensor(data["ref"], dtype=torch.float64, device=self.device)  # [E]
+        self.cost = torch.tensor(data["fit"]["cost"], dtype=torch.float64, device=self.device)  # [T, T, E]
+        self.ref = torch.tensor(data["fit"]["ref"], dtype=torch.float64, device=self.device)  # [E]
         self.fit_seconds = time.perf_counter() - t0
 
     @staticmethod
-    def _regress(runs: dict, T: int) -> tuple[list, list]:
+    def _regress(runs: dict, T: int) -> dict:
         """Cost tensor ``[T, T, E]`` (position t, batch l) and intercepts ``[E]`` fitted to the runs."""
-        X = position_features(torch.tensor(runs["orders"]))
+        X = position_features(torch.tensor(runs["orders"])).numpy()
         Y = np.asarray(runs["losses"])  # [n, E]
         t = np.arange(T) / max(T - 1, 1)
         q = np.minimum((t * 4).astype(int), 3)
@@ -133,4 +187,163 @@ class CalibratedAdditive(AdditiveEstimator):
         for e in range(Y.shape[1]):
             w, ref[e] = fit_ridge(X, Y[:, e])
             cost[:, :, e] = np.outer(t, w[:T]) + w[T:].reshape(T, 4)[:, q].T  # [t, l]
-        return cost.tolist(), ref.tolist()
+        return {"cost": cost.tolist(), "ref": ref.tolist()}
+
+
+def batch_groups(plan) -> tuple[torch.Tensor, str]:
+    """Group of each window batch for the interaction features: int64 ``[T]`` and what the
+    groups are. Domains when the plan has domain-homogeneous batches of several domains, else
+    quartiles of the unigram-NLL difficulty proxy (mixed batches)."""
+    names = sorted(set(plan.domains))
+    if len(names) > 1 and "mixed" not in names:
+        return torch.tensor([names.index(d) for d in plan.domains], dtype=torch.int64), "domain"
+    diff = torch.tensor([m["unigram_nll"] for m in plan.metadata], dtype=torch.float64)
+    rank = torch.empty_like(diff, dtype=torch.int64)
+    rank[torch.argsort(diff, stable=True)] = torch.arange(len(diff))
+    return (rank * 4) // max(len(diff), 1), "difficulty quartile"
+
+
+def interaction_features(orders: torch.Tensor, groups: torch.Tensor, n_groups: int, segments: int = 8) -> torch.Tensor:
+    """Group-level features of orders int64 ``[n, T]`` (on any device): float64 ``[n, F]``.
+
+    With ``g_t`` the group of the batch at step t, ``S = min(segments, T)`` equal segments of
+    the window and G = ``n_groups``: the histogram ``H[d, s]`` = number of group-d batches in
+    segment s (G S columns), all pairwise products ``H[a] H[b]`` (upper triangle with the
+    diagonal, GS (GS + 1) / 2 columns: clustering and forgetting are not additive over
+    positions), the number of adjacent same-group steps per group (G) and the last position of
+    each group divided by T - 1 (G).
+    """
+    n, T = orders.shape
+    g = groups.to(orders.device)[orders]  # [n, T]
+    S = max(1, min(segments, T))
+    seg = (torch.arange(T, device=orders.device) * S) // T
+    H = torch.zeros(n, n_groups, S, dtype=torch.float64, device=orders.device)
+    H.view(n, -1).scatter_add_(1, g * S + seg, torch.ones(n, T, dtype=torch.float64, device=orders.device))
+    H = H.reshape(n, -1)
+    iu = torch.triu_indices(H.shape[1], H.shape[1], device=orders.device)
+    Q = H[:, iu[0]] * H[:, iu[1]]
+    same = (g[:, 1:] == g[:, :-1])
+    adj = torch.stack([(same & (g[:, 1:] == d)).sum(1) for d in range(n_groups)], 1).double()
+    steps = torch.arange(T, device=orders.device).expand(n, -1)
+    last = torch.stack([torch.where(g == d, steps, -1).max(1).values for d in range(n_groups)], 1).double() / max(T - 1, 1)
+    return torch.cat([H, Q, adj, last], 1)
+
+
+@register
+class CalibratedInteractions(Estimator):
+    """Position model with group interactions fitted to real runs of three families of orders.
+
+    Our estimator for fidelity over the whole order space (docs/estimators.md, section
+    ``calibrated-interactions``). Model, per eval set e::
+
+        L_e(pi) ~ b_e + position_features(pi) . w_e + interaction_features(pi) . v_e
+
+    fitted by weighted ridge regression (alpha by 5-fold cross-validation) to ``n_runs`` orders
+    retrained for real: half uniformly random, a quarter near the store's reference order
+    (k = 1, 2, 3, 4, 6, 8, 12, 16 random transpositions) and a quarter "clumped" orders (batches
+    sorted by a random group rank plus Gaussian noise of random scale, from fully blocked to
+    random), the clumped runs weighted ``clumped_weight`` (their large losses would otherwise
+    dominate the fit). Groups are the batch domains (``batch_groups``).
+
+    Exact: nothing (a regression). Approximates: the order effect by per-batch position effects
+    plus second-order group/segment interactions; fidelity measured in docs/estimators.md.
+    Cost: ``n_runs`` retraining runs at fit (cached in ``STORE/calibration/``), then O(T + F)
+    per order with F ~ (8 G)^2 / 2 features. Its :meth:`assignment_optimum` is approximate (a
+    swap-local optimum), unlike ``calibrated``'s.
+
+    Args:
+        n_runs: orders retrained for real (>= 16).
+        seed: seed of those orders.
+        clumped_weight: weight of the clumped runs in the fit (> 0).
+
+    Attributes (after fit): ``fit_seconds`` (seconds), ``runs`` (``orders``, ``kinds``,
+    ``losses`` nats/token), ``groups`` (int64 ``[T]``), ``group_kind`` (str).
+    """
+
+    name = "calibrated-interactions"
+    NEAR_K = (1, 2, 3, 4, 6, 8, 12, 16)
+    FEATURES_VERSION = 1  # part of the cache key: bump when the features or the fit change
+
+    def __init__(self, device="cpu", n_runs: int = 512, seed: int = 0, clumped_weight: float = 0.1):
+        super().__init__(device)
+        if n_runs < 16:
+            raise ValueError(f"{self.name} needs n_runs >= 16 real runs to fit, got {n_runs}")
+        if not clumped_weight > 0:
+            raise ValueError(f"clumped_weight must be > 0, got {clumped_weight}")
+        self.n_runs, self.seed, self.clumped_weight = n_runs, seed, float(clumped_weight)
+
+    def calibration_orders(self, T: int, reference: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        """The ``n_runs`` orders to retrain: int64 ``[n_runs, T]`` and their family names."""
+        g = torch.Generator().manual_seed(self.seed)
+        n_near = n_clumped = self.n_runs // 4
+        orders, kinds = [], []
+        for _ in range(self.n_runs - n_near - n_clumped):
+            orders.append(torch.randperm(T, generator=g)), kinds.append("random")
+        for i in range(n_near):
+            o, k = reference.clone(), self.NEAR_K[i % len(self.NEAR_K)]
+            for _ in range(k):
+                p, q = torch.randperm(T, generator=g)[:2].tolist()
+                o[[p, q]] = o[[q, p]]
+            orders.append(o), kinds.append(f"near-{k}")
+        G = int(self.groups.max()) + 1
+        for _ in range(n_clumped):
+            sigma = 10 ** (float(torch.rand(1, generator=g)) * 2.5 - 1.5)  # 0.03 .. 10 group widths
+            rank = torch.randperm(G, generator=g).double()
+            orders.append(torch.argsort(rank[self.groups] + sigma * G * torch.randn(T, generator=g, dtype=torch.float64)))
+            kinds.append("clumped")
+        return torch.stack(orders), kinds
+
+    def _features(self, orders: torch.Tensor) -> torch.Tensor:
+        return torch.cat([position_features(orders), interaction_features(orders, self.groups, self.n_groups)], 1)
+
+    def _fit(self, store) -> None:
+        t0 = time.perf_counter()
+        self.groups, self.group_kind = batch_groups(store.trainer().plan)
+        self.n_groups = int(self.groups.max()) + 1
+
+        def regress(runs):
+            X = self._features(torch.tensor(runs["orders"])).numpy()
+            sw = np.where(np.asarray(runs["kinds"]) == "clumped", self.clumped_weight, 1.0)
+            fits = [fit_ridge(X, y, sample_weight=sw) for y in np.asarray(runs["losses"]).T]
+            return {"w": np.stack([w for w, _ in fits], 1).tolist(), "b": [b for _, b in fits]}
+
+        data = load_or_fit_runs(store, "interactions", [self.n_runs, self.seed, self.clumped_weight, list(self.NEAR_K), self.FEATURES_VERSION],
+                                lambda: self.calibration_orders(store.T, store.reference_order), regress)
+        self.runs = {k: data[k] for k in ("orders", "kinds", "losses")}
+        self.groups = self.groups.to(self.device)
+        self.W = torch.tensor(data["fit"]["w"], dtype=torch.float64, device=self.device)  # [F, E]
+        self.b = torch.tensor(data["fit"]["b"], dtype=torch.float64, device=self.device)  # [E]
+        self.fit_seconds = time.perf_counter() - t0
+
+    def _estimate(self, orders: torch.Tensor) -> torch.Tensor:
+        return self._features(orders) @ self.W + self.b
+
+    def assignment_optimum(self, eval_set: str = "all", max_sweeps: int = 50) -> torch.Tensor:
+        """A swap-local optimum of the estimate of ``eval_set``: int64 ``[T]``. Approximate.
+
+        Starts from the exact linear-assignment optimum of the position part of the model and
+        applies the best improving transposition (all T (T - 1) / 2 scored in one call) until
+        none improves or ``max_sweeps`` is reached.
+        """
+        from scipy.optimize import linear_sum_assignment
+
+        e, T = self.eval_names.index(eval_set), self.T
+        w = self.W[:, e].cpu().numpy()
+        t = np.arange(T) / max(T - 1, 1)
+        q = np.minimum((t * 4).astype(int), 3)
+        cost = np.outer(t, w[:T]) + w[T:5 * T].reshape(T, 4)[:, q].T  # [t, l]
+        rows, cols = linear_sum_assignment(cost)
+        order = torch.empty(T, dtype=torch.int64)
+        order[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.int64)
+        iu = torch.triu_indices(T, T, 1)
+        best = float(self.estimate(order)[e])
+        for _ in range(max_sweeps):
+            cand = order.expand(iu.shape[1], -1).clone()
+            r = torch.arange(iu.shape[1])
+            cand[r, iu[0]], cand[r, iu[1]] = order[iu[1]], order[iu[0]]
+            vals = self.estimate(cand)[:, e].cpu()
+            i = int(vals.argmin())
+            if float(vals[i]) >= best:
+                break
+            order, best = cand[i], float(vals[i])
+        return order

@@ -125,3 +125,44 @@ def test_calibrated_fits_real_runs_caches_them_and_its_assignment_optimum_is_exa
     assert torch.isclose(est.estimate(best)[-1], all_est.min())
     with pytest.raises(ValueError, match="n_runs >= 8"):
         get_estimator("calibrated", n_runs=2)
+
+
+def test_calibrated_interactions_fits_three_families_caches_them_and_finds_a_swap_local_optimum(tiny_trainer, tmp_path, tiny_cfg):
+    from currsearch.record import record
+    from estimators.calibrated import interaction_features
+
+    store = record(tiny_cfg.replace(record={"terms": ()}), tmp_path / "s", progress=False, trainer=tiny_trainer)
+    est = get_estimator("calibrated-interactions", n_runs=16).fit(store)
+    kinds = est.runs["kinds"]
+    assert len(kinds) == 16 and {k.split("-")[0] for k in kinds} == {"random", "near", "clumped"}
+    assert est.group_kind == "domain" and est.groups.shape == (store.T,)
+    o = torch.tensor(est.runs["orders"])
+    assert sorted(o[0].tolist()) == list(range(store.T))
+    assert est.estimate(o).shape == (16, len(store.eval_names)) and est.estimate(o).dtype == torch.float64
+    again = get_estimator("calibrated-interactions", n_runs=16).fit(store)  # from the cache
+    assert torch.equal(again.W, est.W) and again.runs == est.runs
+    # an interrupted fit (5 of 16 runs saved, no coefficients) resumes and gives the same model
+    import json
+
+    (cache,) = store.path.glob("calibration/interactions_*.json")
+    partial = json.loads(cache.read_text())
+    partial["losses"] = partial["losses"][:5]
+    del partial["fit"]
+    cache.write_text(json.dumps(partial))
+    resumed = get_estimator("calibrated-interactions", n_runs=16).fit(store)
+    assert resumed.runs == est.runs and torch.allclose(resumed.W, est.W)
+    # features: a fully blocked order has every group in one segment run, adjacent same-group steps T - G
+    G = est.n_groups
+    blocked = torch.argsort(est.groups, stable=True)[None]
+    f = interaction_features(blocked, est.groups, G)
+    assert f[0, -2 * G:-G].sum() == store.T - G
+    best = est.assignment_optimum("all")
+    assert sorted(best.tolist()) == list(range(store.T))
+    e = store.eval_names.index("all")
+    iu = torch.triu_indices(store.T, store.T, 1)
+    swaps = best.expand(iu.shape[1], -1).clone()
+    r = torch.arange(iu.shape[1])
+    swaps[r, iu[0]], swaps[r, iu[1]] = best[iu[1]], best[iu[0]]
+    assert est.estimate(swaps)[:, e].min() >= est.estimate(best)[e] - 1e-12
+    with pytest.raises(ValueError, match="n_runs >= 16"):
+        get_estimator("calibrated-interactions", n_runs=8)
