@@ -182,7 +182,10 @@ class RayBackend(_Backend):
     Args:
         store_path: trajectory store directory (or an open ``TrajectoryStore``); must be
             readable at this path from every Ray node (see module docstring).
-        estimator_name: registered estimator name (``estimators.available()``).
+        estimator_name: registered estimator name (``estimators.available()``). An estimator
+            whose fit is cached in the store (``fit_cached_in_store``: the calibrated ones,
+            which retrain orders for real) is fitted once here before the actors start, so
+            the actors read the cache instead of each repeating the real runs.
         estimator_kwargs: keyword arguments of the estimator (e.g. ``{"readout": "checkpoint"}``);
             ``device`` defaults to ``"cuda"`` when ``num_gpus_per_actor > 0``, else ``"cpu"``.
         num_actors: number of actors (workers).
@@ -248,6 +251,11 @@ class RayBackend(_Backend):
 
         if estimator_name not in available():
             raise ConfigError(f"unknown estimator {estimator_name!r}; choose one of {available()}")
+        from estimators import get_estimator
+
+        probe = get_estimator(estimator_name, **{**kwargs, "device": "cpu"})
+        if probe.fit_cached_in_store:  # fit once here (real runs, cached in the store); the actors read the cache
+            probe.fit(store)
         self.num_actors, self.chunk, self.max_retries = int(num_actors), int(chunk), int(max_retries)
         self.n_replaced = 0
         self.ready_timeout = float(ready_timeout)

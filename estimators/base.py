@@ -36,6 +36,9 @@ class Estimator(ABC):
 
     name: ClassVar[str] = ""
     required_terms: ClassVar[tuple[str, ...]] = ()
+    #: True when ``fit`` caches its result in the store (the calibrated estimators retrain
+    #: orders for real): a backend with several workers fits once before starting them.
+    fit_cached_in_store: ClassVar[bool] = False
 
     def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)

@@ -153,6 +153,7 @@ class CalibratedAdditive(AdditiveEstimator):
 
     name = "calibrated"
     required_terms = ()
+    fit_cached_in_store = True
 
     def __init__(self, device="cpu", n_runs: int = 64, seed: int = 0):
         super().__init__(device)
@@ -261,6 +262,7 @@ class CalibratedInteractions(Estimator):
     """
 
     name = "calibrated-interactions"
+    fit_cached_in_store = True
     NEAR_K = (1, 2, 3, 4, 6, 8, 12, 16)
     FEATURES_VERSION = 1  # part of the cache key: bump when the features or the fit change
 

@@ -80,6 +80,15 @@ def test_serial_and_ray_agree_and_a_killed_actor_is_replaced(store, ray_local, o
     assert ray_local.is_initialized()  # an instance the backend did not start stays up
 
 
+def test_ray_fits_a_calibrated_estimator_once_and_its_actors_score_like_serial(store, ray_local, orders20):
+    kw = {"n_runs": 16}
+    with RayBackend(store.path, "calibrated-interactions", estimator_kwargs=kw, num_actors=2, chunk=8) as rb:
+        (cache,) = store.path.glob("calibration/interactions_*.json")  # written once, by the driver
+        serial = get_estimator("calibrated-interactions", **kw).fit(store)  # reads the same cache
+        assert torch.equal(rb.score(orders20), serial.estimate(orders20))
+        assert torch.equal(rb.assignment_optimum("all"), serial.assignment_optimum("all"))
+
+
 def test_ray_backend_errors(store, ray_local):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
