@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="record, search, verify the best orders by real training and write a report")
     _add_common(p)
     p.add_argument("--out", default="runs/main", help="output directory (default: runs/main)")
-    _search_opts(p, "128", "calibrated-interactions, fitted to 512 real runs (the trust-region rounds use fut1-hvp)", "32")
+    _search_opts(p, "128", "calibrated-interactions, fitted to 1024 real runs (the trust-region rounds use fut1-hvp)", "32")
     p.add_argument("--top-k", type=int, default=3, help="searched orders to verify (default: 3)")
     p.add_argument("--random", type=int, default=5, help="random baseline orders (default: 5)")
     p.add_argument("--rounds", type=int, default=2, help="trust-region rounds (fut1-hvp) from the best verified order "

@@ -20,9 +20,8 @@ orders: measured to transfer poorly to domain-blocked orders).
 
 ``calibrated-interactions`` adds group-level second-order features (``interaction_features``:
 how the batches of each domain are spread over the window, and their pairwise products) and
-fits to three families of orders (random, near the reference, clumped by domain), which is
-what the order effects of blocked curricula and of small perturbations need; its optimum is
-only swap-local.
+fits to three families of orders (random, near the reference, clumped by domain), so that
+it also ranks blocked curricula; its optimum is only swap-local.
 
 Cost: fitting retrains ``n_runs`` orders; the runs and the fitted coefficients are cached in
 ``STORE/calibration/`` (keyed by the store's hashes, reference order and the estimator's
@@ -39,7 +38,6 @@ import time
 
 import numpy as np
 import torch
-
 from tqdm.auto import tqdm
 
 from .base import Estimator, register
@@ -211,8 +209,11 @@ def interaction_features(orders: torch.Tensor, groups: torch.Tensor, n_groups: i
     the window and G = ``n_groups``: the histogram ``H[d, s]`` = number of group-d batches in
     segment s (G S columns), all pairwise products ``H[a] H[b]`` (upper triangle with the
     diagonal, GS (GS + 1) / 2 columns: clustering and forgetting are not additive over
-    positions), the number of adjacent same-group steps per group (G) and the last position of
-    each group divided by T - 1 (G).
+    positions), the number of adjacent same-group steps per group (G), the last position of
+    each group divided by T - 1 (G), and per batch l the number ``a_l`` of same-group batches
+    trained after it, ``a_l^2`` and ``a_l * p_l`` with ``p_l`` its position / (T - 1)
+    (3 T columns: what a batch taught is overwritten by later batches of its own group).
+    F = G S + GS (GS + 1) / 2 + 2 G + 3 T.
     """
     n, T = orders.shape
     g = groups.to(orders.device)[orders]  # [n, T]
@@ -227,7 +228,14 @@ def interaction_features(orders: torch.Tensor, groups: torch.Tensor, n_groups: i
     adj = torch.stack([(same & (g[:, 1:] == d)).sum(1) for d in range(n_groups)], 1).double()
     steps = torch.arange(T, device=orders.device).expand(n, -1)
     last = torch.stack([torch.where(g == d, steps, -1).max(1).values for d in range(n_groups)], 1).double() / max(T - 1, 1)
-    return torch.cat([H, Q, adj, last], 1)
+    pos = torch.empty_like(orders)
+    pos.scatter_(1, orders, steps)  # [n, T]: position of batch l
+    gr = groups.to(orders.device)
+    same = (gr[:, None] == gr[None, :]).double()  # [l, m]; m = l never counts (not after itself)
+    after = (pos[:, None, :] > pos[:, :, None]).double()  # [n, l, m]: batch m after batch l
+    a = (after * same).sum(-1)  # [n, T]
+    p = pos.double() / max(T - 1, 1)
+    return torch.cat([H, Q, adj, last, a, a * a, a * p], 1)
 
 
 @register
@@ -249,7 +257,7 @@ class CalibratedInteractions(Estimator):
     Exact: nothing (a regression). Approximates: the order effect by per-batch position effects
     plus second-order group/segment interactions; fidelity measured in docs/estimators.md.
     Cost: ``n_runs`` retraining runs at fit (cached in ``STORE/calibration/``), then O(T + F)
-    per order with F ~ (8 G)^2 / 2 features. Its :meth:`assignment_optimum` is approximate (a
+    per order with F ~ (8 G)^2 / 2 + 3 T features. Its :meth:`assignment_optimum` is approximate (a
     swap-local optimum), unlike ``calibrated``'s.
 
     Args:
@@ -264,9 +272,9 @@ class CalibratedInteractions(Estimator):
     name = "calibrated-interactions"
     fit_cached_in_store = True
     NEAR_K = (1, 2, 3, 4, 6, 8, 12, 16)
-    FEATURES_VERSION = 1  # part of the cache key: bump when the features or the fit change
+    FEATURES_VERSION = 2  # part of the cache key: bump when the features or the fit change
 
-    def __init__(self, device="cpu", n_runs: int = 512, seed: int = 0, clumped_weight: float = 0.1):
+    def __init__(self, device="cpu", n_runs: int = 1024, seed: int = 0, clumped_weight: float = 0.1):
         super().__init__(device)
         if n_runs < 16:
             raise ValueError(f"{self.name} needs n_runs >= 16 real runs to fit, got {n_runs}")

@@ -151,11 +151,14 @@ def test_calibrated_interactions_fits_three_families_caches_them_and_finds_a_swa
     cache.write_text(json.dumps(partial))
     resumed = get_estimator("calibrated-interactions", n_runs=16).fit(store)
     assert resumed.runs == est.runs and torch.allclose(resumed.W, est.W)
-    # features: a fully blocked order has every group in one segment run, adjacent same-group steps T - G
-    G = est.n_groups
+    # features: a fully blocked order has T - G adjacent same-group steps; in any order the counts
+    # a_l of same-group batches after batch l sum to sum_d k_d (k_d - 1) / 2 (k_d: group sizes)
+    G, T = est.n_groups, store.T
     blocked = torch.argsort(est.groups, stable=True)[None]
-    f = interaction_features(blocked, est.groups, G)
-    assert f[0, -2 * G:-G].sum() == store.T - G
+    f = interaction_features(torch.cat([blocked, o[:3]]), est.groups, G)
+    assert f[0, -(2 * G + 3 * T):-(G + 3 * T)].sum() == T - G
+    k = torch.bincount(est.groups.cpu()).double()
+    assert torch.equal(f[:, -3 * T:-2 * T].sum(1), torch.full((4,), float((k * (k - 1) / 2).sum()), dtype=torch.float64))
     best = est.assignment_optimum("all")
     assert sorted(best.tolist()) == list(range(store.T))
     e = store.eval_names.index("all")
