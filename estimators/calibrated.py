@@ -84,40 +84,47 @@ def fit_ridge(X: np.ndarray, y: np.ndarray, alphas=tuple(np.logspace(-4, 3, 30))
     return fit(X, y, sw, min(alphas, key=cv))
 
 
-def load_or_fit_runs(store, name: str, settings: list, make_orders, regress, save_every: int = 16) -> dict:
+def load_or_fit_runs(store, name: str, run_settings: list, make_orders, regress, fit_settings: list = (),
+                     save_every: int = 16) -> dict:
     """Real runs and fitted coefficients of a calibrated estimator, cached in ``STORE/calibration/``.
 
     Args:
         store: the trajectory store (its Trainer retrains the orders; its hashes and reference
             order key the cache).
         name: estimator name (cache file prefix).
-        settings: JSON-serializable settings that change the runs or the fit (part of the key).
+        run_settings: JSON-serializable settings that change the orders (part of the file key).
         make_orders: ``() -> (orders int64 [n, T], kinds list[str])``, the orders to retrain.
         regress: ``(runs dict) -> dict`` of fitted coefficients (JSON-serializable).
+        fit_settings: JSON-serializable settings that change only the fit (stored in the file as
+            ``fit_key``): changing them refits from the cached runs without retraining.
         save_every: runs between atomic saves of the partial runs (an interrupted fit resumes).
 
     Returns:
-        ``{"orders": [n][T], "kinds": [n], "losses": [n][E] (nats/token), "fit": coefficients}``.
-        A damaged cache file is refitted, not trusted; a read-only store fits again next time.
+        ``{"orders": [n][T], "kinds": [n], "losses": [n][E] (nats/token), "fit": coefficients,
+        "fit_key": fit_settings}``. A damaged cache file is refitted, not trusted; when the
+        store is read-only a warning says that every process fitting this estimator repeats
+        the runs.
     """
     from currsearch.manifest import atomic_write_bytes
 
-    key = hashlib.sha256(json.dumps([store.manifest["hashes"], store.reference_order.tolist(), *settings],
+    key = hashlib.sha256(json.dumps([store.manifest["hashes"], store.reference_order.tolist(), *run_settings],
                                     sort_keys=True).encode()).hexdigest()[:16]
     path = store.path / "calibration" / f"{name}_{key}.json"
+    fit_key = json.loads(json.dumps(list(fit_settings)))
     try:
         data = json.loads(path.read_text()) if path.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
         data = {}
-    if "fit" in data:
+    if "fit" in data and data.get("fit_key", []) == fit_key:
         return data
 
     def save():
         try:
             path.parent.mkdir(exist_ok=True)
             atomic_write_bytes(path, json.dumps(data).encode())
-        except OSError:  # a read-only store: fit again next time
-            pass
+        except OSError as err:
+            print(f"{name}: could not cache the fit in {path} ({err}); every process that fits this "
+                  "estimator on this store repeats the real runs", file=sys.stderr)
 
     if "orders" not in data:
         orders, kinds = make_orders()
@@ -132,7 +139,8 @@ def load_or_fit_runs(store, name: str, settings: list, make_orders, regress, sav
             data["losses"].append(tr.train(torch.tensor(data["orders"][i])).eval_losses.tolist())
             if (i + 1) % save_every == 0:
                 save()
-    data["fit"] = regress(data)
+        save()
+    data["fit"], data["fit_key"] = regress(data), fit_key
     save()  # the coefficients are cached too, so every process (Ray actors) scores identically
     return data
 
@@ -191,15 +199,17 @@ class CalibratedAdditive(AdditiveEstimator):
 
 def batch_groups(plan) -> tuple[torch.Tensor, str]:
     """Group of each window batch for the interaction features: int64 ``[T]`` and what the
-    groups are. Domains when the plan has domain-homogeneous batches of several domains, else
-    quartiles of the unigram-NLL difficulty proxy (mixed batches)."""
+    groups are. ``plan``: a ``BatchPlan`` or a ``TrajectoryStore`` (``.domains``, ``.metadata``).
+    Domains when the batches are domain-homogeneous and of several domains, else (mixed
+    batches, or a single domain) quartiles of the unigram-NLL difficulty proxy (min(4, T) bins)."""
     names = sorted(set(plan.domains))
     if len(names) > 1 and "mixed" not in names:
         return torch.tensor([names.index(d) for d in plan.domains], dtype=torch.int64), "domain"
     diff = torch.tensor([m["unigram_nll"] for m in plan.metadata], dtype=torch.float64)
-    rank = torch.empty_like(diff, dtype=torch.int64)
-    rank[torch.argsort(diff, stable=True)] = torch.arange(len(diff))
-    return (rank * 4) // max(len(diff), 1), "difficulty quartile"
+    T = len(diff)
+    rank = torch.empty(T, dtype=torch.int64)
+    rank[torch.argsort(diff, stable=True)] = torch.arange(T)
+    return (rank * min(4, T)) // max(T, 1), "difficulty quartile"
 
 
 def interaction_features(orders: torch.Tensor, groups: torch.Tensor, n_groups: int, segments: int = 8) -> torch.Tensor:
@@ -213,7 +223,8 @@ def interaction_features(orders: torch.Tensor, groups: torch.Tensor, n_groups: i
     each group divided by T - 1 (G), and per batch l the number ``a_l`` of same-group batches
     trained after it, ``a_l^2`` and ``a_l * p_l`` with ``p_l`` its position / (T - 1)
     (3 T columns: what a batch taught is overwritten by later batches of its own group).
-    F = G S + GS (GS + 1) / 2 + 2 G + 3 T.
+    F = G S + GS (GS + 1) / 2 + 2 G + 3 T columns (664 at T = 32, G = 4); O(n (T G + F)) time
+    and memory.
     """
     n, T = orders.shape
     g = groups.to(orders.device)[orders]  # [n, T]
@@ -228,13 +239,11 @@ def interaction_features(orders: torch.Tensor, groups: torch.Tensor, n_groups: i
     adj = torch.stack([(same & (g[:, 1:] == d)).sum(1) for d in range(n_groups)], 1).double()
     steps = torch.arange(T, device=orders.device).expand(n, -1)
     last = torch.stack([torch.where(g == d, steps, -1).max(1).values for d in range(n_groups)], 1).double() / max(T - 1, 1)
-    pos = torch.empty_like(orders)
-    pos.scatter_(1, orders, steps)  # [n, T]: position of batch l
-    gr = groups.to(orders.device)
-    same = (gr[:, None] == gr[None, :]).double()  # [l, m]; m = l never counts (not after itself)
-    after = (pos[:, None, :] > pos[:, :, None]).double()  # [n, l, m]: batch m after batch l
-    a = (after * same).sum(-1)  # [n, T]
-    p = pos.double() / max(T - 1, 1)
+    onehot = torch.nn.functional.one_hot(g, n_groups).double()  # [n, T, G]
+    later = onehot.sum(1, keepdim=True) - onehot.cumsum(1)  # [n, T, G]: group-d batches after step t
+    a_step = later.gather(2, g[:, :, None])[:, :, 0]  # [n, T]: same-group batches after the one at step t
+    a = torch.empty_like(a_step).scatter_(1, orders, a_step)  # [n, T]: indexed by batch l
+    p = torch.empty_like(a_step).scatter_(1, orders, steps.double()) / max(T - 1, 1)
     return torch.cat([H, Q, adj, last, a, a * a, a * p], 1)
 
 
@@ -250,15 +259,20 @@ class CalibratedInteractions(Estimator):
     fitted by weighted ridge regression (alpha by 5-fold cross-validation) to ``n_runs`` orders
     retrained for real: half uniformly random, a quarter near the store's reference order
     (k = 1, 2, 3, 4, 6, 8, 12, 16 random transpositions) and a quarter "clumped" orders (batches
-    sorted by a random group rank plus Gaussian noise of random scale, from fully blocked to
-    random), the clumped runs weighted ``clumped_weight`` (their large losses would otherwise
-    dominate the fit). Groups are the batch domains (``batch_groups``).
+    sorted by a random group rank, ranks 1 apart, plus Gaussian noise of standard deviation
+    sigma G with sigma log-uniform in 0.03-10: from fully blocked to random), the clumped runs
+    weighted ``clumped_weight`` (their large losses would otherwise dominate the fit). Groups
+    are the batch domains (``batch_groups``).
 
     Exact: nothing (a regression). Approximates: the order effect by per-batch position effects
     plus second-order group/segment interactions; fidelity measured in docs/estimators.md.
-    Cost: ``n_runs`` retraining runs at fit (cached in ``STORE/calibration/``), then O(T + F)
-    per order with F ~ (8 G)^2 / 2 + 3 T features. Its :meth:`assignment_optimum` is approximate (a
-    swap-local optimum), unlike ``calibrated``'s.
+    Cost: ``n_runs`` retraining runs at fit (cached in ``STORE/calibration/``), then
+    O(T G + F E) per order with F = 5 T + (8 G)(8 G + 1) / 2 + 10 G + 3 T features (824 at
+    T = 32, G = 4). Its :meth:`assignment_optimum` is approximate (a swap-local optimum),
+    unlike ``calibrated``'s.
+
+    Raises:
+        ValueError: ``n_runs < 16`` or ``clumped_weight <= 0``. ConfigError (at fit): T < 2.
 
     Args:
         n_runs: orders retrained for real (>= 16).
@@ -272,7 +286,8 @@ class CalibratedInteractions(Estimator):
     name = "calibrated-interactions"
     fit_cached_in_store = True
     NEAR_K = (1, 2, 3, 4, 6, 8, 12, 16)
-    FEATURES_VERSION = 2  # part of the cache key: bump when the features or the fit change
+    ORDERS_VERSION = 1  # part of the runs' cache key: bump when calibration_orders changes
+    FEATURES_VERSION = 2  # part of the fit key: bump when the features or the fit change
 
     def __init__(self, device="cpu", n_runs: int = 1024, seed: int = 0, clumped_weight: float = 0.1):
         super().__init__(device)
@@ -295,11 +310,12 @@ class CalibratedInteractions(Estimator):
                 p, q = torch.randperm(T, generator=g)[:2].tolist()
                 o[[p, q]] = o[[q, p]]
             orders.append(o), kinds.append(f"near-{k}")
-        G = int(self.groups.max()) + 1
+        groups = self.groups.cpu()
+        G = int(groups.max()) + 1
         for _ in range(n_clumped):
-            sigma = 10 ** (float(torch.rand(1, generator=g)) * 2.5 - 1.5)  # 0.03 .. 10 group widths
+            sigma = 10 ** (float(torch.rand(1, generator=g)) * 2.5 - 1.5)  # noise std sigma G, sigma in 0.03 .. 10
             rank = torch.randperm(G, generator=g).double()
-            orders.append(torch.argsort(rank[self.groups] + sigma * G * torch.randn(T, generator=g, dtype=torch.float64)))
+            orders.append(torch.argsort(rank[groups] + sigma * G * torch.randn(T, generator=g, dtype=torch.float64)))
             kinds.append("clumped")
         return torch.stack(orders), kinds
 
@@ -307,8 +323,12 @@ class CalibratedInteractions(Estimator):
         return torch.cat([position_features(orders), interaction_features(orders, self.groups, self.n_groups)], 1)
 
     def _fit(self, store) -> None:
+        from currsearch.errors import ConfigError
+
+        if store.T < 2:
+            raise ConfigError(f"{self.name} needs a window of T >= 2 batches, the store has T = {store.T}")
         t0 = time.perf_counter()
-        self.groups, self.group_kind = batch_groups(store.trainer().plan)
+        self.groups, self.group_kind = batch_groups(store)
         self.n_groups = int(self.groups.max()) + 1
 
         def regress(runs):
@@ -317,8 +337,9 @@ class CalibratedInteractions(Estimator):
             fits = [fit_ridge(X, y, sample_weight=sw) for y in np.asarray(runs["losses"]).T]
             return {"w": np.stack([w for w, _ in fits], 1).tolist(), "b": [b for _, b in fits]}
 
-        data = load_or_fit_runs(store, "interactions", [self.n_runs, self.seed, self.clumped_weight, list(self.NEAR_K), self.FEATURES_VERSION],
-                                lambda: self.calibration_orders(store.T, store.reference_order), regress)
+        data = load_or_fit_runs(store, "interactions", [self.n_runs, self.seed, list(self.NEAR_K), self.ORDERS_VERSION],
+                                lambda: self.calibration_orders(store.T, store.reference_order), regress,
+                                fit_settings=[self.clumped_weight, self.FEATURES_VERSION])
         self.runs = {k: data[k] for k in ("orders", "kinds", "losses")}
         self.groups = self.groups.to(self.device)
         self.W = torch.tensor(data["fit"]["w"], dtype=torch.float64, device=self.device)  # [F, E]
@@ -328,12 +349,13 @@ class CalibratedInteractions(Estimator):
     def _estimate(self, orders: torch.Tensor) -> torch.Tensor:
         return self._features(orders) @ self.W + self.b
 
-    def assignment_optimum(self, eval_set: str = "all", max_sweeps: int = 50) -> torch.Tensor:
+    def assignment_optimum(self, eval_set: str = "all", max_swaps: int | None = None, chunk: int = 4096) -> torch.Tensor:
         """A swap-local optimum of the estimate of ``eval_set``: int64 ``[T]``. Approximate.
 
         Starts from the exact linear-assignment optimum of the position part of the model and
-        applies the best improving transposition (all T (T - 1) / 2 scored in one call) until
-        none improves or ``max_sweeps`` is reached.
+        applies the best improving transposition (all T (T - 1) / 2 scored, ``chunk`` orders
+        per call) until none improves (a swap-local optimum; the estimate strictly decreases,
+        so this terminates) or ``max_swaps`` swaps were made.
         """
         from scipy.optimize import linear_sum_assignment
 
@@ -346,14 +368,20 @@ class CalibratedInteractions(Estimator):
         order = torch.empty(T, dtype=torch.int64)
         order[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.int64)
         iu = torch.triu_indices(T, T, 1)
-        best = float(self.estimate(order)[e])
-        for _ in range(max_sweeps):
-            cand = order.expand(iu.shape[1], -1).clone()
-            r = torch.arange(iu.shape[1])
-            cand[r, iu[0]], cand[r, iu[1]] = order[iu[1]], order[iu[0]]
-            vals = self.estimate(cand)[:, e].cpu()
+        best, swaps = float(self.estimate(order)[e]), 0
+        while max_swaps is None or swaps < max_swaps:
+            vals = []
+            for c in torch.split(torch.arange(iu.shape[1]), chunk):
+                cand = order.expand(len(c), -1).clone()
+                r = torch.arange(len(c))
+                cand[r, iu[0, c]], cand[r, iu[1, c]] = order[iu[1, c]], order[iu[0, c]]
+                vals.append(self.estimate(cand)[:, e].cpu())
+            vals = torch.cat(vals)
             i = int(vals.argmin())
             if float(vals[i]) >= best:
                 break
-            order, best = cand[i], float(vals[i])
+            a, b = iu[0, i], iu[1, i]
+            order = order.clone()
+            order[a], order[b] = order[b].clone(), order[a].clone()
+            best, swaps = float(vals[i]), swaps + 1
         return order

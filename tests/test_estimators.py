@@ -127,7 +127,7 @@ def test_calibrated_fits_real_runs_caches_them_and_its_assignment_optimum_is_exa
         get_estimator("calibrated", n_runs=2)
 
 
-def test_calibrated_interactions_fits_three_families_caches_them_and_finds_a_swap_local_optimum(tiny_trainer, tmp_path, tiny_cfg):
+def test_calibrated_interactions_fits_three_families_caches_them_and_finds_a_swap_local_optimum(tiny_trainer, tmp_path, tiny_cfg, monkeypatch):
     from currsearch.record import record
     from estimators.calibrated import interaction_features
 
@@ -151,6 +151,16 @@ def test_calibrated_interactions_fits_three_families_caches_them_and_finds_a_swa
     cache.write_text(json.dumps(partial))
     resumed = get_estimator("calibrated-interactions", n_runs=16).fit(store)
     assert resumed.runs == est.runs and torch.allclose(resumed.W, est.W)
+    # a setting of the fit only (the clumped runs' weight) refits from the cached runs, no retraining
+    from currsearch.train import Trainer
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("refitting must not retrain")
+
+    monkeypatch.setattr(Trainer, "train", no_training)
+    reweighted = get_estimator("calibrated-interactions", n_runs=16, clumped_weight=1.0).fit(store)
+    assert reweighted.runs == est.runs and not torch.equal(reweighted.W, est.W)
+    monkeypatch.undo()
     # features: a fully blocked order has T - G adjacent same-group steps; in any order the counts
     # a_l of same-group batches after batch l sum to sum_d k_d (k_d - 1) / 2 (k_d: group sizes)
     G, T = est.n_groups, store.T
