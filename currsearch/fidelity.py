@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, StoreError
+from .orders import random_transpositions
 from .reports import fmt, pyplot, save_figure, write_result_files
 
 #: Bin edges of the normalized Kendall distance to the reference; the last bin is closed.
@@ -153,11 +154,7 @@ def heldout_orders(
         for k in near:
             g = _gen(seed, f"near-{k}")
             for j in range(n_near):
-                o = ref.clone()
-                for _ in range(k):
-                    p, q = torch.randperm(T, generator=g)[:2].tolist()
-                    o[[p, q]] = o[[q, p]]
-                cands.append((f"near-{k}-{j:02d}", f"near-{k}", o))
+                cands.append((f"near-{k}-{j:02d}", f"near-{k}", random_transpositions(ref, k, g)))
     seen, out = set(), []
     for name, kind, o in cands:
         key = tuple(o.tolist())

@@ -75,6 +75,17 @@ def random_order(T: int, seed: int) -> torch.Tensor:
     return torch.randperm(T, generator=torch.Generator().manual_seed(seed))
 
 
+def random_transpositions(order: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """A copy of ``order`` (int64 ``[T]``, T >= 2) with ``k`` random transpositions of two
+    distinct positions applied in turn (each drawn as the first two entries of a
+    ``torch.randperm(T, generator=generator)``); a later transposition may undo an earlier one."""
+    o = order.clone()
+    for _ in range(k):
+        p, q = torch.randperm(len(o), generator=generator)[:2].tolist()
+        o[[p, q]] = o[[q, p]]
+    return o
+
+
 def parse_order(spec: str, T: int) -> torch.Tensor:
     """Turn an order spec into a validated int64 ``[T]`` order.
 

@@ -40,8 +40,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from currsearch.orders import random_transpositions
+
 from .base import Estimator, register
-from .simple import AdditiveEstimator
+from .simple import AdditiveEstimator, assignment_order
 
 
 def position_features(orders: torch.Tensor) -> torch.Tensor:
@@ -53,6 +55,14 @@ def position_features(orders: torch.Tensor) -> torch.Tensor:
     pos.scatter_(1, orders, torch.arange(T, dtype=torch.float64, device=orders.device).expand(n, -1) / max(T - 1, 1))
     quart = torch.nn.functional.one_hot((pos * 4).long().clamp(max=3), 4).reshape(n, -1).double()
     return torch.cat([pos, quart], 1)
+
+
+def position_cost(w: np.ndarray, T: int) -> np.ndarray:
+    """Cost matrix float64 ``[T, T]`` (step t, batch l) of the coefficients ``w`` of
+    :func:`position_features` (its first 5 T entries): ``w[l] t / (T - 1) + w[T + 4 l + q(t)]``."""
+    t = np.arange(T) / max(T - 1, 1)
+    q = np.minimum((t * 4).astype(int), 3)
+    return np.outer(t, w[:T]) + w[T:5 * T].reshape(T, 4)[:, q].T
 
 
 def fit_ridge(X: np.ndarray, y: np.ndarray, alphas=tuple(np.logspace(-4, 3, 30)), folds: int = 5,
@@ -187,13 +197,11 @@ class CalibratedAdditive(AdditiveEstimator):
         """Cost tensor ``[T, T, E]`` (position t, batch l) and intercepts ``[E]`` fitted to the runs."""
         X = position_features(torch.tensor(runs["orders"])).numpy()
         Y = np.asarray(runs["losses"])  # [n, E]
-        t = np.arange(T) / max(T - 1, 1)
-        q = np.minimum((t * 4).astype(int), 3)
         cost = np.zeros((T, T, Y.shape[1]))
         ref = np.zeros(Y.shape[1])
         for e in range(Y.shape[1]):
             w, ref[e] = fit_ridge(X, Y[:, e])
-            cost[:, :, e] = np.outer(t, w[:T]) + w[T:].reshape(T, 4)[:, q].T  # [t, l]
+            cost[:, :, e] = position_cost(w, T)
         return {"cost": cost.tolist(), "ref": ref.tolist()}
 
 
@@ -305,11 +313,8 @@ class CalibratedInteractions(Estimator):
         for _ in range(self.n_runs - n_near - n_clumped):
             orders.append(torch.randperm(T, generator=g)), kinds.append("random")
         for i in range(n_near):
-            o, k = reference.clone(), self.NEAR_K[i % len(self.NEAR_K)]
-            for _ in range(k):
-                p, q = torch.randperm(T, generator=g)[:2].tolist()
-                o[[p, q]] = o[[q, p]]
-            orders.append(o), kinds.append(f"near-{k}")
+            k = self.NEAR_K[i % len(self.NEAR_K)]
+            orders.append(random_transpositions(reference, k, g)), kinds.append(f"near-{k}")
         groups = self.groups.cpu()
         G = int(groups.max()) + 1
         for _ in range(n_clumped):
@@ -357,16 +362,8 @@ class CalibratedInteractions(Estimator):
         per call) until none improves (a swap-local optimum; the estimate strictly decreases,
         so this terminates) or ``max_swaps`` swaps were made.
         """
-        from scipy.optimize import linear_sum_assignment
-
         e, T = self.eval_names.index(eval_set), self.T
-        w = self.W[:, e].cpu().numpy()
-        t = np.arange(T) / max(T - 1, 1)
-        q = np.minimum((t * 4).astype(int), 3)
-        cost = np.outer(t, w[:T]) + w[T:5 * T].reshape(T, 4)[:, q].T  # [t, l]
-        rows, cols = linear_sum_assignment(cost)
-        order = torch.empty(T, dtype=torch.int64)
-        order[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.int64)
+        order = assignment_order(position_cost(self.W[:, e].cpu().numpy(), T))
         iu = torch.triu_indices(T, T, 1)
         best, swaps = float(self.estimate(order)[e]), 0
         while max_swaps is None or swaps < max_swaps:

@@ -54,6 +54,18 @@ class ReferenceEstimator(Estimator):
         return self._batch_ref.clone() if o.dim() == 1 else self._batch_ref.expand(o.shape[0], -1).clone()
 
 
+def assignment_order(cost) -> torch.Tensor:
+    """The order minimizing ``sum_t cost[t, order[t]]`` over all permutations: int64 ``[T]``
+    for a float cost array ``[T, T]`` (step t, batch l). Exact (linear assignment, scipy's Hungarian
+    algorithm)."""
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(cost)
+    order = torch.empty(len(rows), dtype=torch.int64)
+    order[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.int64)
+    return order
+
+
 @register
 class AdditiveEstimator(Estimator):
     """Additive first-order score from exact read-outs (see module docstring).
@@ -89,10 +101,4 @@ class AdditiveEstimator(Estimator):
 
         Exact over all permutations (linear assignment, Hungarian algorithm via scipy).
         """
-        from scipy.optimize import linear_sum_assignment
-
-        e = self.eval_names.index(eval_set)
-        rows, cols = linear_sum_assignment(self.cost[:, :, e].cpu().numpy())
-        order = torch.empty(self.T, dtype=torch.int64)
-        order[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.int64)
-        return order
+        return assignment_order(self.cost[:, :, self.eval_names.index(eval_set)].cpu().numpy())
