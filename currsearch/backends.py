@@ -33,12 +33,18 @@ import os
 import socket
 import time
 from pathlib import Path
+from abc import ABC, abstractmethod
 from typing import Any, Callable
 
+import ray
 import torch
+from ray.util import ActorPool
+
+from estimators import available, get_estimator
 
 from .errors import ConfigError, CurrsearchError, StoreError
 from .orders import validate_orders
+from .store import TrajectoryStore
 
 
 def _as_batch(orders, T: int) -> torch.Tensor:
@@ -47,18 +53,34 @@ def _as_batch(orders, T: int) -> torch.Tensor:
     return o.view(-1, T)
 
 
-class _Backend:
-    """Shared API of the backends (see module docstring)."""
+class Backend(ABC):
+    """The contract of an evaluation backend (see the module docstring).
+
+    Attributes:
+        T: number of batches in the window (orders are permutations of ``0..T-1``).
+        eval_names: the E eval-set names, the column order of :meth:`score`.
+        estimator_name: registered name of the estimator that scores.
+
+    A backend is a context manager: ``with`` closes it (:meth:`close`).
+    """
 
     T: int
     eval_names: list[str]
     estimator_name: str
 
-    def score(self, orders) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def score(self, orders) -> torch.Tensor:
+        """Estimated final losses: orders int64 ``[n, T]`` (or ``[T]``) -> float64 ``[n, E]``
+        (nats/token, on the CPU), rows in input order; a single ``[T]`` order gives ``[1, E]``.
 
-    def assignment_optimum(self, eval_set: str) -> torch.Tensor | None:  # pragma: no cover - abstract
-        raise NotImplementedError
+        Raises:
+            OrderError: an invalid order.
+        """
+
+    @abstractmethod
+    def assignment_optimum(self, eval_set: str) -> torch.Tensor | None:
+        """The estimator's own optimum order for ``eval_set`` (int64 ``[T]``) when it has one
+        (estimators with ``has_optimum``), else ``None``."""
 
     def close(self) -> None:
         """Release resources (no-op by default)."""
@@ -70,7 +92,7 @@ class _Backend:
         self.close()
 
 
-class SerialBackend(_Backend):
+class SerialBackend(Backend):
     """Score orders in this process with a fitted estimator.
 
     Args:
@@ -111,8 +133,7 @@ class SerialBackend(_Backend):
     def assignment_optimum(self, eval_set: str) -> torch.Tensor | None:
         """The estimator's own optimum order for ``eval_set`` (int64 ``[T]``) when it has
         one (``assignment_optimum``, additive and calibrated estimators), else ``None``."""
-        fn = getattr(self.estimator, "assignment_optimum", None)
-        return None if fn is None else fn(eval_set).cpu()
+        return self.estimator.assignment_optimum(eval_set).cpu() if self.estimator.has_optimum else None
 
     def __repr__(self) -> str:
         return f"SerialBackend({self.estimator_name!r}, T={self.T}, chunk={self.chunk})"
@@ -131,18 +152,15 @@ class _ScoringWorker:
         self.num_threads = num_threads
         self.est = None
 
-    def setup(self) -> tuple[int, list[str]]:
-        """Open the store, fit the estimator; return ``(T, eval_names)``. Errors (StoreError,
-        ConfigError) propagate to the driver as their own class."""
+    def setup(self) -> tuple[int, list[str], str]:
+        """Open the store, fit the estimator; return ``(T, eval_names, actor id)`` (the id in
+        hex, from Ray's public runtime context). Errors (StoreError, ConfigError) propagate to
+        the driver as their own class."""
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
-        from estimators import get_estimator
-
-        from .store import TrajectoryStore
-
         store = TrajectoryStore.open(self.store_path, verify=False)
         self.est = get_estimator(self.estimator_name, **self.estimator_kwargs).fit(store)
-        return self.est.T, list(self.est.eval_names)
+        return self.est.T, list(self.est.eval_names), ray.get_runtime_context().get_actor_id()
 
     def score(self, orders):
         """numpy int64 ``[m, T]`` -> numpy float64 ``[m, E]``."""
@@ -150,8 +168,7 @@ class _ScoringWorker:
         return out.to("cpu", torch.float64).numpy()
 
     def assignment_optimum(self, eval_set: str):
-        fn = getattr(self.est, "assignment_optimum", None)
-        return None if fn is None else fn(eval_set).cpu().numpy()
+        return self.est.assignment_optimum(eval_set).cpu().numpy() if self.est.has_optimum else None
 
     def pid(self) -> int:
         return os.getpid()
@@ -176,14 +193,14 @@ def _check_address(address: str, timeout: float) -> None:
         ) from None
 
 
-class RayBackend(_Backend):
+class RayBackend(Backend):
     """Score orders on a pool of Ray actors, one estimator copy per actor.
 
     Args:
         store_path: trajectory store directory (or an open ``TrajectoryStore``); must be
             readable at this path from every Ray node (see module docstring).
         estimator_name: registered estimator name (``estimators.available()``). An estimator
-            whose fit is cached in the store (``fit_cached_in_store``: the calibrated ones,
+            whose fit trains real runs cached in the store (``needs_runs``: the calibrated ones,
             which retrain orders for real) is fitted once here before the actors start, so
             the actors read the cache instead of each repeating the real runs.
         estimator_kwargs: keyword arguments of the estimator (e.g. ``{"readout": "checkpoint"}``);
@@ -226,10 +243,6 @@ class RayBackend(_Backend):
         ready_timeout: float = 300.0,
         init_kwargs: dict[str, Any] | None = None,
     ):
-        import ray
-
-        from .store import TrajectoryStore
-
         if num_actors < 1:
             raise ConfigError(f"RayBackend: num_actors must be >= 1, got {num_actors}")
         if chunk < 1:
@@ -237,6 +250,7 @@ class RayBackend(_Backend):
         if num_cpus_per_actor < 0 or num_gpus_per_actor < 0:
             raise ConfigError("RayBackend: num_cpus_per_actor and num_gpus_per_actor must be >= 0")
         self.actors: list = []
+        self.actor_ids: list[str] = []
         self.started_ray = False
         self._pool = None
         store = store_path if isinstance(store_path, TrajectoryStore) else TrajectoryStore.open(store_path)
@@ -247,14 +261,10 @@ class RayBackend(_Backend):
         kwargs = dict(estimator_kwargs or {})
         kwargs.setdefault("device", "cuda" if num_gpus_per_actor > 0 else "cpu")
         self.estimator_kwargs = kwargs
-        from estimators import available
-
         if estimator_name not in available():
             raise ConfigError(f"unknown estimator {estimator_name!r}; choose one of {available()}")
-        from estimators import get_estimator
-
         probe = get_estimator(estimator_name, **{**kwargs, "device": "cpu"})
-        if probe.fit_cached_in_store:  # fit once here (real runs, cached in the store); the actors read the cache
+        if probe.needs_runs:  # fit once here (real runs, cached in the store); the actors read the cache
             probe.fit(store)
         self.num_actors, self.chunk, self.max_retries = int(num_actors), int(chunk), int(max_retries)
         self.n_replaced = 0
@@ -276,12 +286,13 @@ class RayBackend(_Backend):
             except (ConnectionError, TimeoutError, RuntimeError) as err:
                 raise ConfigError(f"could not start or join Ray (address={address!r}): {err}") from None
             self.started_ray = True
+        self._check_resources()
         self._remote_cls = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor)(_ScoringWorker)
         self._threads = max(1, int(num_cpus_per_actor)) if num_cpus_per_actor else None
         try:
             started = [self._start_actor() for _ in range(self.num_actors)]
             self.actors = [a for a, _ in started]
-            self._wait_ready([r for _, r in started])
+            self.actor_ids = self._wait_ready([r for _, r in started])
         except BaseException:
             self.close()
             raise
@@ -293,9 +304,24 @@ class RayBackend(_Backend):
         a = self._remote_cls.remote(self.store_path, self.estimator_name, self.estimator_kwargs, self._threads)
         return a, a.setup.remote()
 
-    def _wait_ready(self, refs) -> None:
-        import ray
+    def _check_resources(self) -> None:
+        """Fail at once (ConfigError) when the cluster has fewer CPUs/GPUs in all than the
+        actors request, instead of waiting ``ready_timeout`` for actors that cannot start."""
+        need = {"CPU": self.num_actors * self._resources["num_cpus"], "GPU": self.num_actors * self._resources["num_gpus"]}
+        have = {k: ray.cluster_resources().get(k, 0) for k in need}
+        short = {k: v for k, v in need.items() if v > have[k] + 1e-9}
+        if short:
+            raise ConfigError(
+                f"{self.num_actors} Ray actors need {need['CPU']:g} CPUs and {need['GPU']:g} GPUs, the cluster has "
+                f"{have['CPU']:g} and {have['GPU']:g}; use fewer actors (--actors) or a larger cluster"
+            )
 
+    def _wait_ready(self, refs) -> list[str]:
+        """Wait for the actors' ``setup``; return their actor ids (hex).
+
+        Raises:
+            ConfigError: not ready within ``ready_timeout``. StoreError: the store changed.
+        """
         try:
             ready = ray.get(list(refs), timeout=self.ready_timeout)
         except ray.exceptions.GetTimeoutError:
@@ -307,21 +333,19 @@ class RayBackend(_Backend):
                 f"cluster has {pick(ray.cluster_resources())} in all, {pick(ray.available_resources())} free; use fewer "
                 "actors or smaller num_cpus_per_actor/num_gpus_per_actor"
             ) from None
-        for T, names in ready:
+        for T, names, _ in ready:
             if T != self.T or names != self.eval_names:  # the store changed under us
                 raise StoreError(f"store {self.store_path!r} changed while the Ray backend started (T or eval sets differ)")
+        return [actor_id for _, _, actor_id in ready]
 
     def _reset_pool(self) -> None:
-        from ray.util import ActorPool
-
         self._pool = ActorPool(list(self.actors))
 
     def _replace(self, dead_id: str | None) -> None:
-        """Swap the actor with id ``dead_id`` (or, unknown, every dead one) for a fresh one."""
-        import ray
-
+        """Swap the actor whose id (hex, as reported by its ``setup``) is ``dead_id`` (or,
+        unknown, every dead one) for a fresh one."""
         for i, a in enumerate(self.actors):
-            if dead_id is not None and a._actor_id.hex() != dead_id:
+            if dead_id is not None and self.actor_ids[i] != dead_id:
                 continue
             if dead_id is None:  # find out who is dead
                 try:
@@ -335,11 +359,11 @@ class RayBackend(_Backend):
                 pass
             new, ready = self._start_actor()
             try:
-                self._wait_ready([ready])
+                (new_id,) = self._wait_ready([ready])
             except BaseException:
                 ray.kill(new)
                 raise
-            self.actors[i] = new
+            self.actors[i], self.actor_ids[i] = new, new_id
             self._pool.push(new)
             self.n_replaced += 1
 
@@ -355,8 +379,6 @@ class RayBackend(_Backend):
             OrderError: an invalid order. CurrsearchError: a chunk failed more than
             ``max_retries`` times because its actor died.
         """
-        import ray
-
         if self._pool is None:
             raise RuntimeError("RayBackend is closed")
         o = _as_batch(orders, self.T)
@@ -387,7 +409,7 @@ class RayBackend(_Backend):
                             f"RayBackend: chunk {i} failed {tries[i]} times because its actor died ({err}); giving up"
                         ) from None
                     if isinstance(err, ray.exceptions.ActorDiedError):
-                        self._replace(getattr(err, "actor_id", None))
+                        self._replace(err.actor_id)
                     else:  # temporarily unavailable: wait a little and retry on the same pool
                         time.sleep(0.5)
                     self._pool.submit(fn, i)
@@ -405,24 +427,20 @@ class RayBackend(_Backend):
 
     def assignment_optimum(self, eval_set: str) -> torch.Tensor | None:
         """The estimator's own optimum order for ``eval_set`` (int64 ``[T]``, computed on one
-        actor) when it has one (``assignment_optimum``), else ``None``."""
-        import ray
-
+        actor) when it has one (``has_optimum``), else ``None``."""
         out = ray.get(self.actors[0].assignment_optimum.remote(eval_set))
         return None if out is None else torch.as_tensor(out, dtype=torch.int64)
 
     def close(self) -> None:
         """Kill the actors; shut Ray down only if this backend started it (an external
         cluster or an instance started by the caller stays up). Idempotent."""
-        import ray
-
         if ray.is_initialized():
             for a in self.actors:
                 try:
                     ray.kill(a)
                 except Exception:  # noqa: BLE001 - already dead
                     pass
-        self.actors = []
+        self.actors, self.actor_ids = [], []
         self._pool = None
         if self.started_ray and ray.is_initialized():
             ray.shutdown()

@@ -30,7 +30,7 @@ def validate_orders(orders, T: int, allow_repeats: bool = False) -> torch.Tensor
     """
     try:
         t = torch.as_tensor(orders)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
         raise OrderError(f"order is not a sequence of integers: {err}") from None
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         if t.is_floating_point() and torch.equal(t, t.round()):
@@ -98,23 +98,26 @@ def parse_order(spec: str, T: int) -> torch.Tensor:
     if spec == "reference":
         return reference_order(T)
     if spec.startswith("random:"):
-        try:
-            return random_order(T, int(spec.split(":", 1)[1]))
-        except ValueError:
-            raise OrderError(f"order spec {spec!r}: the seed after 'random:' must be an integer") from None
+        seed = spec.split(":", 1)[1]
+        if not seed.isdigit() or int(seed) >= 2**63:
+            raise OrderError(f"order spec {spec!r}: the seed after 'random:' must be an integer in 0..2^63-1")
+        return random_order(T, int(seed))
     p = Path(spec)
     if not p.is_file():
         raise OrderError(f"order spec {spec!r} is not 'reference', 'random:SEED' or an existing JSON file")
     try:
-        obj = json.loads(p.read_text())
-    except json.JSONDecodeError as err:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise OrderError(f"order file {spec!r} is not UTF-8 text; write the order as JSON, e.g. [3, 0, 1, 2]") from None
+    except (json.JSONDecodeError, RecursionError) as err:
         raise OrderError(f"order file {spec!r} is not valid JSON: {err}") from None
     if isinstance(obj, dict):
         if "order" not in obj:
             raise OrderError(f"order file {spec!r} holds an object without an 'order' key")
         obj = obj["order"]
-    if not isinstance(obj, list):
-        raise OrderError(f"order file {spec!r} must hold a list of batch indices")
+    if not isinstance(obj, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in obj):
+        raise OrderError(f"order file {spec!r} must hold one flat list of integer batch indices, e.g. [3, 0, 1, 2] "
+                         "(one order, not a list of orders)")
     return validate_orders(obj, T)
 
 
