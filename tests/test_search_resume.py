@@ -151,10 +151,12 @@ def _check_rerun_matches(store, journal, uninterrupted, exact: bool):
         assert _rows(res) == _rows(uninterrupted)
     else:  # sampled after a restart: the result names where its fresh sampler took over
         assert res.resumed_at, "a resumed study must name the trials sampled after the restart"
-        first = min(res.resumed_at)
-        before = {tuple(t.user_attrs["order"]) for t in trials if t.number < first and t.state.name == "COMPLETE"}
-        ref = _rows(uninterrupted)
-        assert before and all(o in ref for o in before)
+        got, ref = _rows(res), _rows(uninterrupted)
+        late = {tuple(t.user_attrs["order"]) for t in trials
+                if t.number >= min(res.resumed_at) and t.state.name == "COMPLETE" and "source" not in t.user_attrs}
+        assert set(got) - set(ref) <= late  # only trials sampled after the restart differ
+        assert all(got[o] == ref[o] for o in set(got) & set(ref))
+        assert len(set(got) - set(ref)) < len(late)  # and not all of them
     return res
 
 
@@ -169,7 +171,7 @@ def test_kill_mid_batch_after_ask_before_tell(store, tmp_path, uninterrupted):
     _kill_child_at(store, journal, "score", 1, tmp_path)  # the first batch: 8 trials RUNNING
     stranded = [t.number for t in make_storage(journal).get_all_trials(0) if t.state.name == "RUNNING"]
     assert len(stranded) == 8
-    res = _check_rerun_matches(store, journal, uninterrupted, exact=True)
+    res = _check_rerun_matches(store, journal, uninterrupted, exact=False)  # the killed sampler had drawn some
     assert res.requeued == stranded  # named in the result
 
 
