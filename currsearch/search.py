@@ -2,46 +2,76 @@
 
 ::
 
-    result = run_search(store, estimator_name="additive", space="random_keys", sampler="tpe",
-                        n_trials=256, batch_size=32, storage="runs/study.journal")
+    settings = SearchSettings(estimator="additive", trials=256, storage="runs/study.journal")
+    result = run_search(store, settings)
     for order, est in result.top(5):        # int64 [T], float64 [E] (nats/token)
         ...
 
 How it works (DESIGN.md section 5):
 
-* Optuna ask/tell with batched asks: ask ``batch_size`` trials, decode each into an order
+* Optuna ask/tell with batched asks: ask ``batch`` trials, decode each into an order
   with the space's ``suggest``, score all of them in ONE backend call
-  (:mod:`currsearch.backends`), tell each its estimated loss(es).
+  (:mod:`currsearch.backends`), tell each its estimated loss(es). An order already
+  evaluated in the study is not scored again: the trial is told the stored value.
 * Objectives: the estimated final loss of the eval set(s) named in ``objectives``; one name
   gives a single-objective study, several a multi-objective one (Pareto front).
 * Storage: ``None`` (in memory), a path ending in ``.journal`` (Optuna JournalStorage on a
-  file; survives a crash) or any Optuna storage URL (``sqlite:///x.db``, an RDB for a
+  file; survives a kill) or any Optuna storage URL (``sqlite:///x.db``, an RDB for a
   cluster). Rerunning with the same ``study_name`` continues the study: trials already
-  completed count toward ``n_trials`` and only the rest run.
-* A fresh study is seeded (``enqueue_trial``) with the heuristic curricula the space can
+  completed count toward ``trials`` and only the rest run. A kill at any point is safe
+  (:mod:`currsearch.study`): a stale journal lock is released, trials a killed call left
+  RUNNING are failed and queued again, and the starting trials are enqueued exactly once.
+* The study is seeded (``enqueue_trial``) with the heuristic curricula the space can
   represent (:func:`search_spaces.heuristic_params`; ``reference`` among them) and, when
   the estimator has an optimum of its own (``assignment_optimum``: exact for the additive
   surrogates, a linear assignment problem; swap-local for ``calibrated-interactions``), that
   optimum per objective when the space can represent it.
 * Each trial keeps its order (user attr ``"order"``: list of T ints) and all E estimates
   (``"estimates"``: list of E floats, ``eval_names`` order) so results are read back
-  without decoding; enqueued trials also carry ``"source"`` (the heuristic's name).
+  without decoding; enqueued trials also carry ``"source"`` (the heuristic's name), trials
+  told a stored value ``"reused_from"`` (the trial number it came from).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import optuna
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+# tqdm.auto picks a notebook or terminal bar
+from tqdm.auto import tqdm
+
+from estimators import get_estimator
+from search_spaces import BatchInfo, SearchSpace, get_space, heuristic_orders, heuristic_params
+
+from .backends import SerialBackend
 from .errors import ConfigError
+from .store import TrajectoryStore
+from .study import (
+    Session,
+    enqueue_starts,
+    known_values,
+    make_storage,
+    optuna_warnings_only,
+    recover_stale_trials,
+    session_starts,
+    STARTS_ATTR,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SearchSettings", "SearchResult", "run_search", "ask_and_tell", "check_resume", "collect_result",
+    "make_sampler", "make_storage", "optuna_warnings_only",
+]
 
 SAMPLERS = ("tpe", "cmaes", "gp", "nsga2", "random")
 MULTI_OBJECTIVE_SAMPLERS = ("tpe", "nsga2", "gp", "random")
@@ -90,24 +120,6 @@ def make_sampler(name: str, seed: int | None = 0, n_objectives: int = 1, **optio
         raise ConfigError(f"sampler {name!r}: bad option(s) {sorted(options)}: {err}") from None
 
 
-def make_storage(storage) -> optuna.storages.BaseStorage | str | None:
-    """Optuna storage from ``None`` (in memory), a path ending in ``.journal``
-    (JournalStorage + JournalFileBackend; the parent folder is created), any Optuna storage
-    URL (``sqlite:///x.db``, ``postgresql://...``; returned as is) or a storage object."""
-    if storage is None or isinstance(storage, optuna.storages.BaseStorage):
-        return storage
-    s = str(storage)
-    if s.endswith(".journal"):
-        from optuna.storages.journal import JournalFileBackend
-
-        path = Path(s).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    if "://" not in s:
-        raise ConfigError(f"storage {s!r} is neither a '.journal' file path nor a storage URL such as sqlite:///study.db")
-    return s
-
-
 def _pareto_mask(values: torch.Tensor) -> torch.Tensor:
     """bool ``[m]``: rows of ``values`` ``[m, k]`` (minimized) not dominated by another row."""
     dominated = torch.zeros(values.shape[0], dtype=torch.bool)
@@ -142,6 +154,11 @@ class SearchResult:
         seconds: wall time of this call.
         sources: per row, the ``"source"`` user attr of the first trial with that order
             (e.g. ``"reference"``, ``"assignment:all"``), else ``""``.
+        requeued: trial numbers a killed call left RUNNING, failed and queued again by this call.
+        n_reused: trials of this call told a stored value (their order was already evaluated).
+        resumed_at: first trial number of every call after the first: trials from there on
+            were sampled by a restarted sampler, so after a kill they may differ from an
+            uninterrupted run's (the starts and requeued trials do not).
     """
 
     study: optuna.Study
@@ -155,6 +172,9 @@ class SearchResult:
     n_run: int
     seconds: float
     sources: list[str] = field(default_factory=list)
+    requeued: list[int] = field(default_factory=list)
+    n_reused: int = 0
+    resumed_at: list[int] = field(default_factory=list)
 
     def top(self, k: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The ``k`` best distinct orders: list of ``(order int64 [T], estimates float64 [E])``."""
@@ -250,33 +270,109 @@ def collect_result(study: optuna.Study, space, backend, objectives: Sequence[str
     )
 
 
+
+
+# ---------------------------------------------------------------- settings
+
+
+class SearchSettings(BaseModel):
+    """What :func:`run_search` searches: the single source of the search defaults.
+
+    Attributes:
+        estimator: registered estimator fitted on the store (``estimators.available()``;
+            ignored when a backend is given: the backend's estimator is used).
+        space: search-space name (``search_spaces.available_spaces()``).
+        sampler: ``tpe``, ``cmaes``, ``gp``, ``nsga2`` or ``random``.
+        trials: total completed trials wanted in the study (>= 0; a resumed study counts
+            the ones it has; failed trials of this call count toward it too).
+        batch: trials asked (and scored in one backend call) at a time (>= 1).
+        objectives: eval-set names to minimize; one -> single-objective, several ->
+            multi-objective (use ``nsga2`` or ``tpe``).
+        seed: sampler seed.
+        storage: ``None`` (in memory), a ``*.journal`` file path or an Optuna storage URL.
+        study_name: default ``"<estimator>-<space>-<objectives joined by +>"``, so that a
+            rerun with the same settings and storage resumes.
+        enqueue_heuristics: seed the study with the heuristic curricula the space can
+            represent (``reference`` included).
+        enqueue_assignment: seed it with the estimator's own optimum per objective.
+        space_options: keyword options of the space (e.g. ``{"by": "difficulty"}``).
+        estimator_kwargs: keyword arguments of the estimator (default backend only).
+        sampler_options: keyword arguments of the Optuna sampler class.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    estimator: str = "additive"
+    space: str = "random_keys"
+    sampler: str = "tpe"
+    trials: int = Field(128, ge=0)
+    batch: int = Field(32, ge=1)
+    objectives: tuple[str, ...] = ("all",)
+    seed: int = 0
+    storage: str | None = None
+    study_name: str | None = None
+    enqueue_heuristics: bool = True
+    enqueue_assignment: bool = True
+    space_options: dict[str, Any] = Field(default_factory=dict)
+    estimator_kwargs: dict[str, Any] = Field(default_factory=dict)
+    sampler_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("objectives", mode="before")
+    @classmethod
+    def _objectives(cls, v):
+        v = (v,) if isinstance(v, str) else tuple(v)
+        if not v:
+            raise ValueError("is empty; name at least one eval set (e.g. 'all')")
+        if len(set(v)) != len(v):
+            raise ValueError(f"{list(v)} repeat an eval set")
+        return v
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, v):
+        if v not in SAMPLERS:
+            raise ValueError(f"unknown sampler {v!r}; choose one of {', '.join(SAMPLERS)}")
+        return v
+
+    @field_validator("storage", mode="before")
+    @classmethod
+    def _storage(cls, v):
+        return None if v is None else str(v)
+
+    @classmethod
+    def make(cls, **values) -> "SearchSettings":
+        """Validate ``values``; raises ConfigError naming each bad field and what it needs."""
+        try:
+            return cls(**values)
+        except ValidationError as err:
+            lines = [f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']} (got {e.get('input')!r})" for e in err.errors()]
+            raise ConfigError("invalid search settings: " + "; ".join(lines)) from None
+
+
+# old run_search keyword names -> SearchSettings fields
+_LEGACY = {"estimator_name": "estimator", "n_trials": "trials", "batch_size": "batch"}
+
+
 # ---------------------------------------------------------------- the driver
 
 
-def _enqueue_fresh(study: optuna.Study, space, backend, objectives, enqueue_heuristics: bool, enqueue_assignment: bool) -> int:
-    """Enqueue heuristic and estimator-optimum starts in a fresh study; return how many."""
-    from search_spaces import heuristic_orders, heuristic_params
-
-    queued: list[dict[str, Any]] = []
-    sources: list[str] = []
-    if enqueue_heuristics:
+def _starts(space: SearchSpace, backend, settings: SearchSettings) -> list[tuple[dict[str, Any], str]]:
+    """The starting trials ``[(params, source), ...]``: heuristics, then the estimator's optima."""
+    queued: list[tuple[dict[str, Any], str]] = []
+    if settings.enqueue_heuristics:
         named = {tuple(o.tolist()): n for n, o in heuristic_orders(space.info).items()}
         for p in heuristic_params(space):
             order = tuple(space.suggest(optuna.trial.FixedTrial(p)).tolist())
-            queued.append(p)
-            sources.append(named.get(order, f"{space.name}_default"))
-    if enqueue_assignment:
-        for obj in objectives:
+            queued.append((p, named.get(order, f"{space.name}_default")))
+    if settings.enqueue_assignment:
+        for obj in settings.objectives:
             opt = backend.assignment_optimum(obj)
             if opt is None or not space.representable(opt):
                 continue
             p = space.encode(opt)
-            if p not in queued:
-                queued.append(p)
-                sources.append(f"assignment:{obj}")
-    for p, src in zip(queued, sources):
-        study.enqueue_trial(p, user_attrs={"source": src})
-    return len(queued)
+            if all(p != q for q, _ in queued):
+                queued.append((p, f"assignment:{obj}"))
+    return queued
 
 
 def check_resume(study: optuna.Study, meta: dict[str, Any]) -> None:
@@ -299,6 +395,28 @@ def check_resume(study: optuna.Study, meta: dict[str, Any]) -> None:
             study.set_user_attr(f"currsearch_{k}", v)
 
 
+def _tell_batch(study: optuna.Study, trials: list, score: Callable) -> None:
+    """Score ``trials`` with one ``score`` call and tell each; on any error the trials not yet
+    told are told FAIL first, so none is left RUNNING."""
+    told = 0
+    try:
+        results = score(trials)
+        if len(results) != len(trials):
+            raise ValueError(f"ask_and_tell(): score returned {len(results)} results for {len(trials)} trials")
+        for t, (value, attrs) in zip(trials, results):
+            for key, v in attrs.items():
+                t.set_user_attr(key, v)
+            if isinstance(value, optuna.trial.TrialState):
+                study.tell(t, state=value)
+            else:
+                study.tell(t, value)
+            told += 1
+    except BaseException:
+        for t in trials[told:]:  # leave no trial RUNNING behind
+            study.tell(t, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        raise
+
+
 def ask_and_tell(
     study: optuna.Study,
     n_trials: int,
@@ -306,6 +424,9 @@ def ask_and_tell(
     score: Callable[[list[optuna.trial.Trial]], list[tuple[Any, dict[str, Any]]]],
     progress: bool = False,
     desc: str = "search",
+    *,
+    session: Session | None = None,
+    limit: Callable[[], int] | None = None,
 ) -> int:
     """Ask ``n_trials`` trials, ``batch_size`` at a time, score each batch with ONE ``score`` call and tell the results.
 
@@ -317,205 +438,191 @@ def ask_and_tell(
             ``value`` is what the trial is told: a float (one objective), a list of floats
             (several), or an ``optuna.trial.TrialState`` (``FAIL``, ``PRUNED``) to tell that state;
             ``user_attrs`` (``{name: JSON-serializable value}``) are set on the trial first.
-        progress: show a progress bar (``desc``, one tick per trial).
+        progress: show a tqdm progress bar (``desc``, one tick per trial).
+        session: if given, each asked trial is tagged with it and it beats once per batch
+            (:class:`currsearch.study.Session`: lets a rerun recover the trials of a killed call).
+        limit: if given, called before each batch: the most trials still wanted (e.g. fewer
+            once a concurrent call has completed some); the loop stops at 0.
 
     Returns:
-        The number of trials asked (``n_trials``).
+        The number of trials asked (``n_trials`` unless ``limit`` stopped it earlier).
 
     Raises:
         ValueError: ``score`` returned another number of entries than trials.
         Whatever ``score`` or the storage raises. In every case the batch's trials not yet told
         are told ``FAIL`` first, so no trial is left RUNNING in the storage.
     """
-    bar = None
-    if progress and n_trials:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_trials, desc=desc, unit="trial")
     n_run = 0
-    try:
+    with tqdm(total=n_trials, desc=desc, unit="trial", disable=not (progress and n_trials)) as bar:
         while n_run < n_trials:
-            k = min(batch_size, n_trials - n_run)
+            k = min(batch_size, n_trials - n_run, limit() if limit is not None else batch_size)
+            if k <= 0:
+                break
             trials = [study.ask() for _ in range(k)]
+            if session is not None:
+                for t in trials:
+                    session.tag(t)
             n_run += k
-            told = 0
-            try:
-                results = score(trials)
-                if len(results) != k:
-                    raise ValueError(f"ask_and_tell(): score returned {len(results)} results for {k} trials")
-                for t, (value, attrs) in zip(trials, results):
-                    for key, v in attrs.items():
-                        t.set_user_attr(key, v)
-                    if isinstance(value, optuna.trial.TrialState):
-                        study.tell(t, state=value)
-                    else:
-                        study.tell(t, value)
-                    told += 1
-            except BaseException:
-                for t in trials[told:]:  # leave no trial RUNNING behind
-                    study.tell(t, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-                raise
-            if bar is not None:
-                bar.update(k)
-    finally:
-        if bar is not None:
-            bar.close()
+            _tell_batch(study, trials, score)
+            if session is not None:
+                session.beat()
+            bar.update(k)
     return n_run
+
+
+def _settings(settings: SearchSettings | None, legacy: dict[str, Any]) -> tuple[SearchSettings, Any]:
+    """Merge the old keyword form into ``settings``; returns (settings, a sampler object or None)."""
+    sampler_obj = None
+    if isinstance(legacy.get("sampler"), optuna.samplers.BaseSampler):
+        sampler_obj = legacy.pop("sampler")
+    elif "sampler" in legacy and not isinstance(legacy["sampler"], str):
+        raise ConfigError(f"sampler must be a name ({', '.join(SAMPLERS)}) or an optuna sampler, got {type(legacy['sampler']).__name__}")
+    values = {_LEGACY.get(k, k): v for k, v in legacy.items() if v is not None or k in ("storage", "study_name")}
+    base = settings.model_dump() if settings is not None else {}
+    return SearchSettings.make(**{**base, **values}), sampler_obj
+
+
+def _open_study(store: TrajectoryStore, s: SearchSettings, sp: SearchSpace, backend, sampler) -> optuna.Study:
+    """Create or load the study, check that a resumed one has the same setup."""
+    objectives = list(s.objectives)
+    name = s.study_name or f"{backend.estimator_name}-{s.space}-{'+'.join(objectives)}"
+    study = optuna.create_study(
+        storage=make_storage(s.storage), sampler=sampler, study_name=name,
+        directions=["minimize"] * len(objectives), load_if_exists=True,
+    )
+    if len(study.directions) != len(objectives):
+        raise ConfigError(
+            f"study {name!r} has {len(study.directions)} objective(s) but {len(objectives)} were given; "
+            "use another study_name or the same objectives"
+        )
+    meta = {
+        "estimator": backend.estimator_name,
+        "space": s.space,
+        "space_options": json.dumps(sp.options, sort_keys=True, default=str),
+        "objectives": objectives,
+        "T": store.T,
+    }
+    check_resume(study, meta)
+    return study
+
+
+def _scorer(sp: SearchSpace, backend, objectives: list[str], study: optuna.Study, reused: list[int]) -> Callable:
+    """``score(trials)`` for :func:`ask_and_tell`: decode, reuse the values of orders already
+    evaluated in the study (also by a concurrent call), score the rest in one backend call."""
+    obj_idx = torch.tensor([list(backend.eval_names).index(o) for o in objectives])
+
+    def told(est: torch.Tensor):  # est: float64 [E] -> what the trial is told
+        v = est[obj_idx]
+        if not torch.isfinite(v).all():
+            return optuna.trial.TrialState.FAIL  # a non-finite estimate
+        return v.tolist() if len(objectives) > 1 else float(v[0])
+
+    def score(trials):
+        orders = torch.stack([sp.suggest(t) for t in trials])  # [k, T]
+        known = known_values(study)
+        keys = [tuple(o.tolist()) for o in orders]
+        new = list(dict.fromkeys(k for k in keys if k not in known))
+        fresh = dict(zip(new, backend.score(torch.tensor(new, dtype=torch.int64).view(-1, orders.shape[1])))) if new else {}
+        out = []
+        for key in keys:
+            attrs = {"order": list(key)}
+            if key in known:
+                prev = known[key]
+                est = torch.tensor(prev.user_attrs["estimates"], dtype=torch.float64)
+                attrs["reused_from"] = prev.number
+                reused.append(prev.number)
+            else:
+                est = fresh[key]
+            attrs["estimates"] = est.tolist()
+            out.append((told(est), attrs))
+        return out
+
+    return score
 
 
 def run_search(
     store,
-    estimator_name: str = "additive",
-    space: str = "random_keys",
-    sampler: str | optuna.samplers.BaseSampler = "tpe",
-    n_trials: int = 64,
-    batch_size: int = 16,
-    storage=None,
-    study_name: str | None = None,
-    backend=None,
-    objectives: Sequence[str] = ("all",),
-    seed: int = 0,
-    enqueue_heuristics: bool = True,
-    enqueue_assignment: bool = True,
-    progress: bool = True,
-    space_options: dict[str, Any] | None = None,
+    settings: SearchSettings | None = None,
     *,
-    estimator_kwargs: dict[str, Any] | None = None,
-    sampler_options: dict[str, Any] | None = None,
-    info=None,
+    backend=None,
+    progress: bool = True,
+    info: BatchInfo | None = None,
+    **legacy,
 ) -> SearchResult:
     """Search training orders that minimize the estimated final eval loss(es).
 
     Args:
         store: a :class:`~currsearch.store.TrajectoryStore` or its directory.
-        estimator_name: registered estimator fitted on ``store`` (ignored when ``backend``
-            is given: the backend's estimator is used).
-        space: search-space name (``search_spaces.available_spaces()``).
-        sampler: ``tpe``, ``cmaes``, ``gp``, ``nsga2``, ``random`` or an Optuna sampler object.
-        n_trials: total completed trials wanted in the study (a resumed study counts the
-            ones it has; failed trials of this call count toward it too).
-        batch_size: trials asked (and scored in one backend call) at a time.
-        storage: ``None`` (in memory), a ``*.journal`` file path or an Optuna storage URL.
-        study_name: default ``"<estimator>-<space>-<objectives joined by +>"``, so that a rerun
-            with the same settings and storage resumes.
-        backend: a :mod:`currsearch.backends` backend (default: a :class:`SerialBackend` over
-            ``get_estimator(estimator_name, **estimator_kwargs).fit(store)``).
-        objectives: eval-set names to minimize (``store.eval_names``); one -> single-objective,
-            several -> multi-objective (use ``nsga2`` or ``tpe``).
-        seed: sampler seed.
-        enqueue_heuristics: seed a fresh study with the heuristic curricula the space can
-            represent (``reference`` included).
-        enqueue_assignment: seed a fresh study with the estimator's own optimum per objective
-            (``assignment_optimum``: exact for the additive estimators, swap-local for
-            ``calibrated-interactions``), when the space can represent it.
-        progress: show a progress bar.
-        space_options: keyword options of the space (e.g. ``{"by": "difficulty"}``).
-        estimator_kwargs: keyword arguments of the estimator (default backend only).
-        sampler_options: keyword arguments of the Optuna sampler class.
-        info: a :class:`search_spaces.BatchInfo` (default: from the store's plan, difficulty =
-            ``unigram_nll``).
+        settings: :class:`SearchSettings` (default: all defaults).
+        backend: a :mod:`currsearch.backends` backend (default: a :class:`SerialBackend`
+            over ``get_estimator(settings.estimator, **settings.estimator_kwargs).fit(store)``,
+            closed on return).
+        progress: show a tqdm progress bar (and log at INFO).
+        info: a :class:`search_spaces.BatchInfo` (default: from the store's plan).
+        legacy: the old keyword form, merged over ``settings``: any SearchSettings field,
+            ``estimator_name`` / ``n_trials`` / ``batch_size`` (= ``estimator`` / ``trials`` /
+            ``batch``), and ``sampler`` may also be an Optuna sampler object (used as is;
+            not reseeded, so not reproducible across restarts).
 
     Returns:
         :class:`SearchResult` (orders int64 ``[m, T]``, estimates float64 ``[m, E]`` nats/token).
 
     Raises:
-        ConfigError: unknown sampler, space (or space option) or objective eval-set name, an
-            empty or repeated objective list, a single-objective sampler with several
-            objectives, ``n_trials < 0`` or ``batch_size < 1``, a resumed study set up with
-            another estimator/space/objectives, a backend for another store.
+        ConfigError: an invalid setting (unknown sampler, space, space option or objective,
+            a single-objective sampler with several objectives, ``trials < 0``, ``batch < 1``),
+            a resumed study set up with another estimator/space/objectives, a backend for
+            another store, an unknown keyword.
         StoreError: the store cannot be opened or lacks a term the estimator needs.
     """
-    from search_spaces import BatchInfo, get_space
-
-    from .backends import SerialBackend
-    from .store import TrajectoryStore
-
     t0 = time.perf_counter()
-    if n_trials < 0 or batch_size < 1:
-        raise ConfigError(f"n_trials must be >= 0 and batch_size >= 1 (got {n_trials}, {batch_size})")
-    if isinstance(objectives, str):
-        objectives = (objectives,)
-    objectives = list(objectives)
-    if not objectives:
-        raise ConfigError("objectives is empty; name at least one eval set (e.g. 'all')")
-    if len(set(objectives)) != len(objectives):
-        raise ConfigError(f"objectives {objectives} repeat an eval set")
+    s, sampler_obj = _settings(settings, legacy)
     if not isinstance(store, TrajectoryStore):
         store = TrajectoryStore.open(store)
-    unknown = [o for o in objectives if o not in store.eval_names]
+    unknown = [o for o in s.objectives if o not in store.eval_names]
     if unknown:
         raise ConfigError(f"unknown objective eval set(s) {unknown}; the store has {store.eval_names}")
-    if isinstance(sampler, str):
-        sampler_obj = make_sampler(sampler, seed=seed, n_objectives=len(objectives), **(sampler_options or {}))
-    elif isinstance(sampler, optuna.samplers.BaseSampler):
-        sampler_obj = sampler
-    else:
-        raise ConfigError(f"sampler must be a name ({', '.join(SAMPLERS)}) or an optuna sampler, got {type(sampler).__name__}")
+    if sampler_obj is None:
+        sampler_obj = make_sampler(s.sampler, seed=s.seed, n_objectives=len(s.objectives), **s.sampler_options)
     info = BatchInfo.from_plan(store) if info is None else info  # the store carries the plan's domains and metadata
-    sp = get_space(space, info, **(space_options or {}))
+    sp = get_space(s.space, info, **s.space_options)
     if sp.T != store.T:
         raise ConfigError(f"BatchInfo has T = {sp.T} batches but the store has T = {store.T}")
-    storage_obj = make_storage(storage)
-
-    verbosity = optuna.logging.get_verbosity()  # Optuna logs every trial at INFO; keep warnings
     own_backend = backend is None
     if own_backend:
-        from estimators import get_estimator
-
-        backend = SerialBackend(get_estimator(estimator_name, **(estimator_kwargs or {})).fit(store))
-    optuna.logging.set_verbosity(max(verbosity, optuna.logging.WARNING))
+        backend = SerialBackend(get_estimator(s.estimator, **s.estimator_kwargs).fit(store))
     try:
         if backend.T != store.T or list(backend.eval_names) != list(store.eval_names):
             raise ConfigError(
                 f"the backend scores T = {backend.T} batches with eval sets {backend.eval_names}, "
                 f"the store has T = {store.T} and {store.eval_names}; use a backend built on this store"
             )
-        est_name = backend.estimator_name
-        name = study_name or f"{est_name}-{space}-{'+'.join(objectives)}"
-        study = optuna.create_study(
-            storage=storage_obj,
-            sampler=sampler_obj,
-            study_name=name,
-            directions=["minimize"] * len(objectives),
-            load_if_exists=True,
-        )
-        if len(study.directions) != len(objectives):
-            raise ConfigError(
-                f"study {name!r} has {len(study.directions)} objective(s) but {len(objectives)} were given; "
-                "use another study_name or the same objectives"
-            )
-        fresh = len(study.get_trials(deepcopy=False)) == 0
-        meta = {
-            "estimator": est_name,
-            "space": space,
-            "space_options": json.dumps(sp.options, sort_keys=True, default=str),
-            "objectives": objectives,
-            "T": store.T,
-        }
-        check_resume(study, meta)
-        if fresh:
-            _enqueue_fresh(study, sp, backend, objectives, enqueue_heuristics, enqueue_assignment)
-
-        n_complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-        budget = max(0, n_trials - n_complete)
-        obj_idx = torch.tensor([list(backend.eval_names).index(o) for o in objectives])
-
-        def score(trials):
-            orders = torch.stack([sp.suggest(t) for t in trials])  # [k, T]
-            scores = backend.score(orders)  # [k, E]: one backend call per batch
-            values = scores[:, obj_idx]
-            out = []
-            for o, row, v in zip(orders, scores, values):
-                if torch.isfinite(v).all():
-                    value = v.tolist() if len(objectives) > 1 else float(v[0])
-                else:
-                    value = optuna.trial.TrialState.FAIL  # a non-finite estimate
-                out.append((value, {"order": o.tolist(), "estimates": row.tolist()}))
-            return out
-
-        n_run = ask_and_tell(study, budget, batch_size, score, progress=progress, desc=f"search {name}")
-        return collect_result(study, sp, backend, objectives, n_run=n_run, seconds=time.perf_counter() - t0)
+        with optuna_warnings_only():  # Optuna logs every trial at INFO
+            return _search(store, s, sp, backend, sampler_obj, progress, t0)
     finally:
-        optuna.logging.set_verbosity(verbosity)
         if own_backend:
             backend.close()
+
+
+def _search(store, s: SearchSettings, sp: SearchSpace, backend, sampler, progress: bool, t0: float) -> SearchResult:
+    """The resumable part of :func:`run_search`: open, recover, enqueue, ask/tell, collect."""
+    objectives = list(s.objectives)
+    study = _open_study(store, s, sp, backend, sampler)
+    session = Session(study)
+    requeued = recover_stale_trials(study, session)
+    if not study.user_attrs.get(STARTS_ATTR):
+        n = enqueue_starts(study, _starts(sp, backend, s))
+        logger.info("study %r: enqueued %d starting trial(s)", study.study_name, n)
+
+    def complete() -> int:
+        return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+    budget = max(0, s.trials - complete())
+    logger.info("study %r: %d trial(s) to run (of %d)", study.study_name, budget, s.trials)
+    reused: list[int] = []
+    n_run = ask_and_tell(
+        study, budget, s.batch, _scorer(sp, backend, objectives, study, reused), progress=progress,
+        desc=f"search {study.study_name}", session=session, limit=lambda: s.trials - complete(),
+    )
+    res = collect_result(study, sp, backend, objectives, n_run=n_run, seconds=time.perf_counter() - t0)
+    res.requeued, res.n_reused, res.resumed_at = requeued, len(reused), session_starts(study)
+    return res

@@ -118,8 +118,14 @@ def test_short_search_beats_the_reference(store):
     assert any(t.user_attrs.get("source") == "assignment:all" for t in trials)
     (best, est), *_ = res.top(3)
     assert _is_permutation(best, T) and est.shape == (len(store.eval_names),)
-    assert float(res.best_value[0]) <= ref[0].value
+    # the additive estimator's assignment optimum is exact: the search's best is that order,
+    # strictly better than the reference, and no sampled trial beats it
+    additive = get_estimator("additive").fit(store)
+    opt = additive.assignment_optimum("all")
+    assert torch.equal(best, opt) and res.sources[0] == "assignment:all"
+    assert float(res.best_value[0]) < ref[0].value
     assert float(res.best_value[0]) == min(t.value for t in trials)
+    assert float(res.best_value[0]) == float(additive.estimate(opt)[store.eval_names.index("all")])
     # top-k: distinct orders sorted by the objective, estimates match a fresh scoring
     tops = res.top(5)
     assert len({tuple(o.tolist()) for o, _ in tops}) == 5
@@ -200,3 +206,19 @@ def test_ask_and_tell_tells_every_trial_and_fails_the_rest_of_a_batch_that_raise
     with pytest.raises(ValueError, match="returned 1 results for 2 trials"):
         ask_and_tell(study, 2, 2, lambda trials: [(0.0, {})])
     assert [t.state.name for t in study.get_trials(deepcopy=False)[-2:]] == ["FAIL", "FAIL"]
+
+
+def test_search_settings_validate_with_clear_errors_and_the_old_keywords_still_work(store):
+    from currsearch.search import SearchSettings
+
+    s = SearchSettings()
+    assert (s.estimator, s.space, s.sampler, s.trials, s.batch, s.objectives, s.seed, s.storage) == (
+        "additive", "random_keys", "tpe", 128, 32, ("all",), 0, None)
+    for bad, msg in [({"trials": -1}, "trials"), ({"batch": 0}, "batch"), ({"objectives": []}, "is empty"),
+                     ({"objectives": ["all", "all"]}, "repeat"), ({"sampler": "annealing"}, "unknown sampler"),
+                     ({"nope": 1}, "nope")]:
+        with pytest.raises(ConfigError, match=msg):
+            SearchSettings.make(**bad)
+    a = run_search(store, SearchSettings(trials=8, batch=4), progress=False)
+    b = run_search(store, n_trials=8, batch_size=4, estimator_name="additive", progress=False)
+    assert torch.equal(a.orders, b.orders) and a.n_run == 8

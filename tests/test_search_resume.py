@@ -1,0 +1,233 @@
+"""Kill-safe search (issue 16, items 1-4): real Optuna journals, real SIGKILLs, a tiny recorded store.
+
+A "kill" is a real ``SIGKILL`` of a child process at a chosen point (the child patches one
+function to kill itself there), or, where nothing runs between the kill point and the end
+of the process, an injected ``BaseException`` that no cleanup code catches.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from currsearch.backends import SerialBackend
+from currsearch.record import record
+from currsearch.search import make_storage, run_search
+from estimators import get_estimator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_cfg, tmp_path_factory):
+    s = record(tiny_cfg.replace(record={"projection_dim": 32}), tmp_path_factory.mktemp("resume") / "s", progress=False)
+    s.trainer()
+    return s
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: no ``except Exception`` cleanup catches it."""
+
+
+class CountingBackend(SerialBackend):
+    """A real serial backend that remembers every order it scored (a spy, not a mock)."""
+
+    def __init__(self, estimator):
+        super().__init__(estimator)
+        self.scored: list[tuple] = []
+
+    def score(self, orders):
+        self.scored += [tuple(o.tolist()) for o in torch.as_tensor(orders).view(-1, self.T)]
+        return super().score(orders)
+
+
+def _child(code: str, cwd, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+def _kill_child_at(store, journal, point: str, n: int, cwd, trials=24, batch=8) -> None:
+    """Run a search in a child process that SIGKILLs itself at the ``n``-th call of ``point``."""
+    code = f"""
+    import os, signal
+    import optuna
+    from currsearch import backends
+    targets = {{"enqueue": (optuna.Study, "enqueue_trial"), "score": (backends.SerialBackend, "score"),
+               "ask": (optuna.Study, "ask")}}
+    owner, attr = targets[{point!r}]
+    real, calls = getattr(owner, attr), [0]
+    def patched(*a, **k):
+        calls[0] += 1
+        if calls[0] == {n}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*a, **k)
+    setattr(owner, attr, patched)
+    from currsearch.search import run_search
+    run_search({str(store.path)!r}, n_trials={trials}, batch_size={batch}, storage={str(journal)!r}, progress=False)
+    """
+    p = _child(code, cwd)
+    assert p.returncode == -9, p.stderr[-3000:]
+
+
+def _rows(res):
+    return {tuple(o.tolist()): e.tolist() for o, e in zip(res.orders, res.estimates)}
+
+
+# ---------------------------------------------------------------- 1. the journal lock
+
+
+def test_a_kill_holding_the_lock_of_a_relative_journal_does_not_hang_the_rerun(store, tmp_path):
+    journal = "runs/main/study.journal"  # relative, like the default --out runs/main
+    code = f"""
+    import os, signal
+    from optuna.storages import journal
+    def die(self):  # killed while holding the journal lock
+        os.kill(os.getpid(), signal.SIGKILL)
+    journal.JournalFileSymlinkLock.release = die
+    journal.JournalFileOpenLock.release = die
+    from currsearch.search import run_search
+    run_search({str(store.path)!r}, n_trials=4, batch_size=4, storage={journal!r}, progress=False)
+    """
+    assert _child(code, tmp_path).returncode == -9
+    lock = tmp_path / (journal + ".lock")
+    assert os.path.lexists(lock)  # the stale lock is left behind
+    old = time.time() - 45  # the rerun comes 45 s later (the lock is older than Optuna's 30 s grace)
+    os.utime(lock, (old, old), follow_symlinks=False)
+    rerun = f"""
+    from currsearch.search import run_search
+    print(run_search({str(store.path)!r}, n_trials=4, batch_size=4, storage={journal!r}, progress=False).n_trials)
+    """
+    t0 = time.perf_counter()
+    p = _child(rerun, tmp_path, timeout=30)  # before the fix: loops forever on a symlink that points nowhere
+    assert p.returncode == 0 and p.stdout.split()[-1] == "4", p.stderr[-3000:]
+    assert time.perf_counter() - t0 < 25
+
+
+def test_a_fresh_stale_lock_is_released_within_the_grace_period(store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = """
+    import os, signal
+    from optuna.storages import journal
+    def die(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+    journal.JournalFileSymlinkLock.release = die
+    from currsearch.search import make_storage
+    import optuna
+    optuna.create_study(storage=make_storage("rel/s.journal"), study_name="x")
+    """
+    assert _child(code, tmp_path).returncode == -9
+    t0 = time.perf_counter()
+    storage = make_storage("rel/s.journal", lock_grace_s=2)  # rerun at once; the lock is 0 s old
+    optuna.create_study(storage=storage, study_name="y")
+    assert time.perf_counter() - t0 < 10
+
+
+# ---------------------------------------------------------------- 2-3. kills at three points
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(store, tmp_path_factory):
+    journal = tmp_path_factory.mktemp("ref") / "study.journal"
+    return run_search(store, n_trials=24, batch_size=8, storage=str(journal), progress=False)
+
+
+def _check_rerun_matches(store, journal, uninterrupted, exact: bool):
+    res = run_search(store, n_trials=24, batch_size=8, storage=str(journal), progress=False)
+    trials = res.study.get_trials(deepcopy=False)
+    assert not [t.number for t in trials if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)]
+    assert res.n_trials == uninterrupted.n_trials == 24
+    sources = [t.user_attrs["source"] for t in trials if t.state.name == "COMPLETE" and t.user_attrs.get("source")]
+    ref_sources = [t.user_attrs["source"] for t in uninterrupted.study.trials if t.user_attrs.get("source")]
+    assert sorted(sources) == sorted(ref_sources)  # every start evaluated, exactly once
+    assert torch.equal(res.best_order, uninterrupted.best_order)  # the additive optimum is among the starts
+    if exact:
+        assert _rows(res) == _rows(uninterrupted)
+    else:  # sampled after a restart: the result names where its fresh sampler took over
+        assert res.resumed_at, "a resumed study must name the trials sampled after the restart"
+        got, ref = _rows(res), _rows(uninterrupted)
+        late = {tuple(t.user_attrs["order"]) for t in trials
+                if t.number >= min(res.resumed_at) and t.state.name == "COMPLETE" and "source" not in t.user_attrs}
+        assert set(got) - set(ref) <= late  # only trials sampled after the restart differ
+        assert all(got[o] == ref[o] for o in set(got) & set(ref))
+        assert len(set(got) - set(ref)) < len(late)  # and not all of them
+    return res
+
+
+def test_kill_while_the_starting_trials_are_queued(store, tmp_path, uninterrupted):
+    journal = tmp_path / "study.journal"
+    _kill_child_at(store, journal, "enqueue", 3, tmp_path)
+    _check_rerun_matches(store, journal, uninterrupted, exact=True)
+
+
+def test_kill_mid_batch_after_ask_before_tell(store, tmp_path, uninterrupted):
+    journal = tmp_path / "study.journal"
+    _kill_child_at(store, journal, "score", 1, tmp_path)  # the first batch: 8 trials RUNNING
+    stranded = [t.number for t in make_storage(journal).get_all_trials(0) if t.state.name == "RUNNING"]
+    assert len(stranded) == 8
+    res = _check_rerun_matches(store, journal, uninterrupted, exact=False)  # the killed sampler had drawn some
+    assert res.requeued == stranded  # named in the result
+
+
+def test_kill_between_batches(store, tmp_path, uninterrupted):
+    journal = tmp_path / "study.journal"
+    _kill_child_at(store, journal, "ask", 17, tmp_path)  # after two batches were told
+    _check_rerun_matches(store, journal, uninterrupted, exact=False)
+
+
+def test_in_process_kill_during_enqueue_then_resume(store, tmp_path, monkeypatch, uninterrupted):
+    journal = tmp_path / "study.journal"
+    real, calls = optuna.Study.enqueue_trial, [0]
+
+    def dying(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise Killed()
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", dying)
+    with pytest.raises(Killed):
+        run_search(store, n_trials=24, batch_size=8, storage=str(journal), progress=False)
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", real)
+    _check_rerun_matches(store, journal, uninterrupted, exact=True)
+
+
+# ---------------------------------------------------------------- 4. two searches on one journal
+
+
+def test_two_searches_on_one_journal_never_score_an_order_twice(store, tmp_path, monkeypatch):
+    journal = str(tmp_path / "study.journal")
+    est = get_estimator("additive").fit(store)
+    a, b = CountingBackend(est), CountingBackend(est)
+    real, state = optuna.Study.enqueue_trial, {"raced": False}
+
+    def racing(self, *args, **kw):  # B starts and enqueues its starts while A is enqueueing
+        if not state["raced"]:
+            state["raced"] = True
+            run_search(store, n_trials=0, storage=journal, backend=b, progress=False)
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", racing)
+    run_search(store, n_trials=8, batch_size=8, storage=journal, backend=a, progress=False)
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", real)
+    res = run_search(store, n_trials=16, batch_size=8, storage=journal, backend=b, progress=False)
+    scored = a.scored + b.scored
+    assert len(scored) == len(set(scored))  # no order scored twice
+    complete = res.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 16
+    orders = [tuple(t.user_attrs["order"]) for t in complete]
+    assert len(set(orders)) >= 15  # at most the one start enqueued during the race is repeated
+    # a duplicate trial (same parameters) is told the stored value, not scored
+    first = complete[0]
+    res.study.enqueue_trial(first.params)
+    n_scored = len(b.scored)
+    again = run_search(store, n_trials=17, batch_size=8, storage=journal, backend=b, progress=False)
+    assert len(b.scored) == n_scored and again.n_reused == 1
+    dup = again.study.trials[-1]
+    assert dup.values == first.values and dup.user_attrs["reused_from"] == first.number
