@@ -7,7 +7,7 @@ files (:func:`write_json`, through :func:`currsearch.results.to_json`). Compute 
 import this package.
 """
 
-from .common import fmt, history_plot, json_safe, markdown_table, pyplot, save_figure, to_json, write_json, write_result_files
+from .common import fmt, history_plot, json_safe, markdown_table, pyplot, save_figure, study_history_plot, to_json, write_json, write_result_files
 
-__all__ = ["fmt", "history_plot", "json_safe", "markdown_table", "pyplot", "save_figure", "to_json", "write_json",
+__all__ = ["fmt", "history_plot", "json_safe", "markdown_table", "pyplot", "save_figure", "study_history_plot", "to_json", "write_json",
            "write_result_files"]

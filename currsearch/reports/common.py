@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import optuna
+
 from ..results import json_safe, to_json
 
 
@@ -106,5 +108,15 @@ def history_plot(path, xs: Sequence[float], ys: Sequence[float], xlabel: str, yl
     return save_figure(fig, path)
 
 
-__all__ = ["fmt", "history_plot", "json_safe", "markdown_table", "pyplot", "save_figure", "to_json", "write_json",
+def study_history_plot(path, study, ylabel: str, title: str, transform=None) -> Path | None:
+    """:func:`~currsearch.reports.common.history_plot` of the complete trials of an Optuna study
+    (first objective value, optionally transformed, e.g. ``math.exp``); None when none is complete."""
+    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not trials:
+        return None
+    ys = [t.values[0] if transform is None else transform(t.values[0]) for t in trials]
+    return history_plot(path, [t.number for t in trials], ys, "trial number", ylabel, title)
+
+
+__all__ = ["fmt", "history_plot", "json_safe", "markdown_table", "pyplot", "save_figure", "study_history_plot", "to_json", "write_json",
            "write_result_files"]

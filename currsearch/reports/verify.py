@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import optuna
 import torch
 from matplotlib.patches import Patch
 
 from ..export import export_order
 from ..results import to_json
 from ..verify import VerificationResult, VerificationSummary, summarize
-from .common import fmt, history_plot, markdown_table, pyplot, save_figure, write_json
+from .common import fmt, markdown_table, pyplot, save_figure, study_history_plot, write_json
 
 
 def _fmt(x) -> str:
@@ -55,16 +54,6 @@ def render_markdown(result: VerificationResult, summary: VerificationSummary) ->
     return ("# Search and verification report\n\nLosses are final eval losses in nats/token (lower is better); "
             "'estimated' comes from the surrogate, 'verified' from real retraining.\n\n"
             + "\n".join(markdown_table(header, rows)) + "\n\n" + verdict + "\n")
-
-
-def study_history_plot(path, study, ylabel: str, title: str, transform=None) -> Path | None:
-    """:func:`~currsearch.reports.common.history_plot` of the complete trials of an Optuna study
-    (first objective value, optionally transformed, e.g. ``math.exp``); None when none is complete."""
-    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not trials:
-        return None
-    ys = [t.values[0] if transform is None else transform(t.values[0]) for t in trials]
-    return history_plot(path, [t.number for t in trials], ys, "trial number", ylabel, title)
 
 
 def _domains_plot(path, name: str, order: list[int], domains: list[str]) -> Path:
