@@ -225,8 +225,8 @@ class PositionResult:
     reference: dict
     grid: dict
     validation: dict
-    summary: dict | None
     seconds: dict
+    summary: dict | None
 
     @classmethod
     def from_json(cls, d: dict) -> PositionResult:
