@@ -82,9 +82,11 @@ def _estimate(args) -> int:
 
 def _validate(args) -> int:
     from .ablate import validate_subsets
+    from .reports.ablate import write_validation_report
 
     out = args.out or str(Path(args.models) / "validate")
-    res = validate_subsets(args.models, out, max_subsets=args.max_subsets, seed=args.seed, progress=not args.quiet)
+    res = validate_subsets(args.models, max_subsets=args.max_subsets, seed=args.seed, progress=not args.quiet)
+    write_validation_report(res, out)
     print(f"{len(res['subsets'])} subsets ({'all' if res['exhaustive'] else 'sample'}), merged vs real perplexity:")
     print(f"{'eval set':<10} {'rho':>7} {'r(ppl)':>7} {'rho|S|>=2':>10} {'r|S|>=2':>8}")
     fmt = lambda x: "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"  # noqa: E731
@@ -99,11 +101,13 @@ def _validate(args) -> int:
 
 def _search(args) -> int:
     from .ablate import run_subset_search
+    from .reports.ablate import write_search_report
 
     out = args.out or str(Path(args.models) / "search")
-    res = run_subset_search(args.models, out, n_trials=args.trials, sampler=args.sampler, weights=args.weights,
-                            objective=args.objective, top_k=args.top_k, seed=args.seed, batch_size=args.batch,
-                            storage=args.storage, progress=not args.quiet)
+    res, study = run_subset_search(args.models, out, n_trials=args.trials, sampler=args.sampler, weights=args.weights,
+                                   objective=args.objective, top_k=args.top_k, seed=args.seed, batch_size=args.batch,
+                                   storage=args.storage, progress=not args.quiet)
+    write_search_report(res, out, study)
     s, obj = res["summary"], res["summary"]["objective"]
     print(f"study {res['search']['study']!r}: {res['search']['n_trials']} trials ({res['search']['n_run']} run now), "
           f"{res['search']['distinct']} distinct candidates")

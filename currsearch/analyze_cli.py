@@ -69,7 +69,8 @@ def open_or_record(store_dir: Path, config: str | None, overrides: list[str], pr
 def main(argv: list[str] | None = None) -> int:
     """Run the position analysis; returns the exit status (2 with one ``error:`` line on bad input)."""
     from .errors import ConfigError, CurrsearchError
-    from .positions import analyze_positions, default_positions, write_position_report
+    from .positions import analyze_positions, default_positions
+    from .reports.positions import write_position_report
 
     args = build_parser().parse_args(argv)
     out = Path(args.out)
@@ -92,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_position_report(result, out)
-    s, m = result["summary"], result["validation"]["metrics"]
-    print(f"{result['n_cells']} cells ({len(result['batch_ids'])} batches x {len(result['positions'])} positions), "
-          f"estimated with {result['estimator']} in {result['seconds']['estimate']:.1f} s; "
-          f"{result['validation']['n_cells']} cells verified by {result['validation']['n_trainings']} training runs")
+    s, m = result.summary, result.validation["metrics"]
+    print(f"{result.n_cells} cells ({len(result.batch_ids)} batches x {len(result.positions)} positions), "
+          f"estimated with {result.estimator} in {result.seconds['estimate']:.1f} s; "
+          f"{result.validation['n_cells']} cells verified by {result.validation['n_trainings']} training runs")
     print(f"recency (last - first) {s['recency']['mean']:+.4f}, forgetting {s['forgetting']['mean_per_position']:+.3g} "
           f"per position earlier, own-domain eval {s['interference']['own_domain']:+.4f} vs other domains "
           f"{s['interference']['other_domains']:+.4f} (nats/token)")

@@ -184,7 +184,8 @@ def cmd_search(args) -> int:
 
 
 def _trust_region(args) -> int:
-    from .trust_region import run_trust_region, write_trust_region_report
+    from .reports.trust_region import write_trust_region_report
+    from .trust_region import run_trust_region
 
     if args.store or args.backend != "serial" or len(args.objectives) != 1:
         raise ConfigError("--rounds records its own stores (OUT/round_R/store), scores serially and minimizes one "
@@ -209,7 +210,9 @@ def cmd_run(args) -> int:
     from .backends import SerialBackend
     from .record import record
     from .search import run_search
-    from .verify import baseline_orders, summarize, verify, write_report
+    from .reports.trust_region import write_trust_region_report
+    from .reports.verify import write_report
+    from .verify import baseline_orders, summarize, verify
 
     cfg = resolve_config(args.config, args.set)
     args.estimator, args.trials, args.batch = _defaults(args, "calibrated-interactions", 128, 32)
@@ -231,28 +234,30 @@ def cmd_run(args) -> int:
     if not quiet:
         print(f"verifying {len(candidates)} orders by real training")
     result = verify(trainer, candidates, estimates, progress=not quiet)
-    result["search"] = _top_json(res, args.top_k)
+    result = result.with_search(_top_json(res, args.top_k))
     if args.rounds:
         from .trust_region import refine_verified
 
         if not quiet:
             print(f"trust-region rounds from the best verified order ({args.rounds} rounds, fut1-hvp)")
-        refine_verified(cfg, out / "trust_region", result, rounds=args.rounds, objective=args.objectives[0],
-                        progress=not quiet, trainer=trainer, estimator=estimator, trials=args.tr_trials, top_k=2, seed=args.seed)
+        result, tr_res = refine_verified(cfg, out / "trust_region", result, rounds=args.rounds, objective=args.objectives[0],
+                                         progress=not quiet, trainer=trainer, estimator=estimator, trials=args.tr_trials,
+                                         top_k=2, seed=args.seed)
+        write_trust_region_report(tr_res, out / "trust_region")
     paths = write_report(out / "report", result, res.study)
     s = summarize(result)
     print(f"{'candidate':<20} {'kind':<10} {'estimated all':>14} {'verified all':>13}")
-    for name, v in sorted(result["candidates"].items(), key=lambda kv: kv[1]["verified"]["all"]):
-        e = v["estimated"]["all"] if v["estimated"] else float("nan")
-        print(f"{name:<20} {v['kind']:<10} {e:>14.4f} {v['verified']['all']:>13.4f}")
-    tr = result.get("trust_region")
+    for name, v in sorted(result.candidates.items(), key=lambda kv: kv[1].verified["all"]):
+        e = v.estimated["all"] if v.estimated else float("nan")
+        print(f"{name:<20} {v.kind:<10} {e:>14.4f} {v.verified['all']:>13.4f}")
+    tr = result.trust_region
     if tr:
-        print(f"trust region: {tr['rounds']} rounds from {tr['start']} ({tr['start_loss']:.4f}) to {tr['final_loss']:.4f} "
-              f"(gain {tr['gain']:.4f} nats/token, {tr['verified_runs']} real training runs)")
-    if s["best_searched"]:
-        print(f"best searched {s['best_searched']} ({s['best_searched_loss']:.4f}) "
-              f"{'beats' if s['beats_random_median'] else 'does not beat'} the random median "
-              f"({s['random_median_loss']:.4f}) and {'beats' if s['beats_all_heuristics'] else 'does not beat'} "
+        print(f"trust region: {tr.rounds} rounds from {tr.start} ({tr.start_loss:.4f}) to {tr.final_loss:.4f} "
+              f"(gain {tr.gain:.4f} nats/token, {tr.verified_runs} real training runs)")
+    if s.best_searched:
+        print(f"best searched {s.best_searched} ({s.best_searched_loss:.4f}) "
+              f"{'beats' if s.beats_random_median else 'does not beat'} the random median "
+              f"({s.random_median_loss:.4f}) and {'beats' if s.beats_all_heuristics else 'does not beat'} "
               "every heuristic")
     print(f"report: {paths[1]}")
     return 0

@@ -9,7 +9,8 @@ set, metrics as a function of the Kendall distance to the reference, and costs::
     run_fidelity_settings(cfg, ["additive"], "runs/fidelity")   # fresh and warm Adam state
 
 Files written per setting: ``fidelity.json``, ``fidelity.md``, ``scatter_<estimator>.png``,
-``rho_vs_distance.png``. Non-finite numbers are written to JSON as ``null``.
+``rho_vs_distance.png`` (:mod:`currsearch.reports.fidelity`). Non-finite numbers are written
+to JSON as ``null``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
+from tqdm.auto import tqdm
+
+from estimators.base import get_estimator
 
 from .errors import ConfigError, StoreError
 from .orders import random_transpositions
-from .reports import fmt, pyplot, save_figure, write_result_files
+from .record import record
+from .train import Trainer
 
 #: Bin edges of the normalized Kendall distance to the reference; the last bin is closed.
 DISTANCE_BINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 1.0)
@@ -96,10 +102,11 @@ class HeldoutOrder:
     @property
     def group(self) -> str:
         """Kind with the ``-k`` of ``near-k`` dropped (``"near"``)."""
-        return _group(self.kind)
+        return group_of(self.kind)
 
 
-def _group(kind: str) -> str:
+def group_of(kind: str) -> str:
+    """Order group of a held-out order kind: ``near-k`` -> ``"near"``, others unchanged."""
     return "near" if kind.startswith("near-") else kind
 
 
@@ -181,8 +188,6 @@ def fidelity_metrics(est: torch.Tensor, true: torch.Tensor) -> dict:
     Raises:
         ValueError: ``est`` and ``true`` differ in length.
     """
-    from scipy import stats
-
     e = torch.as_tensor(est, dtype=torch.float64).reshape(-1).cpu().numpy()
     t = torch.as_tensor(true, dtype=torch.float64).reshape(-1).cpu().numpy()
     if e.shape != t.shape:
@@ -219,17 +224,40 @@ def retrain_orders(trainer, orders: list[HeldoutOrder], progress: bool = True) -
     The warm-up phase runs (and is cached) before timing starts; the timed call includes evaluation.
     """
     trainer.window_start(progress=progress)
-    it = orders
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(orders, desc="retraining held-out orders", unit="order")
     losses, seconds = [], 0.0
-    for h in it:
+    for h in tqdm(orders, desc="retraining held-out orders", unit="order", disable=not progress):
         t0 = time.perf_counter()
         losses.append(trainer.train(h.order).eval_losses)
         seconds += time.perf_counter() - t0
     return torch.stack(losses).to(torch.float64), seconds / max(len(orders), 1)
+
+
+def _score_estimator(name: str, est, all_orders: torch.Tensor, true: torch.Tensor, eval_names: list[str], subsets: dict,
+                     bins: torch.Tensor, cost: dict) -> dict:
+    """One estimator's entry of :func:`evaluate_estimators`: its estimates of ``all_orders``
+    (timed, one call), metrics per eval set and subset, metrics by distance bin, and ``cost``
+    completed with the estimate time per order and the speedup over retraining."""
+    missing = [e for e in eval_names if e not in est.eval_names]
+    if missing:
+        raise StoreError(f"estimator {name!r} gives eval sets {est.eval_names}, lacking {missing}; re-record the store for this config")
+    cols = [est.eval_names.index(e) for e in eval_names]
+    t0 = time.perf_counter()
+    out = est.estimate(all_orders).detach().to("cpu", torch.float64)
+    per_order = (time.perf_counter() - t0) / all_orders.shape[0]
+    out = out[:, cols]
+    metrics, by_dist = {}, {}
+    for j, ev in enumerate(eval_names):
+        metrics[ev] = {s: fidelity_metrics(out[m, j], true[m, j]) for s, m in subsets.items()}
+        by_dist[ev] = []
+        for b in range(len(DISTANCE_BINS) - 1):
+            m = fidelity_metrics(out[bins == b, j], true[bins == b, j])
+            by_dist[ev].append({"bin": [DISTANCE_BINS[b], DISTANCE_BINS[b + 1]], "n": m["n"],
+                                "spearman": m["spearman"], "absdiff": m["absdiff"], "spread": m["spread"]})
+    retrain = cost["retrain_seconds_per_order"]
+    return {"estimates": out.tolist(), "metrics": metrics, "by_distance": by_dist,
+            "cost": {"estimate_seconds_per_order": per_order, "retrain_seconds_per_order": retrain,
+                     "speedup": retrain / per_order if per_order > 0 else float("inf"),
+                     **{k: v for k, v in cost.items() if k != "retrain_seconds_per_order"}}}
 
 
 def evaluate_estimators(
@@ -248,7 +276,7 @@ def evaluate_estimators(
         store_info: ``{"bytes", "record_seconds", "reference_seconds", ...}`` of the store.
 
     Returns:
-        The result dict (see :func:`write_report`): ``orders``, ``true_losses``, ``store``,
+        The result dict (see :func:`currsearch.reports.fidelity.write_report`): ``orders``, ``true_losses``, ``store``,
         ``retrain_seconds_per_order`` and per estimator ``estimates``, ``metrics[eval][subset]``,
         ``by_distance[eval]`` and ``cost``.
 
@@ -275,129 +303,17 @@ def evaluate_estimators(
         "estimators": {},
     }
     for name, est in estimators.items():
-        missing = [e for e in eval_names if e not in est.eval_names]
-        if missing:
-            raise StoreError(f"estimator {name!r} gives eval sets {est.eval_names}, lacking {missing}; re-record the store for this config")
-        cols = [est.eval_names.index(e) for e in eval_names]
-        t0 = time.perf_counter()
-        out = est.estimate(all_orders).detach().to("cpu", torch.float64)
-        per_order = (time.perf_counter() - t0) / len(orders)
-        out = out[:, cols]
-        metrics, by_dist = {}, {}
-        for j, ev in enumerate(eval_names):
-            metrics[ev] = {s: fidelity_metrics(out[m, j], true[m, j]) for s, m in subsets.items()}
-            by_dist[ev] = []
-            for b in range(len(DISTANCE_BINS) - 1):
-                m = fidelity_metrics(out[bins == b, j], true[bins == b, j])
-                by_dist[ev].append({"bin": [DISTANCE_BINS[b], DISTANCE_BINS[b + 1]], "n": m["n"],
-                                    "spearman": m["spearman"], "absdiff": m["absdiff"], "spread": m["spread"]})
-        result["estimators"][name] = {
-            "estimates": out.tolist(),
-            "metrics": metrics,
-            "by_distance": by_dist,
-            "cost": {
-                "estimate_seconds_per_order": per_order,
-                "retrain_seconds_per_order": retrain_seconds_per_order,
-                "speedup": retrain_seconds_per_order / per_order if per_order > 0 else float("inf"),
-                "fit_seconds": (fit_seconds or {}).get(name, nan),
-                "store_bytes": store.get("bytes", nan),
-                "record_seconds": rec_s,
-                "record_over_reference": rec_s / ref_s if ref_s and ref_s > 0 else nan,
-            },
-        }
+        result["estimators"][name] = _score_estimator(name, est, all_orders, true, list(eval_names), subsets, bins, {
+            "retrain_seconds_per_order": retrain_seconds_per_order, "fit_seconds": (fit_seconds or {}).get(name, nan),
+            "store_bytes": store.get("bytes", nan), "record_seconds": rec_s,
+            "record_over_reference": rec_s / ref_s if ref_s and ref_s > 0 else nan})
     return result
-
-
-def _num(x) -> float:
-    return float("nan") if x is None else float(x)
-
-
-def _fmt(x, spec: str = ".3f") -> str:
-    return fmt(x, spec)
-
-
-def _row(cells) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def _bin_labels(edges) -> list[str]:
-    return [f"[{lo:g}, {hi:g}{']' if hi >= 1 else ')'}" for lo, hi in zip(edges, edges[1:])]
-
-
-def _main_eval(result: dict) -> tuple[str, int]:
-    ev = "all" if "all" in result["eval_names"] else result["eval_names"][-1]
-    return ev, result["eval_names"].index(ev)
-
-
-def render_markdown(result: dict, title: str = "") -> str:
-    """Markdown summary of one setting's result on eval set ``"all"``: a metrics table and a
-    rho / AbsDiff vs distance table, one row per estimator."""
-    (ev, j), ests, st = _main_eval(result), result["estimators"], result["store"]
-    true = np.array(result["true_losses"])[:, j]
-    lines = [f"## {title or result.get('setting', 'fidelity')}", "",
-             f"{len(true)} held-out orders, T = {len(result['orders'][0]['order'])}; true loss (`{ev}`) "
-             f"{true.min():.4f} to {true.max():.4f} nats/token (std {_fmt(float(np.std(true, ddof=1)) if len(true) > 1 else None, '.4f')}); "
-             f"retrain {_fmt(result['retrain_seconds_per_order'], '.3g')} s/order; store {_fmt(st.get('bytes'), ',')} bytes "
-             f"(formula {_fmt(st.get('formula_bytes'), ',')}), "
-             f"recorded in {_fmt(st.get('record_seconds'), '.3g')} s.", "",
-             _row(["estimator", "rho all", "rho random", "rho near", "AbsDiff", "err / spread", "top-1", "top-5", "speedup"]),
-             _row(["---"] * 9)]
-    for name, r in ests.items():
-        m, a = r["metrics"][ev], r["metrics"][ev]["all"]
-        lines.append(_row([name] + [_fmt(m[s]["spearman"]) for s in ("all", "random", "near")] + [
-            _fmt(a["absdiff"], ".4f"), _fmt(a["err_frac_of_spread"], ".2f"), _fmt(a["top1"], ".0f"), _fmt(a["top5"], ".2f"),
-            _fmt(r["cost"]["speedup"], ",.0f" if r["cost"]["speedup"] >= 10 else ".2g") + "x"]))
-    labels = _bin_labels(result["distance_bins"])
-    lines += ["", f"Spearman rho / AbsDiff (nats/token) by normalized Kendall distance to the reference (`{ev}`):", "",
-              _row(["estimator"] + labels), _row(["---"] * (len(labels) + 1))]
-    for name, r in ests.items():
-        lines.append(_row([name] + [f"{_fmt(d['spearman'], '.2f')} / {_fmt(d['absdiff'], '.4f')}" for d in r["by_distance"][ev]]))
-    if ests:
-        first = next(iter(ests.values()))["by_distance"][ev]
-        lines.append(_row(["true spread (n)"] + [f"{_fmt(d['spread'], '.4f')} ({d['n']})" for d in first]))
-    return "\n".join(lines) + "\n"
-
-
-def write_report(result: dict, out_dir) -> list[Path]:
-    """Write ``fidelity.json`` (the whole result, NaN as null), ``fidelity.md``,
-    ``scatter_<estimator>.png`` and ``rho_vs_distance.png`` into ``out_dir``; returns the paths."""
-    out = Path(out_dir)
-    paths = write_result_files(out, "fidelity", result, f"# Fidelity benchmark\n\n{render_markdown(result)}")
-    plt = pyplot()
-    ev, j = _main_eval(result)
-    true = np.array(result["true_losses"])[:, j]
-    groups = np.array([_group(o["kind"]) for o in result["orders"]])
-
-    for name, r in result["estimators"].items():
-        est = np.array(r["estimates"])[:, j]
-        fig, ax = plt.subplots(figsize=(5, 5))
-        for g in dict.fromkeys(groups):
-            ax.scatter(true[groups == g], est[groups == g], label=g, s=18)
-        lo, hi = min(true.min(), est.min()), max(true.max(), est.max())
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
-        ax.set(xlabel=f"true final loss, {ev} (nats/token)", ylabel="estimated (nats/token)",
-               title=f"{name}: rho = {_fmt(r['metrics'][ev]['all']['spearman'], '.2f')}")
-        ax.legend(fontsize=7)
-        paths.append(save_figure(fig, out / f"scatter_{name}.png"))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    x = np.arange(len(result["distance_bins"]) - 1)
-    for name, r in result["estimators"].items():
-        for ax, key in zip(axes, ("spearman", "absdiff")):
-            ax.plot(x, [_num(b[key]) for b in r["by_distance"][ev]], "o-", label=name)
-    if result["estimators"]:
-        first = next(iter(result["estimators"].values()))["by_distance"][ev]
-        axes[1].plot(x, [_num(b["spread"]) for b in first], "k--", label="true spread")
-    for ax, yl in zip(axes, ("Spearman rho", f"AbsDiff, {ev} (nats/token)")):
-        ax.set_xticks(x, _bin_labels(result["distance_bins"]), fontsize=7)
-        ax.set(xlabel="normalized Kendall distance to the reference", ylabel=yl)
-        ax.legend(fontsize=7)
-    paths.append(save_figure(fig, out / "rho_vs_distance.png"))
-    return paths
 
 
 def run_fidelity(cfg, estimator_names: list[str], out_dir, n_random: int = 30, n_near: int = 5, seed: int = 0,
                  store_dir=None, progress: bool = True) -> dict:
-    """Record (or reuse) the store for ``cfg``, retrain held-out orders, score estimators, write the report.
+    """Record (or reuse) the store for ``cfg``, retrain held-out orders, score estimators (write the
+    report with :func:`currsearch.reports.fidelity.write_report`).
 
     Args:
         cfg: the experiment :class:`~currsearch.config.Config`.
@@ -406,17 +322,12 @@ def run_fidelity(cfg, estimator_names: list[str], out_dir, n_random: int = 30, n
         n_random, n_near, seed: see :func:`heldout_orders`.
 
     Returns:
-        The result dict written to ``out_dir/fidelity.json`` (NaN kept as float here).
+        The result dict (NaN kept as float here; null in ``fidelity.json``).
 
     Raises:
         ConfigError: no or unknown estimator names, invalid counts. StoreError: the store does
             not fit an estimator. Recorder and Trainer errors pass through.
     """
-    from estimators.base import get_estimator
-
-    from .record import record
-    from .train import Trainer
-
     if not estimator_names:
         raise ConfigError("give at least one estimator name, e.g. --estimators additive")
     for name in estimator_names:
@@ -441,7 +352,6 @@ def run_fidelity(cfg, estimator_names: list[str], out_dir, n_random: int = 30, n
     result = evaluate_estimators(orders, true, list(trainer.plan.eval_names), fitted, retrain_s, fit_s, info)
     setting = "warm" if cfg.train.carry_optimizer_state else "fresh"
     result = {"setting": setting, "config": cfg.to_dict(), "seed": seed, "n_random": n_random, "n_near": n_near, **result}
-    write_report(result, out)
     return result
 
 
@@ -449,7 +359,8 @@ def run_fidelity_settings(cfg, estimator_names: list[str], out_dir, settings=("f
                           **kwargs) -> dict:
     """:func:`run_fidelity` once per optimizer-state setting (``"fresh"``: Adam state reset at
     the window start; ``"warm"``: carried from the warm-up phase) into ``out_dir/<setting>``
-    (stores in ``store_dir/<setting>`` when given), plus a combined ``out_dir/fidelity.md``.
+    (stores in ``store_dir/<setting>`` when given). Write the reports with
+    :func:`currsearch.reports.fidelity.write_settings_report`.
 
     Returns:
         ``{setting: result dict}``.
@@ -465,7 +376,4 @@ def run_fidelity_settings(cfg, estimator_names: list[str], out_dir, settings=("f
     for s in settings:
         results[s] = run_fidelity(cfg.replace(train={"carry_optimizer_state": SETTINGS[s]}), estimator_names, out / s,
                                   store_dir=Path(store_dir) / s if store_dir else None, **kwargs)
-    titles = {"fresh": "fresh Adam state at the window start", "warm": "Adam state carried from the warm-up phase"}
-    body = "\n".join(render_markdown(r, f"{s}: {titles[s]}") for s, r in results.items())
-    (out / "fidelity.md").write_text(f"# Fidelity benchmark\n\n{body}")
     return results

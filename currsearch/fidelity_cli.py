@@ -35,15 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import resolve_config
     from .errors import CurrsearchError
     from .fidelity import run_fidelity_settings
+    from .reports.fidelity import write_settings_report
 
     args = build_parser().parse_args(argv)
     try:
         cfg = resolve_config(args.config, args.set)
-        run_fidelity_settings(cfg, args.estimators, args.out, settings=args.settings, store_dir=args.store_dir,
-                              n_random=args.n_random, n_near=args.n_near, seed=args.seed, progress=not args.quiet)
+        results = run_fidelity_settings(cfg, args.estimators, args.out, settings=args.settings, store_dir=args.store_dir,
+                                        n_random=args.n_random, n_near=args.n_near, seed=args.seed, progress=not args.quiet)
     except CurrsearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    write_settings_report(results, args.out)
     print(f"wrote {args.out}/fidelity.md")
     return 0
 

@@ -17,21 +17,154 @@ incumbent order and moves only on real-training evidence:
    when no verified candidate improved, and stays otherwise.
 
 ``trust_region.json`` (rewritten atomically after every round) makes a rerun skip finished
-rounds. :func:`write_trust_region_report` writes markdown and a PNG of verified loss per round.
+rounds. :func:`currsearch.reports.trust_region.write_trust_region_report` writes markdown and a PNG of
+verified loss per round.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from estimators import get_estimator
+
+from .backends import SerialBackend
 from .config import Config
 from .errors import ConfigError
 from .manifest import TRAJECTORY_SECTIONS, atomic_write_bytes, config_diff
-from .reports import pyplot, save_figure
+from .orders import validate_orders
+from .record import record
+from .results import to_json
+from .search import run_search
+from .train import Trainer
+from .verify import RefinementSummary, VerificationResult, verify
+
+logger = logging.getLogger(__name__)
+
+
+class TrustRegionSettings(BaseModel):
+    """Settings of :func:`run_trust_region`, the single source of their defaults.
+
+    Attributes:
+        rounds: number of rounds R >= 1.
+        estimator: registered estimator name (default ``fut1-hvp``, the one accurate near the
+            recorded run); estimator_kwargs: its keyword arguments (e.g. ``{"chunk": 4}``).
+        radius: initial trust-region radius, in transpositions (>= 1).
+        trials: estimated orders per round (Optuna trials, the incumbent included; > top_k).
+        top_k: searched orders retrained for real per round (>= 1).
+        sampler, batch_size, seed: as :func:`currsearch.search.run_search` (round r uses ``seed + r``).
+        objective: the eval set whose final loss (nats/token) is minimized.
+        min_radius, max_radius: radius bounds (default max: T - 1).
+
+    Raises:
+        ConfigError: (on construction) a value out of range or an unknown key.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    rounds: int = 3
+    estimator: str = "fut1-hvp"
+    estimator_kwargs: dict = Field(default_factory=dict)
+    radius: int = 4
+    trials: int = 32
+    top_k: int = 2
+    sampler: str = "tpe"
+    batch_size: int = 8
+    objective: str = "all"
+    seed: int = 0
+    min_radius: int = 1
+    max_radius: Optional[int] = None
+
+    def __init__(self, **data):
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise ConfigError(f"invalid trust-region settings: {err}") from None
+        if self.rounds < 1 or self.radius < 1 or self.top_k < 1 or self.trials < self.top_k + 1 or self.min_radius < 1:
+            raise ConfigError(
+                "trust region needs rounds >= 1, radius >= 1, min_radius >= 1, top_k >= 1 and trials > top_k "
+                f"(got rounds={self.rounds}, radius={self.radius}, min_radius={self.min_radius}, top_k={self.top_k}, "
+                f"trials={self.trials})")
+
+
+@dataclass(frozen=True)
+class RoundCandidate:
+    """A searched order retrained in a round: its order, estimated and verified ``objective``
+    loss (nats/token)."""
+
+    order: list[int]
+    estimated: float
+    verified: float
+
+
+@dataclass(frozen=True)
+class TrustRegionRound:
+    """One finished round (an entry of ``trust_region.json``'s ``rounds``); losses in nats/token.
+
+    Attributes:
+        round: index r; radius: its radius (transpositions); incumbent: the order it started from;
+        incumbent_loss: its verified loss (the recorded run); incumbent_estimate: the estimator's
+        estimate of it; candidates: the retrained searched orders, best estimated first;
+        predicted_improvement, actual_improvement: of the best estimated candidate over the incumbent;
+        rho: actual / predicted (None when no gain was predicted); improved: whether the incumbent moved;
+        next_incumbent, next_radius, next_incumbent_loss: the state after the round;
+        seconds: ``{"record", "search", "verify"}`` wall seconds.
+    """
+
+    round: int
+    radius: int
+    incumbent: list[int]
+    incumbent_loss: float
+    incumbent_estimate: float
+    candidates: list[RoundCandidate]
+    predicted_improvement: float
+    actual_improvement: float
+    rho: float | None
+    improved: bool
+    next_incumbent: list[int]
+    next_radius: int
+    next_incumbent_loss: float
+    seconds: dict[str, float]
+
+    @classmethod
+    def from_json(cls, d: dict) -> TrustRegionRound:
+        """The round of one ``trust_region.json`` ``rounds`` entry."""
+        return cls(**{**d, "candidates": [RoundCandidate(**c) for c in d["candidates"]]})
+
+
+@dataclass(frozen=True)
+class TrustRegionResult:
+    """The rounds of :func:`run_trust_region`; losses on ``objective`` in nats/token.
+
+    Attributes:
+        rounds: the finished rounds, in order; objective, estimator: as run;
+        start_loss: verified loss of the start order; incumbent, incumbent_loss: the final
+        incumbent and its verified loss; verified_runs: real training runs (one recorded run
+        plus the retrained candidates per round); seconds: wall seconds of this call.
+    """
+
+    rounds: list[TrustRegionRound]
+    objective: str
+    estimator: str
+    start_loss: float
+    incumbent: list[int]
+    incumbent_loss: float
+    verified_runs: int
+    seconds: float
+
+    @classmethod
+    def from_rounds(cls, rounds: list[TrustRegionRound], objective: str, estimator: str, seconds: float) -> TrustRegionResult:
+        """The result of finished ``rounds`` (at least one)."""
+        return cls(rounds, objective, estimator, rounds[0].incumbent_loss, rounds[-1].next_incumbent,
+                   rounds[-1].next_incumbent_loss, sum(1 + len(x.candidates) for x in rounds), seconds)
 
 
 def _record_cfg(cfg: Config, estimator_cls) -> Config:
@@ -47,205 +180,161 @@ def _next_radius(radius: int, rho: float | None, improved: bool, lo: int, hi: in
     return radius
 
 
-def run_trust_region(cfg: Config, out_dir, rounds: int = 3, estimator: str = "fut1-hvp", radius: int = 4,
-                     trials: int = 32, top_k: int = 2, sampler: str = "tpe", batch_size: int = 8,
-                     objective: str = "all", seed: int = 0, min_radius: int = 1, max_radius: int | None = None,
-                     start=None, progress: bool = True, trainer=None, estimator_kwargs: dict | None = None) -> dict:
-    """Run (or resume) ``rounds`` trust-region rounds (see module docstring).
+def _state_settings(s: TrustRegionSettings, rcfg: Config, start: torch.Tensor, max_radius: int) -> dict:
+    """The settings a ``trust_region.json`` must hold to be resumed (same keys as ever)."""
+    rec = rcfg.record
+    return {"estimator": s.estimator, "estimator_kwargs": dict(s.estimator_kwargs), "objective": s.objective,
+            "trials": s.trials, "top_k": s.top_k, "sampler": s.sampler, "batch_size": s.batch_size, "seed": s.seed,
+            "start": start.tolist(), "min_radius": s.min_radius, "max_radius": max_radius,
+            "config": rcfg.fingerprint(*TRAJECTORY_SECTIONS),
+            "record": [rec.anchor_stride, rec.projection, rec.projection_dim, rec.projection_seed]}
+
+
+def _load_rounds(state_path: Path, settings: dict) -> list[TrustRegionRound]:
+    """The finished rounds of ``trust_region.json`` (none when absent).
+
+    Raises:
+        ConfigError: the file holds a run with other settings.
+    """
+    if not state_path.exists():
+        return []
+    state = json.loads(state_path.read_text())
+    if state.get("settings") != settings:
+        raise ConfigError(f"{str(state_path)!r} holds a trust-region run with other settings; use another --out or the same settings")
+    return [TrustRegionRound.from_json(x) for x in state["rounds"]]
+
+
+def _save_rounds(state_path: Path, settings: dict, rounds: list[TrustRegionRound]) -> None:
+    atomic_write_bytes(state_path, json.dumps({"settings": settings, "rounds": to_json(rounds)}, indent=1).encode())
+
+
+def _run_round(r: int, s: TrustRegionSettings, rcfg: Config, trainer, rdir: Path, incumbent: torch.Tensor, radius: int,
+               max_radius: int, obj: int, progress: bool) -> TrustRegionRound:
+    """Round ``r`` (module docstring, steps 1-4) from ``incumbent`` within ``radius``."""
+    t0 = time.perf_counter()
+    store = record(rcfg, rdir / "store", progress=progress, trainer=trainer, reference_order=incumbent)
+    inc_loss = float(store.final()["eval_loss"][obj])
+    t1 = time.perf_counter()
+    est = get_estimator(s.estimator, **s.estimator_kwargs).fit(store)
+    res = run_search(store, space="local", space_options={"center": incumbent.tolist(), "moves": radius},
+                     sampler=s.sampler, n_trials=s.trials, batch_size=s.batch_size, storage=str(rdir / "study.journal"),
+                     backend=SerialBackend(est), objectives=[s.objective], seed=s.seed + r, enqueue_heuristics=True,
+                     enqueue_assignment=False, progress=progress)
+    inc_est = float(est.estimate(incumbent)[obj])
+    cands = [(o, e) for o, e in res.top(len(res.orders)) if not torch.equal(o, incumbent)][:s.top_k]
+    t2 = time.perf_counter()
+    verified = [float(trainer.train(o).eval_losses[obj]) for o, _ in cands]
+    t3 = time.perf_counter()
+    if not cands:  # the whole neighbourhood searched was the incumbent
+        best_i, predicted, actual = None, 0.0, 0.0
+    else:
+        best_i = min(range(len(cands)), key=lambda i: verified[i])
+        predicted = inc_est - float(cands[0][1][obj])
+        actual = inc_loss - verified[0]
+    improved = best_i is not None and verified[best_i] < inc_loss
+    rho = actual / predicted if predicted > 0 else None  # undefined when no gain was predicted
+    nxt = cands[best_i][0] if improved else incumbent
+    return TrustRegionRound(
+        round=r, radius=radius, incumbent=incumbent.tolist(), incumbent_loss=inc_loss, incumbent_estimate=inc_est,
+        candidates=[RoundCandidate(o.tolist(), float(e[obj]), v) for (o, e), v in zip(cands, verified)],
+        predicted_improvement=predicted, actual_improvement=actual, rho=rho, improved=improved,
+        next_incumbent=nxt.tolist(), next_radius=_next_radius(radius, rho, improved, s.min_radius, max_radius),
+        next_incumbent_loss=verified[best_i] if improved else inc_loss,
+        seconds={"record": t1 - t0, "search": t2 - t1, "verify": t3 - t2})
+
+
+def _log_round(x: TrustRegionRound) -> None:
+    best = min((c.verified for c in x.candidates), default=float("nan"))
+    logger.info("round %d: radius %d, incumbent %.4f, best candidate %.4f (predicted gain %+.4f, actual %+.4f) -> %s, "
+                "radius %d", x.round, x.radius, x.incumbent_loss, best, x.predicted_improvement, x.actual_improvement,
+                "moved" if x.improved else "stayed", x.next_radius)
+
+
+def run_trust_region(cfg: Config, out_dir, settings: TrustRegionSettings | None = None, *, start=None,
+                     progress: bool = True, trainer=None, **overrides) -> TrustRegionResult:
+    """Run (or resume) ``settings.rounds`` trust-region rounds (see module docstring).
 
     Args:
         cfg: experiment config (its ``record`` section gives anchor stride and projection;
             ``record.terms`` is replaced by the estimator's required terms).
-        out_dir: directory; round r writes ``round_{r}/store`` and ``round_{r}/study.journal``.
-        rounds: number of rounds R >= 1.
-        estimator: registered estimator name (default ``fut1-hvp``, the one accurate near
-            the recorded run).
-        radius: initial trust-region radius, in transpositions (>= 1).
-        trials: estimated orders per round (Optuna trials, the incumbent included).
-        top_k: searched orders retrained for real per round.
-        sampler, batch_size, seed: as :func:`currsearch.search.run_search` (round r uses
-            ``seed + r``).
-        objective: the eval set whose final loss (nats/token) is minimized.
-        min_radius, max_radius: radius bounds (default max: T - 1).
+        out_dir: directory; round r writes ``round_{r}/store`` and ``round_{r}/study.journal``,
+            and ``trust_region.json`` holds the finished rounds (a rerun resumes from it).
+        settings: :class:`TrustRegionSettings` (default: its defaults).
         start: the first incumbent, int64 ``[T]`` (default ``0..T-1``).
-        progress: print one line per round and show the recorder's and search's progress bars.
-        estimator_kwargs: keyword arguments of the estimator (e.g. ``{"chunk": 4}``).
+        progress: log one line per round (INFO) and show the recorder's and search's progress bars.
         trainer: a :class:`~currsearch.train.Trainer` with ``cfg``'s training settings, whose
             cached warm-up phase is reused (default: built once).
+        overrides: :class:`TrustRegionSettings` fields replacing those of ``settings``
+            (e.g. ``rounds=2, trials=6``).
 
     Returns:
-        ``{"rounds": [per-round dict], "incumbent": order list, "incumbent_loss": float,
-        "start_loss": float, "objective", "estimator", "verified_runs": int, "seconds"}``; per
-        round: radius, incumbent and its verified loss, the estimated and verified losses of
-        the retrained candidates, predicted and actual improvement (nats/token), rho (None
-        when no improvement was predicted),
-        whether the incumbent moved, and the seconds spent recording, searching, verifying.
+        :class:`TrustRegionResult` (the first ``rounds`` rounds of ``trust_region.json``).
 
     Raises:
-        ConfigError: ``rounds``, ``radius``, ``top_k`` or ``trials`` out of range, an unknown
+        ConfigError: invalid settings (see :class:`TrustRegionSettings`), an unknown
             estimator or objective, or ``out_dir`` holding a run with other settings.
     """
-    from estimators import get_estimator
-
-    from .backends import SerialBackend
-    from .orders import validate_orders
-    from .record import record
-    from .search import run_search
-    from .train import Trainer
-
-    if rounds < 1 or radius < 1 or top_k < 1 or trials < top_k + 1 or min_radius < 1:
-        raise ConfigError(f"trust region needs rounds >= 1, radius >= 1, min_radius >= 1, top_k >= 1 and trials > top_k "
-                          f"(got rounds={rounds}, radius={radius}, min_radius={min_radius}, top_k={top_k}, trials={trials})")
-    est_cls = type(get_estimator(estimator, **(estimator_kwargs or {})))
-    rcfg = _record_cfg(cfg, est_cls)
+    s = TrustRegionSettings(**{**(settings.model_dump() if settings is not None else {}), **overrides})
+    rcfg = _record_cfg(cfg, type(get_estimator(s.estimator, **s.estimator_kwargs)))
     if trainer is None or config_diff(trainer.cfg.to_dict(), rcfg.to_dict()):
         trainer = Trainer.from_config(rcfg)
     T = trainer.T
-    if objective not in trainer.plan.eval_names:
-        raise ConfigError(f"unknown objective eval set {objective!r}; the plan has {list(trainer.plan.eval_names)}")
-    max_radius = T - 1 if max_radius is None else max_radius
-    radius = min(radius, max_radius)
+    if s.objective not in trainer.plan.eval_names:
+        raise ConfigError(f"unknown objective eval set {s.objective!r}; the plan has {list(trainer.plan.eval_names)}")
+    max_radius = T - 1 if s.max_radius is None else s.max_radius
+    radius = min(s.radius, max_radius)
     incumbent = validate_orders(torch.arange(T) if start is None else start, T).view(-1)
-    rec = rcfg.record
-    settings = {"estimator": estimator, "estimator_kwargs": estimator_kwargs or {}, "objective": objective, "trials": trials,
-                "top_k": top_k, "sampler": sampler, "batch_size": batch_size, "seed": seed, "start": incumbent.tolist(),
-                "min_radius": min_radius, "max_radius": max_radius,
-                "config": rcfg.fingerprint(*TRAJECTORY_SECTIONS),
-                "record": [rec.anchor_stride, rec.projection, rec.projection_dim, rec.projection_seed]}
+    state = _state_settings(s, rcfg, incumbent, max_radius)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "trust_region.json"
-    state = {"settings": settings, "rounds": []}
-    if state_path.exists():
-        state = json.loads(state_path.read_text())
-        if state.get("settings") != settings:
-            raise ConfigError(f"{str(state_path)!r} holds a trust-region run with other settings; use another --out or the same settings")
-    obj = trainer.plan.eval_names.index(objective)
-    for done in state["rounds"]:  # resume: continue from the last finished round
-        incumbent, radius = torch.tensor(done["next_incumbent"]), done["next_radius"]
+    rounds = _load_rounds(state_path, state)
+    obj = trainer.plan.eval_names.index(s.objective)
+    for done in rounds:  # resume: continue from the last finished round
+        incumbent, radius = torch.tensor(done.next_incumbent), done.next_radius
     t_all = time.perf_counter()
-    for r in range(len(state["rounds"]), rounds):
-        rdir = out / f"round_{r}"
-        t0 = time.perf_counter()
-        store = record(rcfg, rdir / "store", progress=progress, trainer=trainer, reference_order=incumbent)
-        inc_loss = float(store.final()["eval_loss"][obj])
-        t1 = time.perf_counter()
-        est = get_estimator(estimator, **(estimator_kwargs or {})).fit(store)
-        res = run_search(store, space="local", space_options={"center": incumbent.tolist(), "moves": radius},
-                         sampler=sampler, n_trials=trials, batch_size=batch_size, storage=str(rdir / "study.journal"),
-                         backend=SerialBackend(est), objectives=[objective], seed=seed + r, enqueue_heuristics=True,
-                         enqueue_assignment=False, progress=progress)
-        inc_est = float(est.estimate(incumbent)[obj])
-        cands = [(o, e) for o, e in res.top(len(res.orders)) if not torch.equal(o, incumbent)][:top_k]
-        t2 = time.perf_counter()
-        verified = [float(trainer.train(o).eval_losses[obj]) for o, _ in cands]
-        t3 = time.perf_counter()
-        if not cands:  # the whole neighbourhood searched was the incumbent
-            best_i, predicted, actual = None, 0.0, 0.0
-        else:
-            best_i = min(range(len(cands)), key=lambda i: verified[i])
-            predicted = inc_est - float(cands[0][1][obj])
-            actual = inc_loss - verified[0]
-        improved = best_i is not None and verified[best_i] < inc_loss
-        rho = actual / predicted if predicted > 0 else None  # undefined when no gain was predicted
-        nxt = cands[best_i][0] if improved else incumbent
-        new_radius = _next_radius(radius, rho, improved, min_radius, max_radius)
-        state["rounds"].append({
-            "round": r, "radius": radius, "incumbent": incumbent.tolist(), "incumbent_loss": inc_loss,
-            "incumbent_estimate": inc_est,
-            "candidates": [{"order": o.tolist(), "estimated": float(e[obj]), "verified": v} for (o, e), v in zip(cands, verified)],
-            "predicted_improvement": predicted, "actual_improvement": actual, "rho": rho, "improved": improved,
-            "next_incumbent": nxt.tolist(), "next_radius": new_radius,
-            "next_incumbent_loss": verified[best_i] if improved else inc_loss,
-            "seconds": {"record": t1 - t0, "search": t2 - t1, "verify": t3 - t2},
-        })
-        atomic_write_bytes(state_path, json.dumps(state, indent=1).encode())
+    for r in range(len(rounds), s.rounds):
+        rounds.append(_run_round(r, s, rcfg, trainer, out / f"round_{r}", incumbent, radius, max_radius, obj, progress))
+        _save_rounds(state_path, state, rounds)
         if progress:
-            print(f"round {r}: radius {radius}, incumbent {inc_loss:.4f}, best candidate "
-                  f"{min(verified) if verified else float('nan'):.4f} (predicted gain {predicted:+.4f}, actual {actual:+.4f}) "
-                  f"-> {'moved' if improved else 'stayed'}, radius {new_radius}")
-        incumbent, radius = nxt, new_radius
-    rs = state["rounds"][:rounds]
-    return {
-        "rounds": rs, "objective": objective, "estimator": estimator,
-        "start_loss": rs[0]["incumbent_loss"], "incumbent": rs[-1]["next_incumbent"],
-        "incumbent_loss": rs[-1]["next_incumbent_loss"],
-        "verified_runs": sum(1 + len(x["candidates"]) for x in rs),  # the recorded run + the retrained candidates
-        "seconds": time.perf_counter() - t_all,
-    }
+            _log_round(rounds[-1])
+        incumbent, radius = torch.tensor(rounds[-1].next_incumbent), rounds[-1].next_radius
+    return TrustRegionResult.from_rounds(rounds[:s.rounds], s.objective, s.estimator, time.perf_counter() - t_all)
 
 
-def refine_verified(cfg: Config, out_dir, result: dict, rounds: int = 2, objective: str = "all", progress: bool = True,
-                    trainer=None, estimator=None, **options) -> dict:
+def refine_verified(cfg: Config, out_dir, result: VerificationResult, settings: TrustRegionSettings | None = None, *,
+                    progress: bool = True, trainer=None, estimator=None, **overrides,
+                    ) -> tuple[VerificationResult, TrustRegionResult]:
     """Trust-region rounds started from the best order of a verification ``result``.
 
     The start is the candidate of ``result`` (:func:`currsearch.verify.verify`) with the lowest
     verified ``objective`` loss, whatever its kind. The final incumbent is retrained once more
-    with :func:`~currsearch.verify.verify` (all eval sets) and added to ``result["candidates"]``
-    as ``search_trust_region`` (kind ``searched``); ``result["trust_region"]`` gets the start,
-    the gain (nats/token, >= 0: every move was verified) and the rounds.
+    with :func:`~currsearch.verify.verify` (all eval sets). ``result`` is not changed.
 
     Args:
-        cfg, out_dir, rounds, objective, progress: as :func:`run_trust_region` (``out_dir``
-            holds the rounds).
+        cfg, out_dir, settings, progress, overrides: as :func:`run_trust_region` (``out_dir``
+            holds the rounds; write their report with
+            :func:`currsearch.reports.trust_region.write_trust_region_report`).
         trainer: the Trainer that verifies the final incumbent (default: built from ``cfg``).
         estimator: a fitted estimator whose estimate of the final incumbent is reported next
             to the other candidates' (default: none).
-        options: further :func:`run_trust_region` keyword arguments (trials, top_k, radius, ...).
 
     Returns:
-        ``result``, updated in place.
+        ``(new result, rounds)``: a copy of ``result`` with the final incumbent added as
+        ``search_trust_region`` (kind ``searched``) and ``trust_region`` set
+        (:class:`~currsearch.verify.RefinementSummary`: the start, the gain in nats/token,
+        >= 0 since every move was verified), and the :class:`TrustRegionResult`.
     """
-    from .verify import verify
-
-    c = result["candidates"]
-    start_name = min(c, key=lambda n: c[n]["verified"][objective])
-    res = run_trust_region(cfg, out_dir, rounds=rounds, objective=objective, start=torch.tensor(c[start_name]["order"]),
-                           progress=progress, trainer=trainer, **options)
-    write_trust_region_report(res, out_dir)
+    s = TrustRegionSettings(**{**(settings.model_dump() if settings is not None else {}), **overrides})
+    start_name = result.best(s.objective)
+    res = run_trust_region(cfg, out_dir, s, start=torch.tensor(result.candidates[start_name].order), progress=progress,
+                           trainer=trainer)
     if trainer is None:
-        from .train import Trainer
-
         trainer = Trainer.from_config(cfg)
-    order = torch.tensor(res["incumbent"])
+    order = torch.tensor(res.incumbent)
     est = {"search_trust_region": estimator.estimate(order)} if estimator is not None else None
     final = verify(trainer, {"search_trust_region": order}, est, kinds={"search_trust_region": "searched"})
-    c["search_trust_region"] = final["candidates"]["search_trust_region"]
-    result["trust_region"] = {"start": start_name, "start_loss": res["start_loss"], "final_loss": res["incumbent_loss"],
-                              "gain": res["start_loss"] - res["incumbent_loss"], "rounds": len(res["rounds"]),
-                              "verified_runs": res["verified_runs"], "estimator": res["estimator"], "objective": objective}
-    return result
-
-
-def write_trust_region_report(result: dict, out_dir) -> list[Path]:
-    """Write ``trust_region.md``, ``trust_region_rounds.png`` (verified loss per round) and
-    ``best_order.json`` (the final incumbent) into ``out_dir``; returns the paths."""
-    from .export import export_order
-
-    plt = pyplot()
-    out = Path(out_dir)
-    rs = result["rounds"]
-    lines = [f"# Trust-region search ({result['estimator']}, objective `{result['objective']}`)", "",
-             f"Start loss {result['start_loss']:.4f}, final incumbent {result['incumbent_loss']:.4f} nats/token "
-             f"({result['incumbent_loss'] - result['start_loss']:+.4f}) after {len(rs)} rounds and "
-             f"{result['verified_runs']} real training runs.", "",
-             "| round | radius | incumbent (verified) | best candidate (verified) | predicted gain | actual gain | rho | moved |",
-             "|---|---|---|---|---|---|---|---|"]
-    for x in rs:
-        best = min((c["verified"] for c in x["candidates"]), default=float("nan"))
-        lines.append(f"| {x['round']} | {x['radius']} | {x['incumbent_loss']:.4f} | {best:.4f} | "
-                     f"{x['predicted_improvement']:+.4f} | {x['actual_improvement']:+.4f} | "
-                     f"{'n/a' if x['rho'] is None else format(x['rho'], '.2f')} | {x['improved']} |")
-    (out / "trust_region.md").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [x["round"] for x in rs]
-    ax.plot(xs, [x["incumbent_loss"] for x in rs], "o-", label="incumbent (recorded run)")
-    for x in rs:
-        ax.scatter([x["round"]] * len(x["candidates"]), [c["verified"] for c in x["candidates"]], color="C1", s=14,
-                   label="retrained candidates" if x is rs[0] else None)
-    ax.set(xlabel="round", ylabel=f"verified final loss, {result['objective']} (nats/token)", title="trust-region rounds")
-    ax.legend(fontsize=7)
-    png = save_figure(fig, out / "trust_region_rounds.png")
-    best = export_order(out / "best_order.json", torch.tensor(result["incumbent"]), name="trust_region_incumbent",
-                        verified={result["objective"]: result["incumbent_loss"]})
-    return [out / "trust_region.md", png, best]
+    summary = RefinementSummary(start=start_name, start_loss=res.start_loss, final_loss=res.incumbent_loss,
+                                gain=res.start_loss - res.incumbent_loss, rounds=len(res.rounds),
+                                verified_runs=res.verified_runs, estimator=res.estimator, objective=s.objective)
+    return result.with_candidate("search_trust_region", final.candidates["search_trust_region"], summary), res

@@ -1,25 +1,31 @@
-"""Verify candidate orders by real training and write the search report.
+"""Verify candidate orders by real training.
 
 :func:`verify` retrains every candidate order from the same window start and records its
-true final eval losses (nats/token); :func:`baseline_orders` gives the orders to compare
-against (reference, random orders, heuristic curricula); :func:`write_report` writes
-``report.json``, ``report.md``, plots and ``best_order.json``.
+true final eval losses (nats/token) in a :class:`VerificationResult`; :func:`baseline_orders`
+gives the orders to compare against (reference, random orders, heuristic curricula);
+:func:`summarize` compares the best searched order with them (:class:`VerificationSummary`).
+The report files (``report.json``, ``report.md``, plots, ``best_order.json``) are written by
+:func:`currsearch.reports.verify.write_report`.
 
 Candidate kinds (from the name unless given): ``searched`` (``search_*``), ``reference``,
-``random`` (``random_*``; the report compares with their median by verified ``all`` loss)
+``random`` (``random_*``; the summary compares with their median by verified ``all`` loss)
 and ``heuristic`` (anything else).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import logging
 import time
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
+from search_spaces import BatchInfo, heuristic_orders
+
 from .orders import random_order, reference_order, validate_orders
-from .reports import fmt, pyplot, save_figure
+
+logger = logging.getLogger(__name__)
 
 
 def kind_of(name: str) -> str:
@@ -33,11 +39,121 @@ def kind_of(name: str) -> str:
     return "heuristic"
 
 
+@dataclass(frozen=True)
+class VerifiedCandidate:
+    """One candidate order retrained for real.
+
+    Attributes:
+        kind: ``searched``, ``reference``, ``random`` or ``heuristic`` (:func:`kind_of`).
+        order: the order, T batch indices.
+        verified: ``{eval set: final eval loss}`` of real training, nats/token.
+        estimated: ``{eval set: estimated final loss}`` (nats/token), or None.
+        seconds: wall seconds of the training run.
+    """
+
+    kind: str
+    order: list[int]
+    verified: dict[str, float]
+    estimated: dict[str, float] | None
+    seconds: float
+
+    @classmethod
+    def from_json(cls, d: dict) -> VerifiedCandidate:
+        """The candidate of one ``report.json`` ``candidates`` entry."""
+        return cls(d["kind"], list(d["order"]), dict(d["verified"]), None if d["estimated"] is None else dict(d["estimated"]),
+                   float(d["seconds"]))
+
+
+@dataclass(frozen=True)
+class RefinementSummary:
+    """Trust-region rounds started from the best verified candidate (see
+    :func:`currsearch.trust_region.refine_verified`); losses on ``objective`` in nats/token.
+
+    Attributes:
+        start: name of the start candidate; start_loss, final_loss: its and the final incumbent's
+            verified loss; gain: ``start_loss - final_loss`` (>= 0); rounds: rounds run;
+        verified_runs: real training runs of the rounds; estimator, objective: as run.
+    """
+
+    start: str
+    start_loss: float
+    final_loss: float
+    gain: float
+    rounds: int
+    verified_runs: int
+    estimator: str
+    objective: str
+
+
+@dataclass(frozen=True)
+class VerificationResult:
+    """Candidates retrained for real (:func:`verify`).
+
+    Attributes:
+        eval_names: the E eval sets (``plan.eval_names``); domains: domain of each of the T batches;
+        T: window batches; candidates: ``{name: VerifiedCandidate}`` in the order given;
+        trust_region: the refinement that added ``search_trust_region``, or None;
+        search: optional JSON-ready record of the search that proposed the ``search_*`` candidates.
+    """
+
+    eval_names: list[str]
+    domains: list[str]
+    T: int
+    candidates: dict[str, VerifiedCandidate]
+    trust_region: RefinementSummary | None = None
+    search: dict | None = field(default=None)
+
+    def best(self, eval_set: str = "all", kind: str | None = None) -> str | None:
+        """Name of the candidate (of ``kind``, if given) with the lowest verified ``eval_set``
+        loss (ties: the first name in sort order); None when there is none."""
+        names = [n for n, c in self.candidates.items() if kind is None or c.kind == kind]
+        return min(names, key=lambda n: (self.candidates[n].verified[eval_set], n)) if names else None
+
+    def with_candidate(self, name: str, candidate: VerifiedCandidate, trust_region: RefinementSummary | None = None,
+                       ) -> VerificationResult:
+        """A new result with ``candidate`` added as ``name`` (and ``trust_region`` set when given)."""
+        return dataclasses.replace(self, candidates={**self.candidates, name: candidate},
+                                   trust_region=trust_region if trust_region is not None else self.trust_region)
+
+    def with_search(self, search: dict) -> VerificationResult:
+        """A new result with the ``search`` record set."""
+        return dataclasses.replace(self, search=search)
+
+    @classmethod
+    def from_json(cls, d: dict) -> VerificationResult:
+        """The result of a ``report.json`` (extra keys such as ``summary`` and ``best`` are ignored)."""
+        tr = d.get("trust_region")
+        return cls(list(d["eval_names"]), list(d["domains"]), int(d["T"]),
+                   {n: VerifiedCandidate.from_json(c) for n, c in d["candidates"].items()},
+                   RefinementSummary(**tr) if tr else None, d.get("search"))
+
+
+@dataclass(frozen=True)
+class VerificationSummary:
+    """The best verified searched order against the baselines, on ``eval_set`` (nats/token).
+
+    Attributes:
+        eval_set; best_searched (name or None) and best_searched_loss; random_median (the
+        random candidate at the median, lower middle for an even count) and its loss;
+        heuristics ``{name: loss}``; reference_loss; beats_random_median,
+        beats_all_heuristics, beats_reference (None where a part is missing).
+    """
+
+    eval_set: str
+    best_searched: str | None
+    best_searched_loss: float | None
+    random_median: str | None
+    random_median_loss: float | None
+    heuristics: dict[str, float]
+    reference_loss: float | None
+    beats_random_median: bool | None
+    beats_all_heuristics: bool | None
+    beats_reference: bool | None
+
+
 def baseline_orders(trainer, n_random: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
     """Baselines: ``reference``, ``random_0..n_random-1`` (seeds ``seed + i``) and the
     heuristic curricula of :func:`search_spaces.heuristic_orders` (int64 ``[T]`` each)."""
-    from search_spaces import BatchInfo, heuristic_orders
-
     T = trainer.T
     out = {"reference": reference_order(T)}
     for i in range(n_random):
@@ -48,8 +164,14 @@ def baseline_orders(trainer, n_random: int = 5, seed: int = 0) -> dict[str, torc
     return out
 
 
+def _estimated(names: list[str], estimates: dict | None, name: str) -> dict[str, float] | None:
+    if estimates is None or estimates.get(name) is None:
+        return None
+    return dict(zip(names, (float(x) for x in torch.as_tensor(estimates[name]).flatten())))
+
+
 def verify(trainer, candidates: dict, estimates: dict | None = None, kinds: dict | None = None,
-           progress: bool = False) -> dict:
+           progress: bool = False) -> VerificationResult:
     """Retrain every candidate order for real.
 
     Args:
@@ -57,19 +179,17 @@ def verify(trainer, candidates: dict, estimates: dict | None = None, kinds: dict
         candidates: ``{name: order int64 [T]}``.
         estimates: optional ``{name: float [E]}`` estimated final losses (nats/token).
         kinds: optional ``{name: kind}``; default :func:`kind_of`.
-        progress: print one line per candidate.
+        progress: log one line per candidate (INFO).
 
     Returns:
-        ``{"eval_names", "domains" (per batch), "T", "candidates": {name: {"kind", "order",
-        "verified": {eval set: nats/token}, "estimated": {...} or None, "seconds"}}}``.
-        Identical orders are trained once (training is deterministic).
+        :class:`VerificationResult`. Identical orders are trained once (training is deterministic).
 
     Raises:
         OrderError: a candidate is not a permutation of ``0..T-1``.
     """
     names = list(trainer.plan.eval_names)
     done: dict[tuple, tuple[list[float], float]] = {}
-    out = {"eval_names": names, "domains": list(trainer.plan.domains), "T": trainer.T, "candidates": {}}
+    out = {}
     for name, order in candidates.items():
         order = validate_orders(order, trainer.T)
         key = tuple(order.tolist())
@@ -78,147 +198,28 @@ def verify(trainer, candidates: dict, estimates: dict | None = None, kinds: dict
             res = trainer.train(order)
             done[key] = (res.eval_losses.tolist(), time.perf_counter() - t0)
         losses, secs = done[key]
-        est = None
-        if estimates is not None and name in estimates and estimates[name] is not None:
-            est = dict(zip(names, (float(x) for x in torch.as_tensor(estimates[name]).flatten())))
-        out["candidates"][name] = {
-            "kind": (kinds or {}).get(name, kind_of(name)),
-            "order": list(key),
-            "verified": dict(zip(names, losses)),
-            "estimated": est,
-            "seconds": secs,
-        }
+        out[name] = VerifiedCandidate((kinds or {}).get(name, kind_of(name)), list(key), dict(zip(names, losses)),
+                                      _estimated(names, estimates, name), secs)
         if progress:
-            print(f"verified {name}: all = {losses[-1]:.4f} nats/token ({secs:.2f} s)", flush=True)
-    return out
+            logger.info("verified %s: all = %.4f nats/token (%.2f s)", name, losses[-1], secs)
+    return VerificationResult(names, list(trainer.plan.domains), trainer.T, out)
 
 
-def summarize(result: dict, eval_set: str = "all") -> dict:
-    """Best verified searched order vs the random median and every heuristic (``eval_set`` loss).
-
-    Returns ``{"eval_set", "best_searched", "best_searched_loss", "random_median",
-    "random_median_loss", "heuristics": {name: loss}, "beats_random_median",
-    "beats_all_heuristics", "beats_reference"}`` (missing parts are None)."""
-    c = result["candidates"]
-    loss = {n: v["verified"][eval_set] for n, v in c.items()}
-    searched = [n for n in c if c[n]["kind"] == "searched"]
-    randoms = sorted((n for n in c if c[n]["kind"] == "random"), key=lambda n: (loss[n], n))
-    heur = {n: loss[n] for n in c if c[n]["kind"] == "heuristic"}
-    best = min(searched, key=lambda n: (loss[n], n)) if searched else None
+def summarize(result: VerificationResult, eval_set: str = "all") -> VerificationSummary:
+    """Best verified searched order vs the random median and every heuristic (``eval_set`` loss);
+    missing parts are None."""
+    c = result.candidates
+    loss = {n: v.verified[eval_set] for n, v in c.items()}
+    randoms = sorted((n for n in c if c[n].kind == "random"), key=lambda n: (loss[n], n))
+    heur = {n: loss[n] for n in c if c[n].kind == "heuristic"}
+    best = result.best(eval_set, "searched")
     med = randoms[(len(randoms) - 1) // 2] if randoms else None
     b = loss[best] if best else None
     ref = loss.get("reference")
-    return {
-        "eval_set": eval_set,
-        "best_searched": best,
-        "best_searched_loss": b,
-        "random_median": med,
-        "random_median_loss": loss[med] if med else None,
-        "heuristics": heur,
-        "reference_loss": ref,
-        "beats_random_median": (b < loss[med]) if best and med else None,
-        "beats_all_heuristics": all(b < v for v in heur.values()) if best else None,
-        "beats_reference": (b < ref) if best and ref is not None else None,
-    }
-
-
-def _fmt(x) -> str:
-    return fmt(x, ".4f")
-
-
-def render_markdown(result: dict, summary: dict) -> str:
-    names = result["eval_names"]
-    doms = [n for n in names if n != "all"]
-    lines = [
-        "| candidate | kind | estimated all | verified all | " + " | ".join(f"verified {d}" for d in doms) + " | seconds |",
-        "|---|---|---|---|" + "---|" * len(doms) + "---|",
-    ]
-    med = summary["random_median"]
-    for name, v in sorted(result["candidates"].items(), key=lambda kv: kv[1]["verified"]["all"]):
-        est = v["estimated"]["all"] if v["estimated"] else None
-        label = f"{name} (random median)" if name == med else name
-        lines.append(f"| {label} | {v['kind']} | {_fmt(est)} | {_fmt(v['verified']['all'])} | "
-                     + " | ".join(_fmt(v["verified"][d]) for d in doms) + f" | {v['seconds']:.2f} |")
-    s = summary
-    if s["best_searched"] is None:
-        verdict = "No searched order was verified."
-    else:
-        hb = ", ".join(f"{n} {_fmt(x)}" for n, x in s["heuristics"].items()) or "none"
-        verdict = (
-            f"Best verified searched order `{s['best_searched']}`: {_fmt(s['best_searched_loss'])} nats/token on "
-            f"`{s['eval_set']}`. It {'beats' if s['beats_random_median'] else 'does not beat'} the random median "
-            f"(`{s['random_median']}`, {_fmt(s['random_median_loss'])}) and "
-            f"{'beats' if s['beats_all_heuristics'] else 'does not beat'} every heuristic ({hb}); "
-            f"reference {_fmt(s['reference_loss'])}."
-        )
-    tr = result.get("trust_region")
-    if tr:
-        verdict += (
-            f"\n\n`search_trust_region`: {tr['rounds']} trust-region rounds ({tr['estimator']}) started from the best "
-            f"verified candidate `{tr['start']}` ({_fmt(tr['start_loss'])}) and reached {_fmt(tr['final_loss'])} "
-            f"on `{tr['objective']}` (gain {_fmt(tr['gain'])} nats/token, {tr['verified_runs']} real training runs"
-            + ("; no round found a better order, so it is the start order itself" if tr["gain"] <= 0 else "") + ").\n"
-        )
-    return ("# Search and verification report\n\nLosses are final eval losses in nats/token (lower is better); "
-            "'estimated' comes from the surrogate, 'verified' from real retraining.\n\n"
-            + "\n".join(lines) + "\n\n" + verdict + "\n")
-
-
-def write_report(out_dir, result: dict, study=None) -> list[Path]:
-    """Write ``report.json``, ``report.md``, ``optimization_history.png`` (when ``study`` is
-    given), ``estimated_vs_verified.png``, ``best_order_domains.png`` and ``best_order.json``
-    (the best verified searched order, else the best verified candidate) into ``out_dir``."""
-    import optuna
-
-    from .export import export_order
-
-    plt = pyplot()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(result)
-    c = result["candidates"]
-    best = summary["best_searched"] or min(c, key=lambda n: c[n]["verified"]["all"])
-    (out / "report.json").write_text(json.dumps({**result, "summary": summary, "best": best}, indent=1))
-    (out / "report.md").write_text(render_markdown(result, summary))
-    paths = [out / "report.json", out / "report.md"]
-
-    if study is not None:
-        trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        xs = [t.number for t in trials]
-        ys = [t.values[0] for t in trials]
-        run = [min(ys[: i + 1]) for i in range(len(ys))]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.scatter(xs, ys, s=8, alpha=0.5, label="trial")
-        ax.step(xs, run, where="post", color="C1", label="best so far")
-        ax.set(xlabel="trial number", ylabel="estimated objective (nats/token)", title="optimization history")
-        ax.legend(fontsize=7)
-        paths.append(save_figure(fig, out / "optimization_history.png"))
-
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for kind in dict.fromkeys(v["kind"] for v in c.values()):
-        pts = [(v["verified"]["all"], v["estimated"]["all"]) for v in c.values() if v["kind"] == kind and v["estimated"]]
-        if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=kind, s=20)
-    ax.set(xlabel="verified final loss, all (nats/token)", ylabel="estimated (nats/token)",
-           title="estimated vs verified")
-    ax.legend(fontsize=7)
-    paths.append(save_figure(fig, out / "estimated_vs_verified.png"))
-
-    order = c[best]["order"]
-    domains = result["domains"]
-    names = sorted(set(domains))
-    row = [[names.index(domains[l]) for l in order]]
-    fig, ax = plt.subplots(figsize=(max(6, len(order) * 0.25), 1.8))
-    cmap = plt.get_cmap("tab10", max(len(names), 1))
-    ax.imshow(row, aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5)
-    ax.set_yticks([])
-    ax.set(xlabel="step t", title=f"{best}: domain of the batch at each step")
-    from matplotlib.patches import Patch
-
-    ax.legend(handles=[Patch(color=cmap(i), label=n) for i, n in enumerate(names)], fontsize=7,
-              loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=len(names))
-    paths.append(save_figure(fig, out / "best_order_domains.png"))
-
-    paths.append(export_order(out / "best_order.json", torch.tensor(order), name=best,
-                              verified=c[best]["verified"], estimated=c[best]["estimated"]))
-    return paths
+    return VerificationSummary(
+        eval_set=eval_set, best_searched=best, best_searched_loss=b, random_median=med,
+        random_median_loss=loss[med] if med else None, heuristics=heur, reference_loss=ref,
+        beats_random_median=(b < loss[med]) if best and med else None,
+        beats_all_heuristics=all(b < v for v in heur.values()) if best else None,
+        beats_reference=(b < ref) if best and ref is not None else None,
+    )

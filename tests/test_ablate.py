@@ -27,6 +27,7 @@ from currsearch.ablate import (
     validate_subsets,
 )
 from currsearch.errors import ConfigError, StoreError
+from currsearch.reports.ablate import write_search_report, write_validation_report
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +167,8 @@ def test_tampered_partition_file_is_detected(tiny_cfg, tiny_trainer, models, tmp
 
 
 def test_validate_and_search_write_reports(models, est, tmp_path):
-    v = validate_subsets(models, tmp_path / "val")
+    v = validate_subsets(models)
+    write_validation_report(v, tmp_path / "val")
     assert v["exhaustive"] and len(v["subsets"]) == 15
     for name in ("validation.json", "validation.md", "validation_scatter.png"):
         assert (tmp_path / "val" / name).stat().st_size > 0
@@ -183,7 +185,8 @@ def test_validate_and_search_write_reports(models, est, tmp_path):
     assert "Spearman rho" in (tmp_path / "val" / "validation.md").read_text()
 
     out = tmp_path / "search"
-    res = run_subset_search(models, out, n_trials=10, top_k=2, batch_size=4)
+    res, study = run_subset_search(models, out, n_trials=10, top_k=2, batch_size=4)
+    write_search_report(res, out, study)
     for name in ("search.json", "search.md", "optimization_history.png", "study.journal"):
         assert (out / name).stat().st_size > 0
     s = res["summary"]

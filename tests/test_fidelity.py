@@ -19,8 +19,8 @@ from currsearch.fidelity import (
     normalized_kendall_distance,
     retrain_orders,
     run_fidelity_settings,
-    write_report,
 )
+from currsearch.reports.fidelity import write_report
 from estimators.base import Estimator
 
 

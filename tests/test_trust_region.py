@@ -55,16 +55,16 @@ def test_store_along_another_order(tiny_cfg, tiny_trainer, tmp_path):
 def test_trust_region_rounds_resume_and_cli(tiny_cfg, tmp_path):
     kw = dict(rounds=2, trials=6, top_k=1, batch_size=3, progress=False)
     res = run_trust_region(tiny_cfg, tmp_path / "tr", **kw)
-    rs = res["rounds"]
-    assert len(rs) == 2 and res["verified_runs"] == 4
+    rs = res.rounds
+    assert len(rs) == 2 and res.verified_runs == 4
     for x in rs:  # every candidate is within the round's radius of its incumbent, and the incumbent never gets worse
-        for c in x["candidates"]:
-            assert len(transpositions_between(torch.tensor(x["incumbent"]), torch.tensor(c["order"]))) <= x["radius"]
-        assert x["next_incumbent_loss"] <= x["incumbent_loss"]
-        assert abs(x["incumbent_estimate"] - x["incumbent_loss"]) < 1e-5  # fut1-hvp reproduces its own run
-    assert rs[1]["incumbent"] == rs[0]["next_incumbent"]
+        for c in x.candidates:
+            assert len(transpositions_between(torch.tensor(x.incumbent), torch.tensor(c.order))) <= x.radius
+        assert x.next_incumbent_loss <= x.incumbent_loss
+        assert abs(x.incumbent_estimate - x.incumbent_loss) < 1e-5  # fut1-hvp reproduces its own run
+    assert rs[1].incumbent == rs[0].next_incumbent
     again = run_trust_region(tiny_cfg, tmp_path / "tr", **kw)  # finished rounds are read back, not rerun
-    assert again["rounds"] == rs
+    assert again.rounds == rs
     with pytest.raises(ConfigError, match="other settings"):
         run_trust_region(tiny_cfg, tmp_path / "tr", **{**kw, "top_k": 2})
 

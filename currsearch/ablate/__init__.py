@@ -9,7 +9,7 @@ equally sized base-unit partitions, proxy = perplexity of their parameter averag
     models = train_partitions(cfg, "runs/ablate")                  # one model per domain
     est = MergeEstimator(models)
     est.estimate(["bible+python", "devil"])                        # float64 [2, E], nats/token
-    validate_subsets(models, "runs/ablate/validate")               # merged vs real unions
+    validate_subsets(models)                                       # merged vs real unions
     run_subset_search(models, "runs/ablate/search", n_trials=64)   # Optuna + real verification
 
 Modules, by role:
@@ -24,6 +24,8 @@ Modules, by role:
 * :mod:`~currsearch.ablate.merge`: the merged-model estimator (:class:`MergeEstimator`);
 * :mod:`~currsearch.ablate.validate`: merged vs real models (Spearman rho, Pearson r);
 * :mod:`~currsearch.ablate.search`: Optuna search over subsets and verification by real training.
+
+Reports: :mod:`currsearch.reports.ablate`.
 
 Losses are eval losses in nats/token per eval set (``plan.eval_names``: the domains, then
 ``"all"``); perplexity is ``exp(loss)``.
@@ -41,24 +43,17 @@ from .partitions import (
     union_counts,
     union_stream,
 )
-from .search import (
-    SubsetSearchResult,
-    render_search_markdown,
-    run_subset_search,
-    search_subsets,
-    verify_subsets,
-    write_search_report,
-)
+from .search import SubsetSearchResult, run_subset_search, search_subsets, verify_subsets
 from .subsets import all_subsets, parse_subsets, sample_subsets, subset_label, subset_weights
 from .training import real_union, train_partitions, train_stream, train_union
-from .validate import render_validation_markdown, validate_subsets, write_validation_report
+from .validate import validate_subsets
 
 __all__ = [
     "FORMAT", "PAPER", "SCHEMA_VERSION",
     "AblationModels", "MergeEstimator", "Partition", "SubsetSearchResult",
     "all_subsets", "check_partitions", "default_partitions", "parse_subsets", "partition_stream",
-    "real_union", "render_search_markdown", "render_validation_markdown", "run_subset_search",
+    "real_union", "run_subset_search",
     "sample_subsets", "search_subsets", "steps_per_partition", "subset_label", "subset_weights",
     "train_partitions", "train_stream", "train_union", "union_counts", "union_stream",
-    "validate_subsets", "verify_subsets", "write_search_report", "write_validation_report",
+    "validate_subsets", "verify_subsets",
 ]

@@ -7,6 +7,7 @@ the (weighted) parameter average of the partition models (:class:`MergeEstimator
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from .models import as_models
 from .subsets import subset_weights
@@ -75,8 +76,6 @@ class MergeEstimator:
         todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
         bar = None
         if progress and todo:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=len(todo), desc="merged models", unit="subset")
         W = torch.tensor(todo, dtype=torch.float64, device=self.thetas.device).view(-1, self.K)
         for i in range(0, W.shape[0], self.chunk):

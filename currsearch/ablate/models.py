@@ -23,6 +23,7 @@ import torch
 
 from ..adam import AdamState
 from ..manifest import ManifestDirectory
+from ..train import WindowStart
 from .partitions import PAPER, Partition
 
 FORMAT = "currsearch-ablation-models"
@@ -93,8 +94,6 @@ class AblationModels(ManifestDirectory):
 
     def window_start(self, device="cpu"):
         """The base as a :class:`~currsearch.train.WindowStart` (theta, Adam state, step offset)."""
-        from ..train import WindowStart
-
         b = self.base(device)
         return WindowStart(b["theta"], AdamState(b["adam_m"], b["adam_v"], int(b["adam_step"])), self.manifest["step_offset"])
 

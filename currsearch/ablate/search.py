@@ -4,21 +4,24 @@ subsets by real training (Na et al. 2024, arXiv 2410.15661, proxy)."""
 
 from __future__ import annotations
 
-import math
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import optuna
 import torch
 
 from ..errors import ConfigError
-from ..reports import pyplot, save_figure, write_result_files
+from ..search import ask_and_tell, check_resume, make_sampler, make_storage
 from .merge import MergeEstimator
 from .models import as_models
 from .partitions import PAPER
 from .subsets import all_subsets, subset_label, subset_weights
 from .training import real_union
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,6 +67,64 @@ def _key(w: torch.Tensor) -> tuple:
     return tuple(round(float(x), 6) for x in w)
 
 
+def _enqueue_starts(study, names: Sequence[str], weights: bool) -> None:
+    """Seed a fresh study with the full set and every single partition."""
+    full = {f"use:{n}": 1 for n in names}
+    if weights:
+        full.update({f"weight:{n}": 1.0 for n in names})
+    study.enqueue_trial(full, user_attrs={"source": "full"})
+    for n in names:
+        p = {f"use:{m}": int(m == n) for m in names}
+        if weights:
+            p[f"weight:{n}"] = 1.0
+        study.enqueue_trial(p, user_attrs={"source": f"single:{n}"})
+
+
+def _scorer(est: MergeEstimator, names: Sequence[str], weights: bool, min_weight: float, j: int):
+    """The ``score(trials)`` of :func:`currsearch.search.ask_and_tell`: one merged estimate per
+    batch of trials (identical subsets scored once, cached), empty subsets PRUNED."""
+    cache: dict[tuple, torch.Tensor] = {}  # rounded normalized weights -> merged eval losses [E]
+
+    def score(trials):
+        raw = [torch.tensor(_decode(t, names, weights, min_weight), dtype=torch.float64) for t in trials]
+        normed = [r / r.sum() if r.sum() > 0 else None for r in raw]
+        new = list(dict.fromkeys(_key(w) for w in normed if w is not None and _key(w) not in cache))
+        if new:  # one estimate call per batch; identical subsets are scored once
+            cache.update(zip(new, est.estimate(torch.tensor(new, dtype=torch.float64))))
+        out = []
+        for w in normed:
+            if w is None:
+                out.append((optuna.trial.TrialState.PRUNED, {"reason": "empty subset"}))
+            else:
+                s = cache[_key(w)]
+                out.append((float(s[j]), {"weights": w.tolist(), "estimates": s.tolist(), "label": subset_label(w, names)}))
+        return out
+
+    return score
+
+
+def _distinct_ranked(study, K: int, E: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights float64 ``[m, K]`` and estimates ``[m, E]`` of the distinct complete trials, sorted
+    (stable) by estimate column ``j``."""
+    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    seen: dict[tuple, int] = {}
+    W, E_ = [], []
+    for t in trials:
+        w = t.user_attrs.get("weights")
+        e = t.user_attrs.get("estimates")
+        if w is None or e is None:
+            continue
+        key = _key(torch.tensor(w))
+        if key not in seen:
+            seen[key] = len(W)
+            W.append(w)
+            E_.append(e)
+    Wt = torch.tensor(W, dtype=torch.float64).view(-1, K)
+    Et = torch.tensor(E_, dtype=torch.float64).view(-1, E)
+    rank = torch.sort(Et[:, j], stable=True).indices
+    return Wt[rank], Et[rank]
+
+
 def search_subsets(estimator, n_trials: int = 64, sampler="tpe", weights: bool = False, objective: str = "all",
                    storage=None, study_name: str | None = None, seed: int = 0, batch_size: int = 8,
                    min_weight: float = 0.05, progress: bool = False) -> SubsetSearchResult:
@@ -93,10 +154,6 @@ def search_subsets(estimator, n_trials: int = 64, sampler="tpe", weights: bool =
         ConfigError: unknown objective or sampler, ``n_trials < 0``, ``batch_size < 1``, a bad
             ``min_weight``, a resumed study of other partitions/models/objective/mode.
     """
-    import optuna
-
-    from ..search import ask_and_tell, check_resume, make_sampler, make_storage
-
     t0 = time.perf_counter()
     est = estimator if isinstance(estimator, MergeEstimator) else MergeEstimator(estimator)
     names, ev = est.names, est.eval_names
@@ -118,52 +175,12 @@ def search_subsets(estimator, n_trials: int = 64, sampler="tpe", weights: bool =
         check_resume(study, {"partitions": names, "objective": objective, "weights": bool(weights),
                               "models": est.models.manifest["hashes"].get("base", ""), "min_weight": min_weight})
         if fresh:
-            full = {f"use:{n}": 1 for n in names}
-            if weights:
-                full.update({f"weight:{n}": 1.0 for n in names})
-            study.enqueue_trial(full, user_attrs={"source": "full"})
-            for n in names:
-                p = {f"use:{m}": int(m == n) for m in names}
-                if weights:
-                    p[f"weight:{n}"] = 1.0
-                study.enqueue_trial(p, user_attrs={"source": f"single:{n}"})
+            _enqueue_starts(study, names, weights)
         done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         budget = max(0, n_trials - len(study.get_trials(deepcopy=False, states=done_states)))
-        cache: dict[tuple, torch.Tensor] = {}  # rounded normalized weights -> merged eval losses [E]
-
-        def score(trials):
-            raw = [torch.tensor(_decode(t, names, weights, min_weight), dtype=torch.float64) for t in trials]
-            normed = [r / r.sum() if r.sum() > 0 else None for r in raw]
-            new = list(dict.fromkeys(_key(w) for w in normed if w is not None and _key(w) not in cache))
-            if new:  # one estimate call per batch; identical subsets are scored once
-                cache.update(zip(new, est.estimate(torch.tensor(new, dtype=torch.float64))))
-            out = []
-            for w in normed:
-                if w is None:
-                    out.append((optuna.trial.TrialState.PRUNED, {"reason": "empty subset"}))
-                else:
-                    s = cache[_key(w)]
-                    out.append((float(s[j]), {"weights": w.tolist(), "estimates": s.tolist(), "label": subset_label(w, names)}))
-            return out
-
+        score = _scorer(est, names, weights, min_weight, j)
         n_run = ask_and_tell(study, budget, batch_size, score, progress=progress, desc=f"search {name}")
-        trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        seen: dict[tuple, int] = {}
-        W, E = [], []
-        for t in trials:
-            w = t.user_attrs.get("weights")
-            e = t.user_attrs.get("estimates")
-            if w is None or e is None:
-                continue
-            key = _key(torch.tensor(w))
-            if key not in seen:
-                seen[key] = len(W)
-                W.append(w)
-                E.append(e)
-        Wt = torch.tensor(W, dtype=torch.float64).view(-1, len(names))
-        Et = torch.tensor(E, dtype=torch.float64).view(-1, len(ev))
-        rank = torch.sort(Et[:, j], stable=True).indices
-        Wt, Et = Wt[rank], Et[rank]
+        Wt, Et = _distinct_ranked(study, len(names), len(ev), j)
         n_finished = len(study.get_trials(deepcopy=False, states=done_states))
         return SubsetSearchResult(study, names, ev, objective, Wt, Et, Et[:, j], n_finished, n_run,
                                   time.perf_counter() - t0, [subset_label(w, names) for w in Wt])
@@ -201,8 +218,8 @@ def verify_subsets(models, candidates: dict, estimator: MergeEstimator | None = 
             e = est.estimate(w[None])[0]
             done[key] = (r, e)
             if progress:
-                print(f"verified {name} ({subset_label(w, models.names)}): {ev[-1]} = {float(r['eval_loss'][-1]):.4f} "
-                      f"nats/token real, {float(e[-1]):.4f} merged ({r['seconds']:.2f} s)", flush=True)
+                logger.info("verified %s (%s): %s = %.4f nats/token real, %.4f merged (%.2f s)", name,
+                            subset_label(w, models.names), ev[-1], float(r["eval_loss"][-1]), float(e[-1]), r["seconds"])
         r, e = done[key]
         out[name] = {"label": subset_label(w, models.names), "weights": w.tolist(),
                      "estimated": dict(zip(ev, e.tolist())), "verified": dict(zip(ev, r["eval_loss"].tolist())),
@@ -211,18 +228,21 @@ def verify_subsets(models, candidates: dict, estimator: MergeEstimator | None = 
 
 
 def run_subset_search(models, out=None, n_trials: int = 64, sampler="tpe", weights: bool = False, objective: str = "all",
-                      top_k: int = 3, seed: int = 0, batch_size: int = 8, storage=None, progress: bool = False) -> dict:
+                      top_k: int = 3, seed: int = 0, batch_size: int = 8, storage=None, progress: bool = False,
+                      ) -> tuple[dict, object]:
     """Search subsets with :func:`search_subsets`, verify the top-k by real training, and report
     them against the full set and the best single partition (both also trained for real).
 
     Args:
         models: an :class:`AblationModels` or its directory.
-        out: directory for ``search.json``, ``search.md``, ``optimization_history.png`` and the
-            study journal (``study.journal`` unless ``storage`` is given); ``None``: in memory.
+        out: directory of the study journal (``study.journal`` unless ``storage`` is given);
+            ``None``: in memory. Write ``search.json``, ``search.md`` and
+            ``optimization_history.png`` there with :func:`currsearch.reports.ablate.write_search_report`.
         top_k: distinct searched subsets to verify.
         Others: as :func:`search_subsets`.
 
     Returns:
+        ``(result, study)``: the Optuna study and the JSON-ready result
         ``{"search": {...top subsets...}, "candidates": {name: verify_subsets entry}, "summary":
         {"best_searched", "full", "best_single", losses on the objective, "beats_full", "best_is_full",
         "beats_best_single", "merged_optimum" (exhaustive merged optimum when K is small and
@@ -273,56 +293,4 @@ def run_subset_search(models, out=None, n_trials: int = 64, sampler="tpe", weigh
         "candidates": verified,
         "summary": summary,
     }
-    if out is not None:
-        result["files"] = [str(p) for p in write_search_report(result, out, res.study)]
-    return result
-
-
-def render_search_markdown(result: dict) -> str:
-    """Markdown of a :func:`run_subset_search` result."""
-    s, ev, obj = result["summary"], result["eval_names"], result["summary"]["objective"]
-    se = result["search"]
-    lines = [
-        "# Data ablation: subset search", "",
-        f"Optuna study `{se['study']}` ({se['sampler']}, {'subsets and mixture weights' if se['weights'] else 'subsets'}): "
-        f"{se['n_trials']} trials, {se['distinct']} distinct candidates, objective = merged eval loss on `{obj}` "
-        f"({PAPER} proxy). Verified candidates were trained for real from the same base with matched budget.", "",
-        f"| candidate | subset | merged {obj} | real {obj} | " + " | ".join(f"real {e}" for e in ev if e != obj) + " | steps |",
-        "|---|---|---|---|" + "---|" * (len(ev) - 1) + "---|",
-    ]
-    for name, v in sorted(result["candidates"].items(), key=lambda kv: kv[1]["verified"][obj]):
-        lines.append(f"| {name} | {v['label']} | {v['estimated'][obj]:.4f} | {v['verified'][obj]:.4f} | "
-                     + " | ".join(f"{v['verified'][e]:.4f}" for e in ev if e != obj) + f" | {v['steps']} |")
-    if s["best_searched"]:
-        vs_full = "is the full set" if s.get("best_is_full") else f"{'beats' if s['beats_full'] else 'does not beat'} the full set"
-        lines += ["", f"Best verified searched subset `{s['best_searched_label']}`: {s['best_searched_loss']:.4f} nats/token "
-                  f"on `{obj}`; it {vs_full} ({s['full_loss']:.4f}) and "
-                  f"{'beats' if s['beats_best_single'] else 'does not beat'} the best single partition "
-                  f"(`{s['best_single']}`, {s['best_single_loss']:.4f})."]
-    if s.get("merged_optimum"):
-        lines.append(f"Exhaustive optimum of the merged estimate: `{s['merged_optimum']['label']}` "
-                     f"({s['merged_optimum']['estimated']:.4f}); found by the search: {s['search_found_merged_optimum']}.")
-    return "\n".join(lines) + "\n"
-
-
-def write_search_report(result: dict, out_dir, study=None) -> list[Path]:
-    """Write ``search.json``, ``search.md`` and (with a study) ``optimization_history.png``."""
-    import optuna
-
-    out = Path(out_dir)
-    paths = write_result_files(out, "search", result, render_search_markdown(result))
-    plt = pyplot()
-    if study is not None:
-        trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if trials:
-            xs = [t.number for t in trials]
-            ys = [math.exp(t.value) for t in trials]
-            run = [min(ys[: i + 1]) for i in range(len(ys))]
-            fig, ax = plt.subplots(figsize=(6, 4))
-            ax.scatter(xs, ys, s=8, alpha=0.5, label="trial")
-            ax.step(xs, run, where="post", color="C1", label="best so far")
-            ax.set(xlabel="trial number", ylabel=f"merged perplexity, {result['summary']['objective']}",
-                   title="subset search: optimization history")
-            ax.legend(fontsize=7)
-            paths.append(save_figure(fig, out / "optimization_history.png"))
-    return paths
+    return result, res.study

@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import transformers
+from tqdm.auto import tqdm
+
+from .. import __version__
 
 from ..adam import AdamState, lr_at
 from ..errors import ConfigError, StoreError
@@ -30,6 +34,7 @@ from ..manifest import (
     trainer_hashes,
     write_manifest,
 )
+from ..train import Trainer
 from .models import FORMAT, SCHEMA_VERSION, AblationModels, as_models, partition_file
 from .partitions import (
     PAPER,
@@ -59,6 +64,54 @@ def train_stream(trainer, theta: torch.Tensor, adam: AdamState, step_offset: int
         lr = lr_at(step_offset + t, total, trainer.cfg.optim)
         theta, adam, losses[t] = trainer.step(theta, adam, lr, trainer.batch(int(l)))
     return theta, losses, time.perf_counter() - t0
+
+
+def _new_manifest(cfg, tr, parts, epochs: int, n: int) -> dict:
+    """The manifest of a fresh partition-models directory (nothing trained yet)."""
+    return {
+        "format": FORMAT, "schema_version": SCHEMA_VERSION, "method": PAPER,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": cfg.to_dict(),
+        "hashes": {**trainer_hashes(tr), "config": cfg.fingerprint(*TRAJECTORY_SECTIONS)},
+        "T": tr.T, "P": tr.model.num_params, "eval_names": list(tr.plan.eval_names),
+        "batch_domains": list(tr.plan.domains), "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len,
+        "partitions": [p.to_dict() for p in parts], "epochs": epochs, "steps_per_partition": n,
+        "step_offset": cfg.train.warmup_steps, "budget": "every partition model takes n = epochs * max |partition| steps; "
+        "a real union of S takes |S| * n (see currsearch.ablate)",
+        "versions": {"currsearch": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "files": {}, "phase": "partitions", "partitions_done": [], "seconds": {}, "base_seconds": 0.0, "train_seconds": 0.0,
+    }
+
+
+def _train_missing(tr, out: Path, m: dict, parts, n: int, start, train_seconds0: float, progress: bool,
+                   crash_after: int | None) -> None:
+    """Train and save (manifest after each) the partition models not yet in ``m["partitions_done"]``."""
+    t_start = time.perf_counter()  # partition training only (the warm-up phase is base_seconds)
+    todo = [k for k, p in enumerate(parts) if p.name not in m["partitions_done"]]
+    written = 0
+    bar = None
+    if progress and todo:
+        bar = tqdm(total=len(parts), initial=len(parts) - len(todo), desc="partition models", unit="model")
+    try:
+        for k in todo:
+            p = parts[k]
+            theta, losses, secs = train_stream(tr, start.theta, start.adam, start.step_offset, partition_stream(p, n))
+            save_listed_tensors(out, m, partition_file(k), {"theta": theta, "eval_loss": tr.evaluate(theta), "train_loss": losses})
+            m["partitions_done"].append(p.name)
+            m["seconds"][p.name] = secs
+            m["train_seconds"] = train_seconds0 + time.perf_counter() - t_start
+            if len(m["partitions_done"]) == len(parts):
+                m["phase"] = "complete"
+            write_manifest(out, m)
+            written += 1
+            if bar is not None:
+                bar.update(1)
+            if crash_after is not None and written >= crash_after and m["phase"] != "complete":
+                raise KeyboardInterrupt(f"simulated crash after {written} partition model(s)")
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def train_partitions(cfg, out, partitions=None, split: int = 1, epochs: int = 1, progress: bool = False,
@@ -91,8 +144,6 @@ def train_partitions(cfg, out, partitions=None, split: int = 1, epochs: int = 1,
         StoreError: ``out`` is a non-empty directory without a manifest, or holds models of
             another config, partitions, budget or data, or a missing/tampered file.
     """
-    from ..train import Trainer
-
     out = Path(out)
     if trainer is not None and config_diff(trainer.cfg.to_dict(), cfg.to_dict()):
         raise ConfigError("train_partitions(): the given trainer was built from another config; pass the trainer of this config")
@@ -115,24 +166,7 @@ def train_partitions(cfg, out, partitions=None, split: int = 1, epochs: int = 1,
     else:
         if out.exists() and any(out.iterdir()):
             raise StoreError(f"output directory {str(out)!r} exists, is not empty and holds no partition models; choose another --out")
-        import transformers
-
-        from .. import __version__
-
-        m = {
-            "format": FORMAT, "schema_version": SCHEMA_VERSION, "method": PAPER,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "config": cfg.to_dict(),
-            "hashes": {**trainer_hashes(tr), "config": cfg.fingerprint(*TRAJECTORY_SECTIONS)},
-            "T": tr.T, "P": tr.model.num_params, "eval_names": list(tr.plan.eval_names),
-            "batch_domains": list(tr.plan.domains), "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len,
-            "partitions": [p.to_dict() for p in parts], "epochs": epochs, "steps_per_partition": n,
-            "step_offset": cfg.train.warmup_steps, "budget": "every partition model takes n = epochs * max |partition| steps; "
-            "a real union of S takes |S| * n (see currsearch.ablate)",
-            "versions": {"currsearch": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                         "python": platform.python_version()},
-            "files": {}, "phase": "partitions", "partitions_done": [], "seconds": {}, "base_seconds": 0.0, "train_seconds": 0.0,
-        }
+        m = _new_manifest(cfg, tr, parts, epochs, n)
     out.mkdir(parents=True, exist_ok=True)
     (out / "partitions").mkdir(exist_ok=True)
     remove_partial_writes(out)
@@ -148,35 +182,7 @@ def train_partitions(cfg, out, partitions=None, split: int = 1, epochs: int = 1,
         m["hashes"]["base"] = tensor_sha256(s.theta)
         write_manifest(out, m)
     models = AblationModels(out, m)
-    start = models.window_start(tr.device)
-
-    t_start = time.perf_counter()  # partition training only (the warm-up phase is base_seconds)
-    todo = [k for k, p in enumerate(parts) if p.name not in m["partitions_done"]]
-    written = 0
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(parts), initial=len(parts) - len(todo), desc="partition models", unit="model")
-    try:
-        for k in todo:
-            p = parts[k]
-            theta, losses, secs = train_stream(tr, start.theta, start.adam, start.step_offset, partition_stream(p, n))
-            save_listed_tensors(out, m, partition_file(k), {"theta": theta, "eval_loss": tr.evaluate(theta), "train_loss": losses})
-            m["partitions_done"].append(p.name)
-            m["seconds"][p.name] = secs
-            m["train_seconds"] = train_seconds0 + time.perf_counter() - t_start
-            if len(m["partitions_done"]) == len(parts):
-                m["phase"] = "complete"
-            write_manifest(out, m)
-            written += 1
-            if bar is not None:
-                bar.update(1)
-            if crash_after is not None and written >= crash_after and m["phase"] != "complete":
-                raise KeyboardInterrupt(f"simulated crash after {written} partition model(s)")
-    finally:
-        if bar is not None:
-            bar.close()
+    _train_missing(tr, out, m, parts, n, models.window_start(tr.device), train_seconds0, progress, crash_after)
     if m["phase"] != "complete":  # nothing was left to do but the phase was not marked
         m["phase"] = "complete"
         write_manifest(out, m)

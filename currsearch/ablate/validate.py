@@ -3,14 +3,12 @@ with Spearman rho and Pearson r per eval set (the judgement of Na et al. 2024, a
 
 from __future__ import annotations
 
-import math
 import time
-from pathlib import Path
-
 import numpy as np
 import torch
+from scipy import stats
+from tqdm.auto import tqdm
 
-from ..reports import fmt, pyplot, save_figure, write_result_files
 from .merge import MergeEstimator
 from .models import as_models
 from .partitions import PAPER
@@ -19,8 +17,6 @@ from .training import real_union
 
 
 def _corr(est: np.ndarray, true: np.ndarray) -> dict:
-    from scipy import stats
-
     n = int(est.size)
     ok = n >= 3 and np.ptp(est) > 0 and np.ptp(true) > 0
     nan = float("nan")
@@ -35,7 +31,7 @@ def _corr(est: np.ndarray, true: np.ndarray) -> dict:
     }
 
 
-def validate_subsets(models, out=None, max_subsets: int = 16, seed: int = 0, progress: bool = False) -> dict:
+def validate_subsets(models, max_subsets: int = 16, seed: int = 0, progress: bool = False) -> dict:
     """Merged-model estimates vs real union training, per eval set.
 
     The subsets are all non-empty subsets when there are at most ``max_subsets`` of them
@@ -52,8 +48,8 @@ def validate_subsets(models, out=None, max_subsets: int = 16, seed: int = 0, pro
 
     Args:
         models: an :class:`AblationModels` or its directory.
-        out: directory for ``validation.json``, ``validation.md`` and ``validation_scatter.png``
-            (``None``: no files).
+        (write ``validation.json``, ``validation.md`` and ``validation_scatter.png`` with
+        :func:`currsearch.reports.ablate.write_validation_report`)
         max_subsets: exhaustive up to this many subsets, else a sample of this size.
         seed: seed of the sample.
 
@@ -73,12 +69,7 @@ def validate_subsets(models, out=None, max_subsets: int = 16, seed: int = 0, pro
     merged = est.estimate(subs)
     est_seconds = time.perf_counter() - t0
     real, rows = [], []
-    it = range(subs.shape[0])
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="real union models", unit="subset")
-    for i in it:
+    for i in tqdm(range(subs.shape[0]), desc="real union models", unit="subset", disable=not progress):
         r = real_union(models, subs[i])
         real.append(r["eval_loss"])
         rows.append({"label": subset_label(subs[i], names), "size": int(subs[i].sum()), "weights": subs[i].double().tolist(),
@@ -109,74 +100,4 @@ def validate_subsets(models, out=None, max_subsets: int = 16, seed: int = 0, pro
                  "speedup": (real_seconds / n) / max(est_seconds / n, 1e-12),
                  "partition_training_seconds": models.manifest["train_seconds"]},
     }
-    if out is not None:
-        result["files"] = [str(p) for p in write_validation_report(result, out)]
     return result
-
-
-def _fmt(x, spec: str = ".3f") -> str:
-    return fmt(x, spec)
-
-
-def render_validation_markdown(result: dict) -> str:
-    """Markdown of a :func:`validate_subsets` result: metrics per eval set, then every subset."""
-    ev = result["eval_names"]
-    n, K = len(result["subsets"]), len(result["partitions"])
-    c = result["cost"]
-    lines = [
-        "# Data ablation: merged vs real models", "",
-        f"Proxy of {PAPER}: eval perplexity of the uniform parameter average of partition models vs a model trained "
-        f"for real on the union (|S| x {result['steps_per_partition']} steps from the same base). "
-        f"{n} subsets of K = {K} partitions ({'all of them' if result['exhaustive'] else 'a seeded sample'}). "
-        f"Estimate {c['estimate_seconds_per_subset']:.3g} s/subset vs real training {c['real_seconds_per_subset']:.3g} s/subset.", "",
-        "| eval set | Spearman rho | Pearson r (ppl) | rho, size>=2 | r (ppl), size>=2 | mean abs diff (nats/token) | real spread |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name in ev:
-        a, b = result["metrics"][name]["all"], result["metrics"][name]["size>=2"]
-        lines.append(f"| {name} | {_fmt(a['spearman'])} | {_fmt(a['pearson_ppl'])} | {_fmt(b['spearman'])} | "
-                     f"{_fmt(b['pearson_ppl'])} | {_fmt(a['absdiff'], '.4f')} | {_fmt(a['spread'], '.4f')} |")
-    sizes = sorted({k for name in ev for k in result["metrics"][name].get("by_size", {})}, key=int)
-    if sizes:
-        lines += ["", "Within one subset size (equal real token budget): Spearman rho / Pearson r (ppl), n subsets:", "",
-                  "| eval set | " + " | ".join(f"size {k}" for k in sizes) + " |", "|---|" + "---|" * len(sizes)]
-        for name in ev:
-            bs = result["metrics"][name]["by_size"]
-            lines.append(f"| {name} | " + " | ".join(
-                f"{_fmt(bs[k]['spearman'], '.2f')} / {_fmt(bs[k]['pearson_ppl'], '.2f')} (n={bs[k]['n']})" if k in bs else "n/a"
-                for k in sizes) + " |")
-    lines += ["", "Perplexity per subset (merged / real):", "",
-              "| subset | size | " + " | ".join(ev) + " |", "|---|---|" + "---|" * len(ev)]
-    for r in sorted(result["subsets"], key=lambda r: r["real"][ev[-1]]):
-        lines.append(f"| {r['label']} | {r['size']} | " + " | ".join(
-            f"{math.exp(r['merged'][e]):.2f} / {math.exp(r['real'][e]):.2f}" for e in ev) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_validation_report(result: dict, out_dir) -> list[Path]:
-    """Write ``validation.json`` (NaN as null), ``validation.md`` and ``validation_scatter.png``
-    (merged vs real perplexity, one panel per eval set, colored by subset size); returns the paths."""
-    out = Path(out_dir)
-    paths = write_result_files(out, "validation", result, render_validation_markdown(result))
-    plt = pyplot()
-    ev = result["eval_names"]
-    ncols = min(len(ev), 3)
-    nrows = math.ceil(len(ev) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.9 * nrows), squeeze=False, layout="constrained")
-    sizes = np.array([r["size"] for r in result["subsets"]])
-    cmap = plt.get_cmap("viridis")
-    for ax, name in zip(axes.flat, ev):
-        x = np.exp([r["real"][name] for r in result["subsets"]])
-        y = np.exp([r["merged"][name] for r in result["subsets"]])
-        for k in sorted(set(sizes.tolist())):
-            sel = sizes == k
-            ax.scatter(x[sel], y[sel], s=22, color=cmap((k - 1) / max(sizes.max() - 1, 1)), label=f"{k} partition(s)")
-        lo, hi = min(x.min(), y.min()), max(x.max(), y.max())
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.7, label="y = x")
-        m = result["metrics"][name]["all"]
-        ax.set(xlabel="real perplexity", ylabel="merged perplexity",
-               title=f"{name}: rho {_fmt(m['spearman'], '.2f')}, r {_fmt(m['pearson_ppl'], '.2f')}")
-    axes.flat[0].legend(fontsize=7)
-    for ax in list(axes.flat)[len(ev):]:
-        ax.axis("off")
-    return paths + [save_figure(fig, out / "validation_scatter.png", dpi=90)]  # constrained layout: kept
