@@ -44,16 +44,18 @@ from typing import Any, Callable, Sequence
 
 import optuna
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 # tqdm.auto picks a notebook or terminal bar
 from tqdm.auto import tqdm
 
+from estimators import available as available_estimators
 from estimators import get_estimator
-from search_spaces import BatchInfo, SearchSpace, get_space, heuristic_orders, heuristic_params
+from search_spaces import BatchInfo, SearchSpace, available_spaces, get_space, heuristic_orders, heuristic_params
 
 from .backends import SerialBackend
 from .errors import ConfigError
+from .settings import Settings
 from .store import TrajectoryStore
 from .study import (
     Session,
@@ -180,6 +182,18 @@ class SearchResult:
         """The ``k`` best distinct orders: list of ``(order int64 [T], estimates float64 [E])``."""
         return [(self.orders[i], self.estimates[i]) for i in range(min(k, self.orders.shape[0]))]
 
+    def top_record(self, k: int = 10) -> dict:
+        """JSON-ready record of the study and its ``k`` best distinct orders (``search.json``,
+        the ``search`` entry of a run report): study name, trial counts, seconds, eval sets,
+        objectives and per order its estimates (nats/token) and source."""
+        return {
+            "study": self.study.study_name, "n_trials": self.n_trials, "n_run": self.n_run, "seconds": self.seconds,
+            "eval_names": self.eval_names, "objectives": self.objectives,
+            "top": [{"order": o.tolist(), "estimates": dict(zip(self.eval_names, e.tolist())),
+                     "source": self.sources[i] if i < len(self.sources) else ""}
+                    for i, (o, e) in enumerate(self.top(k))],
+        }
+
     @property
     def best_order(self) -> torch.Tensor:
         """int64 ``[T]``: the first of :meth:`top`."""
@@ -275,7 +289,7 @@ def collect_result(study: optuna.Study, space, backend, objectives: Sequence[str
 # ---------------------------------------------------------------- settings
 
 
-class SearchSettings(BaseModel):
+class SearchSettings(Settings):
     """What :func:`run_search` searches: the single source of the search defaults.
 
     Attributes:
@@ -299,8 +313,6 @@ class SearchSettings(BaseModel):
         estimator_kwargs: keyword arguments of the estimator (default backend only).
         sampler_options: keyword arguments of the Optuna sampler class.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     estimator: str = "additive"
     space: str = "random_keys"
@@ -327,6 +339,20 @@ class SearchSettings(BaseModel):
             raise ValueError(f"{list(v)} repeat an eval set")
         return v
 
+    @field_validator("estimator")
+    @classmethod
+    def _estimator(cls, v):
+        if v not in available_estimators():
+            raise ValueError(f"unknown estimator {v!r}; choose one of {', '.join(available_estimators())}")
+        return v
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v):
+        if v not in available_spaces():
+            raise ValueError(f"unknown search space {v!r}; choose one of {', '.join(available_spaces())}")
+        return v
+
     @field_validator("sampler")
     @classmethod
     def _sampler(cls, v):
@@ -338,15 +364,6 @@ class SearchSettings(BaseModel):
     @classmethod
     def _storage(cls, v):
         return None if v is None else str(v)
-
-    @classmethod
-    def make(cls, **values) -> "SearchSettings":
-        """Validate ``values``; raises ConfigError naming each bad field and what it needs."""
-        try:
-            return cls(**values)
-        except ValidationError as err:
-            lines = [f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']} (got {e.get('input')!r})" for e in err.errors()]
-            raise ConfigError("invalid search settings: " + "; ".join(lines)) from None
 
 
 # old run_search keyword names -> SearchSettings fields
@@ -479,7 +496,7 @@ def _settings(settings: SearchSettings | None, legacy: dict[str, Any]) -> tuple[
         raise ConfigError(f"sampler must be a name ({', '.join(SAMPLERS)}) or an optuna sampler, got {type(legacy['sampler']).__name__}")
     values = {_LEGACY.get(k, k): v for k, v in legacy.items() if v is not None or k in ("storage", "study_name")}
     base = settings.model_dump() if settings is not None else {}
-    return SearchSettings.make(**{**base, **values}), sampler_obj
+    return SearchSettings(**{**base, **values}), sampler_obj
 
 
 def _open_study(store: TrajectoryStore, s: SearchSettings, sp: SearchSpace, backend, sampler) -> optuna.Study:

@@ -87,15 +87,15 @@ def release_stale_lock(journal: Path, grace_s: float = LOCK_GRACE_S) -> bool:
 def make_storage(storage, lock_grace_s: float = LOCK_GRACE_S) -> optuna.storages.BaseStorage | str | None:
     """Optuna storage from ``None`` (in memory), a path ending in ``.journal``
     (JournalStorage + JournalFileBackend on the absolute path; the parent folder is created,
-    a stale lock released), any Optuna storage URL (``sqlite:///x.db``, ``postgresql://...``;
-    returned as is) or a storage object (returned as is).
+    a stale lock released), any Optuna RDB storage URL (``sqlite:///x.db``, ``postgresql://...``;
+    opened as an ``RDBStorage``) or a storage object (returned as is).
 
     Args:
         lock_grace_s: seconds after which a journal lock left by a killed process is released
             (Optuna's ``grace_period``; :func:`release_stale_lock`).
 
     Raises:
-        ConfigError: neither a ``.journal`` path nor a URL.
+        ConfigError: neither a ``.journal`` path nor a URL, or a URL that cannot be opened.
     """
     if storage is None or isinstance(storage, optuna.storages.BaseStorage):
         return storage
@@ -108,7 +108,12 @@ def make_storage(storage, lock_grace_s: float = LOCK_GRACE_S) -> optuna.storages
         return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
     if "://" not in s:
         raise ConfigError(f"storage {s!r} is neither a '.journal' file path nor a storage URL such as sqlite:///study.db")
-    return s
+    try:
+        return optuna.storages.RDBStorage(s)
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many kinds (bad dialect, bad path, no server)
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise ConfigError(f"cannot open the Optuna storage {s!r} ({type(err).__name__}: {first}); pass a .journal "
+                          "file path or a reachable database URL such as sqlite:///study.db") from None
 
 
 class Session:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, model_validator
 
 from estimators import get_estimator
 
@@ -43,14 +43,15 @@ from .manifest import TRAJECTORY_SECTIONS, atomic_write_bytes, config_diff
 from .orders import validate_orders
 from .record import record
 from .results import to_json
-from .search import run_search
+from .search import SearchSettings, run_search
+from .settings import Settings
 from .train import Trainer
 from .verify import RefinementSummary, VerificationResult, verify
 
 logger = logging.getLogger(__name__)
 
 
-class TrustRegionSettings(BaseModel):
+class TrustRegionSettings(Settings):
     """Settings of :func:`run_trust_region`, the single source of their defaults.
 
     Attributes:
@@ -68,8 +69,6 @@ class TrustRegionSettings(BaseModel):
         ConfigError: (on construction) a value out of range or an unknown key.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
     rounds: int = 3
     estimator: str = "fut1-hvp"
     estimator_kwargs: dict = Field(default_factory=dict)
@@ -83,16 +82,14 @@ class TrustRegionSettings(BaseModel):
     min_radius: int = 1
     max_radius: Optional[int] = None
 
-    def __init__(self, **data):
-        try:
-            super().__init__(**data)
-        except ValidationError as err:
-            raise ConfigError(f"invalid trust-region settings: {err}") from None
+    @model_validator(mode="after")
+    def _ranges(self) -> "TrustRegionSettings":
         if self.rounds < 1 or self.radius < 1 or self.top_k < 1 or self.trials < self.top_k + 1 or self.min_radius < 1:
-            raise ConfigError(
+            raise ValueError(
                 "trust region needs rounds >= 1, radius >= 1, min_radius >= 1, top_k >= 1 and trials > top_k "
                 f"(got rounds={self.rounds}, radius={self.radius}, min_radius={self.min_radius}, top_k={self.top_k}, "
                 f"trials={self.trials})")
+        return self
 
 
 @dataclass(frozen=True)
@@ -216,10 +213,10 @@ def _run_round(r: int, s: TrustRegionSettings, rcfg: Config, trainer, rdir: Path
     inc_loss = float(store.final()["eval_loss"][obj])
     t1 = time.perf_counter()
     est = get_estimator(s.estimator, **s.estimator_kwargs).fit(store)
-    res = run_search(store, space="local", space_options={"center": incumbent.tolist(), "moves": radius},
-                     sampler=s.sampler, n_trials=s.trials, batch_size=s.batch_size, storage=str(rdir / "study.journal"),
-                     backend=SerialBackend(est), objectives=[s.objective], seed=s.seed + r, enqueue_heuristics=True,
-                     enqueue_assignment=False, progress=progress)
+    search = SearchSettings(space="local", space_options={"center": incumbent.tolist(), "moves": radius},
+                            sampler=s.sampler, trials=s.trials, batch=s.batch_size, storage=str(rdir / "study.journal"),
+                            objectives=[s.objective], seed=s.seed + r, enqueue_assignment=False)
+    res = run_search(store, search, backend=SerialBackend(est), progress=progress)
     inc_est = float(est.estimate(incumbent)[obj])
     cands = [(o, e) for o, e in res.top(len(res.orders)) if not torch.equal(o, incumbent)][:s.top_k]
     t2 = time.perf_counter()

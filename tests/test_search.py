@@ -218,7 +218,7 @@ def test_search_settings_validate_with_clear_errors_and_the_old_keywords_still_w
                      ({"objectives": ["all", "all"]}, "repeat"), ({"sampler": "annealing"}, "unknown sampler"),
                      ({"nope": 1}, "nope")]:
         with pytest.raises(ConfigError, match=msg):
-            SearchSettings.make(**bad)
+            SearchSettings(**bad)
     a = run_search(store, SearchSettings(trials=8, batch=4), progress=False)
     b = run_search(store, n_trials=8, batch_size=4, estimator_name="additive", progress=False)
     assert torch.equal(a.orders, b.orders) and a.n_run == 8

@@ -247,7 +247,14 @@ def run_subset_search(models, out=None, n_trials: int = 64, sampler="tpe", weigh
         {"best_searched", "full", "best_single", losses on the objective, "beats_full", "best_is_full",
         "beats_best_single", "merged_optimum" (exhaustive merged optimum when K is small and
         no weights), "search_found_merged_optimum"}}``.
+
+    Raises:
+        ConfigError: ``top_k < 1``, ``batch_size < 1`` or ``n_trials < 0`` (before anything is written).
+        StoreError: ``models`` is not a complete ablation models directory.
     """
+    if top_k < 1 or batch_size < 1 or n_trials < 0:
+        raise ConfigError(f"subset search needs top_k >= 1, batch_size >= 1 and n_trials >= 0 "
+                          f"(got top_k={top_k}, batch_size={batch_size}, n_trials={n_trials})")
     models = as_models(models)
     est = MergeEstimator(models)
     if out is not None:

@@ -1,0 +1,72 @@
+"""``currsearch run``: the main job (record, search, verify, refine) and its report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..pipeline import PipelineResult, PipelineSettings, RefineSettings, VerifySettings, run_pipeline
+from ..reports.trust_region import write_trust_region_report
+from ..reports.verify import write_report
+from ..search import SearchSettings
+from ..verify import summarize
+from .common import add_config_options, given, print_table, resolve_config
+from .search import SEARCH_OPTIONS, add_search_options
+
+
+def settings_from_args(args) -> PipelineSettings:
+    """The :class:`PipelineSettings` of the command line (unset options keep the models' defaults).
+
+    Raises:
+        ConfigError: an invalid value, naming the setting.
+    """
+    search = SearchSettings(**{"estimator": "calibrated-interactions", **given(args, *SEARCH_OPTIONS)})
+    verify = VerifySettings(**given(args, "top_k", "random"))
+    refine = RefineSettings(**given(args, "rounds") | ({"trials": args.tr_trials} if args.tr_trials is not None else {}))
+    return PipelineSettings(out=Path(args.out), search=search, verify=verify, refine=refine)
+
+
+def _print_summary(res: PipelineResult, paths: list[Path]) -> None:
+    v = res.verification
+    rows = sorted(v.candidates.items(), key=lambda kv: kv[1].verified["all"])
+    print_table(["candidate", "kind", "estimated all", "verified all"],
+                [[n, c.kind, c.estimated["all"] if c.estimated else float("nan"), c.verified["all"]] for n, c in rows])
+    tr = v.trust_region
+    if tr:
+        print(f"trust region: {tr.rounds} rounds from {tr.start} ({tr.start_loss:.4f}) to {tr.final_loss:.4f} "
+              f"(gain {tr.gain:.4f} nats/token, {tr.verified_runs} real training runs)")
+    s = summarize(v)
+    if s.best_searched:
+        print(f"best searched {s.best_searched} ({s.best_searched_loss:.4f}) "
+              f"{'beats' if s.beats_random_median else 'does not beat'} the random median ({s.random_median_loss:.4f}) "
+              f"and {'beats' if s.beats_all_heuristics else 'does not beat'} every heuristic")
+    led = res.ledger
+    print(f"compute: {led.real_runs} real runs, {led.run_equivalents:.1f} run equivalents, {led.seconds:.0f} s "
+          f"({', '.join(f'{e.phase} {e.run_equivalents:.1f}' for e in led.entries)})")
+    print(f"report: {paths[1]}")
+
+
+def cmd_run(args) -> int:
+    """Run the main job and write ``OUT/report`` (and ``OUT/trust_region``'s report)."""
+    settings = settings_from_args(args)
+    cfg = resolve_config(args.config, args.set)
+    res = run_pipeline(cfg, settings, progress=not args.quiet)
+    paths = write_report(settings.out / "report", res.verification, res.search.study, res.ledger)
+    if res.trust_region is not None:
+        write_trust_region_report(res.trust_region, settings.out / "trust_region")
+    _print_summary(res, paths)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``run``."""
+    p = sub.add_parser("run", help="record, search, verify the best orders by real training and write a report")
+    add_config_options(p)
+    p.add_argument("--out", default="runs/main", help="output directory (default: runs/main)")
+    add_search_options(p)
+    p.add_argument("--top-k", type=int, help="searched orders to verify (default: 3)")
+    p.add_argument("--random", type=int, help="random baseline orders (default: 5)")
+    p.add_argument("--rounds", type=int, help="trust-region rounds (fut1-hvp) from the best verified order "
+                   "(default: 2; 0 skips them)")
+    p.add_argument("--tr-trials", type=int, help="orders estimated per trust-region round (default: 16)")
+    p.set_defaults(func=cmd_run)

@@ -1,0 +1,102 @@
+"""Compute ledger: what a job spends, in real-run equivalents and wall seconds.
+
+The unit is one **real run**: one training of the T-step window from the window start
+(the cached warm-up phase excluded, since every strategy shares it). A phase records
+
+* ``real_runs``: how many window trainings it performed (recording's reference run,
+  calibration runs, verification, trust-region re-recordings, baseline runs). Work reused
+  from an earlier job (a recorded store, cached calibration runs) still counts: it is part
+  of what the result cost;
+* ``seconds``: its wall time;
+* ``run_equivalents``: its compute in real runs, ``seconds / run_seconds`` where
+  ``run_seconds`` is the measured wall time of one real window training in the same job.
+  Work that is not training (the recorder's T^2 pair gradients, ``fut1-hvp``'s Hessian-vector
+  products, a surrogate's estimates) is counted by its time; a phase of pure training counts
+  at least its ``real_runs``.
+
+The ledger is what the equal-compute yardstick compares: a searched order is worth its
+cost only if search with real training at the same number of run equivalents (best of N
+random orders, Optuna TPE on real training) does no better.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One phase of a job.
+
+    Attributes:
+        phase: the phase's name (``record``, ``calibration``, ``search``, ``verify``,
+            ``trust_region``, ``baseline:random-search``, ...).
+        real_runs: window trainings performed (count).
+        seconds: wall time, seconds.
+        run_equivalents: compute in real runs (see the module docstring).
+    """
+
+    phase: str
+    real_runs: int
+    seconds: float
+    run_equivalents: float
+
+
+@dataclass(frozen=True)
+class LedgerSummary:
+    """The phases of a finished job and their totals (see :class:`ComputeLedger`).
+
+    Attributes:
+        run_seconds: wall seconds of one real window training, the unit of ``run_equivalents``.
+        entries: the phases, in order.
+        real_runs, run_equivalents, seconds: totals over the phases.
+    """
+
+    run_seconds: float
+    entries: tuple[LedgerEntry, ...]
+    real_runs: int
+    run_equivalents: float
+    seconds: float
+
+
+@dataclass
+class ComputeLedger:
+    """Collects the phases of one job while it runs; :meth:`summary` converts them into run
+    equivalents once the seconds of one real run are known.
+
+    Attributes:
+        phases: ``(phase, real_runs, seconds)`` in the order added.
+    """
+
+    phases: list[tuple[str, int, float]] = field(default_factory=list)
+
+    def add(self, phase: str, seconds: float, real_runs: int = 0) -> None:
+        """Append a phase of ``seconds`` wall time with ``real_runs`` window trainings."""
+        if seconds < 0 or real_runs < 0:
+            raise ConfigError(f"ledger phase {phase!r}: seconds and real_runs must be >= 0, got {seconds}, {real_runs}")
+        self.phases.append((phase, int(real_runs), float(seconds)))
+
+    @contextmanager
+    def phase(self, name: str, real_runs: int = 0):
+        """Time a block as one phase: ``with ledger.phase("verify") as counts: ...``; the
+        block sets the runs it performed in ``counts["real_runs"]`` (default ``real_runs``)."""
+        counts = {"real_runs": real_runs}
+        t0 = time.perf_counter()
+        yield counts
+        self.add(name, time.perf_counter() - t0, counts["real_runs"])
+
+    def summary(self, run_seconds: float) -> LedgerSummary:
+        """Every phase in run equivalents, ``max(real_runs, seconds / run_seconds)``.
+
+        Raises:
+            ConfigError: ``run_seconds <= 0``.
+        """
+        if not run_seconds > 0:
+            raise ConfigError(f"the seconds of one real run must be > 0, got {run_seconds}")
+        entries = tuple(LedgerEntry(p, k, s, max(float(k), s / run_seconds)) for p, k, s in self.phases)
+        return LedgerSummary(float(run_seconds), entries, sum(e.real_runs for e in entries),
+                             sum(e.run_equivalents for e in entries), sum(e.seconds for e in entries))
