@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 
 from currsearch.adam import AdamState, adam_direction
+from currsearch.gradients import eval_gradients
 from currsearch.orders import validate_orders
-from currsearch.record import eval_gradients
 
 from .base import Estimator, register
 from .common import anchor_of_step, window_lrs

@@ -20,9 +20,13 @@ positions, so its exact minimum over all T! permutations is a linear assignment 
 from __future__ import annotations
 
 import torch
+from scipy.optimize import linear_sum_assignment
+
+from currsearch.orders import validate_orders
 
 from .base import Estimator, register
 from .common import gather_positions, per_step, window_lrs
+from .hvp import window_batch_losses
 
 
 @register
@@ -41,10 +45,6 @@ class ReferenceEstimator(Estimator):
     def estimate_batch_losses(self, orders) -> torch.Tensor:
         """The reference run's final loss on every window batch, for every order: float64
         ``[n, T]`` nats/token (computed once at theta_T, on first call)."""
-        from currsearch.orders import validate_orders
-
-        from .hvp import window_batch_losses
-
         if self.store is None:
             raise RuntimeError(f"call {type(self).__name__}.fit(store) before estimate_batch_losses()")
         o = validate_orders(orders, self.T)
@@ -58,8 +58,6 @@ def assignment_order(cost) -> torch.Tensor:
     """The order minimizing ``sum_t cost[t, order[t]]`` over all permutations: int64 ``[T]``
     for a float cost array ``[T, T]`` (step t, batch l). Exact (linear assignment, scipy's Hungarian
     algorithm)."""
-    from scipy.optimize import linear_sum_assignment
-
     rows, cols = linear_sum_assignment(cost)
     order = torch.empty(len(rows), dtype=torch.int64)
     order[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.int64)
