@@ -309,6 +309,7 @@ class _Recorder:
         damaged = store.problems()
         if damaged:
             _forget_damaged(self.out, m, [rel for rel, _ in damaged])
+            write_manifest(self.out, m)  # the repair is on disk even if nothing else needs writing
             logger.warning("store %s: re-recording %d damaged file(s): %s", self.out, len(damaged), "; ".join(e for _, e in damaged))
         return m
 

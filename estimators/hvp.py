@@ -72,6 +72,7 @@ class FUT1HVP(Estimator):
 
     name = "fut1-hvp"
     required_terms = ()
+    has_batch_losses = True
 
     def __init__(self, device="cpu", chunk: int = 8, readout: str = "exact", curvature: bool = True):
         super().__init__(device)

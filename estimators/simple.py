@@ -34,6 +34,7 @@ class ReferenceEstimator(Estimator):
     """Null model: the reference run's final losses for every order."""
 
     name = "reference"
+    has_batch_losses = True
 
     def _fit(self, store) -> None:
         self.ref = store.final()["eval_loss"].to(self.device)
@@ -75,6 +76,7 @@ class AdditiveEstimator(Estimator):
 
     name = "additive"
     required_terms = ("readouts",)
+    has_optimum = True
 
     def __init__(self, device="cpu", readout: str = "final"):
         super().__init__(device)

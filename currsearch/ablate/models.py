@@ -23,6 +23,7 @@ import torch
 
 from ..adam import AdamState
 from ..manifest import ManifestDirectory
+from ..train import Trainer
 from .partitions import PAPER, Partition
 
 FORMAT = "currsearch-ablation-models"
@@ -46,6 +47,7 @@ class AblationModels(ManifestDirectory):
 
     FORMAT = FORMAT
     SCHEMA_VERSION = SCHEMA_VERSION
+    trainer_factory = staticmethod(Trainer.from_config)
     MESSAGES = {
         "no_manifest": "{path!r} holds no partition models (no manifest.json); train them with `currsearch ablate train --out {path}`",
         "corrupt": "manifest {mpath!r} is corrupt ({err}); retrain the partition models",
