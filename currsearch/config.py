@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .projection import ProjectionKind
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -112,14 +113,18 @@ class RecordConfig(_Section):
 
     ``terms`` names recorded pair terms (``currsearch.record.TERMS``); pair terms are taken
     at every ``anchor_stride``-th checkpoint; projections are ``projection_dim``-dimensional
-    JL sketches regenerated from ``projection_seed``. Budgets are in seconds and bytes.
+    JL sketches regenerated from ``projection_seed``; ``projection`` is validated as a
+    :class:`~currsearch.projection.ProjectionKind` and kept as its string value. Budgets are in
+    seconds and bytes.
     """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), use_enum_values=True)
 
     terms: tuple[str, ...] = ("batch_losses", "updates", "grads", "readouts")
     anchor_stride: int = Field(1, ge=1)
     checkpoint_eval: bool = Field(False, description="evaluate the reference model at every anchor (loss curve)")
     vmap_chunk: int = Field(16, ge=1, description="batches per vmapped gradient call (memory bound)")
-    projection: Literal["rademacher", "gaussian", "countsketch"] = "countsketch"
+    projection: ProjectionKind = ProjectionKind.COUNTSKETCH.value
     projection_dim: int = Field(512, ge=1)
     projection_seed: int = 0
     max_disk_bytes: float = Field(8e9, gt=0)

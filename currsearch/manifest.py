@@ -8,20 +8,34 @@ the manifest itself is rewritten atomically after each file, so a killed writer 
 directory that resumes. :class:`ManifestDirectory` opens such a directory and checks format,
 schema, completeness, checksums, config and Trainer hashes, raising
 :class:`~currsearch.errors.StoreError` with the wording of the subclass (its ``MESSAGES``).
+
+The manifest's shape is validated with a pydantic model (:class:`ManifestModel`, strict types:
+``"1"`` is not a schema version, ``"679096"`` is not a byte count), every file a loader opens
+must be listed in it, and a complete directory may hold no unlisted data file. This module
+builds no :class:`~currsearch.train.Trainer`: a subclass names the factory
+(``trainer_factory``) or the caller passes one (``open(..., trainer=...)``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_save
 
 from .config import Config, config_from_dict
 from .errors import StoreError
+
+logger = logging.getLogger(__name__)
 
 # config sections that determine the recorded/trained numbers (record.* budgets do not)
 TRAJECTORY_SECTIONS = ("data", "model", "optim", "train")
@@ -54,9 +68,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Save tensors as a safetensors file atomically."""
-    from safetensors.torch import save
-
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    data = safetensors_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     atomic_write_bytes(path, data)
 
 
@@ -95,20 +107,65 @@ def config_diff(a: dict, b: dict, sections=TRAJECTORY_SECTIONS) -> list[str]:
     return out
 
 
+class FileEntry(BaseModel):
+    """One listed file: its SHA-256 (64 lowercase hex digits) and size in bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+    sha256: StrictStr = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: StrictInt = Field(ge=0)
+
+
+class ManifestModel(BaseModel):
+    """The keys every manifest directory's ``manifest.json`` holds, strictly typed (no coercion:
+    a string is never read as a number). Extra keys are allowed; subclasses add theirs."""
+
+    model_config = ConfigDict(extra="allow")
+    format: StrictStr
+    schema_version: StrictInt
+    phase: StrictStr
+    config: dict[str, Any]
+    hashes: dict[str, StrictStr]
+    files: dict[str, FileEntry]
+
+
+DEFAULT_MESSAGES = {
+    "malformed": "manifest {mpath!r} is malformed: {err}; it was not written by currsearch or was edited by hand: "
+                 "delete {path!r} and write it again",
+    "file_unlisted": "file {file!r} is not listed in the manifest {mpath!r} (its entry was removed, or the file was copied in); "
+                     "its content cannot be checked",
+    "not_safetensors": "file {file!r} is not a readable safetensors file ({err})",
+    "no_trainer": "{path!r}: no Trainer attached and none can be built here; pass one (open(..., trainer=...) or use_trainer)",
+}
+
+
+def _validation_summary(err: ValidationError) -> str:
+    """``loc: message (got value)`` for each pydantic error, joined by ``"; "``."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = e.get("input")
+        shown = f" (got {got!r} of type {type(got).__name__})" if e["type"] != "missing" and not isinstance(got, dict) else ""
+        parts.append(f"{loc}: {e['msg']}{shown}")
+    return "; ".join(parts[:5]) + (f"; and {len(parts) - 5} more" if len(parts) > 5 else "")
+
+
 class ManifestDirectory:
     """Base of a self-describing directory with a checksummed manifest. Open with :meth:`open`.
 
-    A subclass sets ``FORMAT`` (the manifest's ``"format"``), ``SCHEMA_VERSION`` and
-    ``MESSAGES``: the :class:`~currsearch.errors.StoreError` texts, ``str.format`` templates
-    keyed by
+    A subclass sets ``FORMAT`` (the manifest's ``"format"``), ``SCHEMA_VERSION``, ``SCHEMA``
+    (its :class:`ManifestModel` subclass), ``trainer_factory`` (``Config -> Trainer``, used by
+    :meth:`trainer` when none was attached) and ``MESSAGES``: the
+    :class:`~currsearch.errors.StoreError` texts, ``str.format`` templates keyed by
 
     * ``no_manifest`` ({path}), ``corrupt`` ({mpath}, {err}), ``format`` ({mpath}, {format},
       {got}), ``schema`` ({path}, {version}, {expected}), ``incomplete`` ({path}, {progress}:
       :meth:`progress`);
-    * ``file_missing`` ({file}), ``file_size`` ({file}, {size}, {expected}), ``file_hash``
-      ({file});
+    * ``file_missing`` ({file}, {path}), ``file_size`` ({file}, {size}, {expected}, {path}),
+      ``file_hash`` ({file}, {path});
     * ``config`` ({path}, {diff}: the differing keys joined by ``", "``), ``trainer`` ({path},
-      {bad}: the list of differing hashes).
+      {bad}: the list of differing hashes);
+    * optional (defaults in :data:`DEFAULT_MESSAGES`): ``malformed`` ({mpath}, {path}, {err}),
+      ``file_unlisted`` ({file}, {mpath}, {path}), ``not_safetensors`` ({file}, {err}, {path}).
 
     Paths are passed as ``str``. The manifest must hold ``"config"`` (the full config dict),
     ``"hashes"`` (``corpus``, ``plan``, ``init_weights``), ``"files"`` (``{relative path:
@@ -118,9 +175,14 @@ class ManifestDirectory:
         path: the directory; manifest: the parsed manifest (dict).
     """
 
-    FORMAT: str = ""
-    SCHEMA_VERSION: int = 0
-    MESSAGES: dict[str, str] = {}
+    FORMAT: ClassVar[str] = ""
+    SCHEMA_VERSION: ClassVar[int] = 0
+    SCHEMA: ClassVar[type[ManifestModel]] = ManifestModel
+    MESSAGES: ClassVar[dict[str, str]] = {}
+    #: data files (globs below the directory) that must all be listed once the directory is complete
+    DATA_GLOBS: ClassVar[tuple[str, ...]] = ("*.safetensors",)
+    #: ``Config -> Trainer`` building the Trainer of :meth:`trainer` when none was attached
+    trainer_factory: ClassVar[Optional[Callable[[Config], Any]]] = None
 
     def __init__(self, path: Path, manifest: dict):
         self.path = Path(path)
@@ -128,64 +190,118 @@ class ManifestDirectory:
         self._trainer = None
 
     @classmethod
+    def _message(cls, key: str, **kw) -> str:
+        """The ``MESSAGES[key]`` (or default) text filled with ``kw``."""
+        return cls.MESSAGES.get(key, DEFAULT_MESSAGES.get(key, key)).format(**kw)
+
+    @classmethod
     def progress(cls, manifest: dict) -> str:
         """How far an incomplete directory got (the ``{progress}`` of the ``incomplete`` message)."""
         return f"phase {manifest.get('phase')!r}"
 
     @classmethod
-    def open(cls, path, verify: bool = True, allow_incomplete: bool = False):
-        """Open a directory, checking format, schema, completeness and (with ``verify``) every checksum.
+    def read_manifest(cls, path) -> dict:
+        """Parse and validate ``path / "manifest.json"`` (format, schema version, then the shape
+        of :attr:`SCHEMA`), without checking completeness or files.
+
+        Returns:
+            The manifest dict (as parsed; validation does not coerce or change it).
+
+        Raises:
+            StoreError: no manifest, unparsable bytes or JSON, not a JSON object, another format or
+                schema version, a missing key or a value of the wrong type (naming the key).
+        """
+        path = Path(path)
+        mpath = path / "manifest.json"
+        msg = lambda key, **kw: cls._message(key, path=str(path), mpath=str(mpath), **kw)  # noqa: E731
+        if not mpath.is_file():
+            raise StoreError(msg("no_manifest"))
+        try:
+            manifest = json.loads(mpath.read_bytes())
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            raise StoreError(msg("corrupt", err=err)) from None
+        if not isinstance(manifest, dict):
+            raise StoreError(msg("malformed", err=f"it holds a JSON {type(manifest).__name__}, not an object"))
+        if manifest.get("format") != cls.FORMAT:
+            raise StoreError(msg("format", format=cls.FORMAT, got=manifest.get("format")))
+        version = manifest.get("schema_version")
+        if type(version) is not int:
+            raise StoreError(msg("malformed", err=f"schema_version must be an integer, got {version!r} of type {type(version).__name__}"))
+        if version != cls.SCHEMA_VERSION:
+            raise StoreError(msg("schema", version=version, expected=cls.SCHEMA_VERSION))
+        try:
+            cls.SCHEMA.model_validate(manifest)
+        except ValidationError as err:
+            raise StoreError(msg("malformed", err=_validation_summary(err))) from None
+        return manifest
+
+    @classmethod
+    def open(cls, path, verify: bool = True, allow_incomplete: bool = False, trainer=None):
+        """Open a directory, checking format, schema, shape, completeness and (with ``verify``) every file.
 
         Args:
             path: the directory.
-            verify: check every file's size and SHA-256 (:meth:`verify`).
+            verify: check every file's size and SHA-256 and that no data file is unlisted (:meth:`verify`).
             allow_incomplete: accept a directory whose manifest phase is not ``"complete"``
                 (to resume writing it).
+            trainer: a :class:`~currsearch.train.Trainer` to attach (:meth:`use_trainer`, checked
+                against the recorded hashes), e.g. the one the caller already built; default: the
+                first :meth:`trainer` call builds one from the recorded config.
 
         Returns:
             An instance of ``cls``.
 
         Raises:
-            StoreError: no manifest, an unparsable manifest, another format or schema version,
-                an incomplete directory, a missing/truncated/modified file.
+            StoreError: no manifest, an unparsable or malformed manifest, another format or schema
+                version, an incomplete directory, a missing/truncated/modified/unlisted file, a
+                trainer of other data or weights.
         """
-        path = Path(path)
-        mpath = path / "manifest.json"
-        msg = cls.MESSAGES
-        if not mpath.is_file():
-            raise StoreError(msg["no_manifest"].format(path=str(path)))
-        try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as err:
-            raise StoreError(msg["corrupt"].format(mpath=str(mpath), err=err)) from None
-        if manifest.get("format") != cls.FORMAT:
-            raise StoreError(msg["format"].format(mpath=str(mpath), format=cls.FORMAT, got=manifest.get("format")))
-        version = manifest.get("schema_version")
-        if version != cls.SCHEMA_VERSION:
-            raise StoreError(msg["schema"].format(path=str(path), version=version, expected=cls.SCHEMA_VERSION))
+        manifest = cls.read_manifest(path)
         if not allow_incomplete and manifest.get("phase") != "complete":
-            raise StoreError(msg["incomplete"].format(path=str(path), progress=cls.progress(manifest)))
-        opened = cls(path, manifest)
+            raise StoreError(cls._message("incomplete", path=str(path), progress=cls.progress(manifest)))
+        opened = cls(Path(path), manifest)
         if verify:
             opened.verify()
+        if trainer is not None:
+            opened.use_trainer(trainer)
         return opened
 
-    def verify(self) -> None:
-        """Check every file listed in the manifest exists with the recorded size and SHA-256.
+    def expected_files(self) -> list[str]:
+        """Relative paths the manifest's progress says were written (each must be listed);
+        subclasses derive them from their progress keys. Default: none."""
+        return []
 
-        Raises:
-            StoreError: naming the first missing, truncated or modified file.
-        """
-        msg = self.MESSAGES
-        for rel, info in self.manifest["files"].items():
+    def problems(self) -> list[tuple[str, str]]:
+        """Every damaged file as ``(relative path, StoreError message)``: listed files missing,
+        truncated or modified; files the progress says were written but the manifest does not
+        list; and, in a complete directory, data files (:attr:`DATA_GLOBS`) that are not listed."""
+        files, out = self.manifest["files"], []
+        kw = {"path": str(self.path), "mpath": str(self.path / "manifest.json")}
+        for rel, info in files.items():
             f = self.path / rel
             if not f.is_file():
-                raise StoreError(msg["file_missing"].format(file=str(f)))
-            size = f.stat().st_size
-            if size != info["bytes"]:
-                raise StoreError(msg["file_size"].format(file=str(f), size=size, expected=info["bytes"]))
-            if sha256_file(f) != info["sha256"]:
-                raise StoreError(msg["file_hash"].format(file=str(f)))
+                out.append((rel, self._message("file_missing", file=str(f), **kw)))
+            elif f.stat().st_size != info["bytes"]:
+                out.append((rel, self._message("file_size", file=str(f), size=f.stat().st_size, expected=info["bytes"], **kw)))
+            elif sha256_file(f) != info["sha256"]:
+                out.append((rel, self._message("file_hash", file=str(f), **kw)))
+        unlisted = {rel for rel in self.expected_files() if rel not in files}
+        if self.manifest.get("phase") == "complete":
+            for pattern in self.DATA_GLOBS:
+                unlisted |= {f.relative_to(self.path).as_posix() for f in self.path.rglob(pattern)
+                             if not f.name.startswith(".") and f.relative_to(self.path).as_posix() not in files}
+        out += [(rel, self._message("file_unlisted", file=str(self.path / rel), **kw)) for rel in sorted(unlisted)]
+        return out
+
+    def verify(self) -> None:
+        """Check every listed file exists with the recorded size and SHA-256 and no data file is unlisted.
+
+        Raises:
+            StoreError: naming the first missing, truncated, modified or unlisted file.
+        """
+        found = self.problems()
+        if found:
+            raise StoreError(found[0][1])
 
     def config(self) -> Config:
         """The full :class:`~currsearch.config.Config` the directory was written with."""
@@ -196,15 +312,15 @@ class ManifestDirectory:
         (:data:`TRAJECTORY_SECTIONS`), naming the differing keys."""
         diff = config_diff(self.manifest["config"], cfg.to_dict(), TRAJECTORY_SECTIONS)
         if diff:
-            raise StoreError(self.MESSAGES["config"].format(path=str(self.path), diff=", ".join(diff)))
+            raise StoreError(self._message("config", path=str(self.path), diff=", ".join(diff)))
 
     def check_trainer(self, trainer) -> None:
         """Raise StoreError if a Trainer's corpus, plan or initial weights differ from the recorded hashes."""
         h = self.manifest["hashes"]
         got = trainer_hashes(trainer)
-        bad = [k for k, v in got.items() if v != h[k]]
+        bad = [k for k, v in got.items() if v != h.get(k)]
         if bad:
-            raise StoreError(self.MESSAGES["trainer"].format(path=str(self.path), bad=bad))
+            raise StoreError(self._message("trainer", path=str(self.path), bad=bad))
 
     def use_trainer(self, trainer) -> None:
         """Make :meth:`trainer` return ``trainer`` (checked with :meth:`check_trainer`), e.g. the
@@ -213,28 +329,96 @@ class ManifestDirectory:
         self._trainer = trainer
 
     def trainer(self):
-        """A :class:`~currsearch.train.Trainer` rebuilt from the recorded config and checked
-        against the recorded hashes (cached)."""
-        if self._trainer is None:
-            from .train import Trainer
+        """The attached :class:`~currsearch.train.Trainer` (:meth:`use_trainer`, ``open(...,
+        trainer=...)``), or one built once by ``trainer_factory`` from the recorded config and
+        checked against the recorded hashes.
 
-            tr = Trainer.from_config(self.config())
-            self.check_trainer(tr)
-            self._trainer = tr
+        Raises:
+            StoreError: none attached and the class has no ``trainer_factory``; a built Trainer
+                trains on other data or weights.
+        """
+        if self._trainer is None:
+            factory = type(self).trainer_factory
+            if factory is None:
+                raise StoreError(self._message("no_trainer", path=str(self.path)))
+            self.use_trainer(factory(self.config()))
         return self._trainer
 
+    def _listed(self, rel: str) -> Path:
+        """``path / rel``, refusing a file the manifest does not list (its content cannot be checked)."""
+        if rel not in self.manifest["files"]:
+            raise StoreError(self._message("file_unlisted", file=str(self.path / rel), mpath=str(self.path / "manifest.json"),
+                                           path=str(self.path)))
+        return self.path / rel
+
     def _read(self, rel: str, names: list[str] | None = None, device="cpu") -> dict[str, torch.Tensor]:
-        """Tensors of the safetensors file ``rel`` (relative to :attr:`path`), memory-mapped onto ``device``.
+        """Tensors of the listed safetensors file ``rel`` (relative to :attr:`path`), memory-mapped onto ``device``.
 
         Args:
-            rel: file path relative to the directory.
+            rel: file path relative to the directory; must be listed in the manifest.
             names: tensor names to read (``None``: all of them).
             device: target device.
 
         Returns:
             ``{name: tensor}`` with the stored dtypes and shapes.
-        """
-        from safetensors import safe_open
 
-        with safe_open(str(self.path / rel), framework="pt", device=str(device)) as f:
-            return {n: f.get_tensor(n) for n in (names or list(f.keys()))}
+        Raises:
+            StoreError: the file is not listed, or is not a readable safetensors file holding ``names``.
+        """
+        f = self._listed(rel)
+        try:
+            with safe_open(str(f), framework="pt", device=str(device)) as st:
+                return {n: st.get_tensor(n) for n in (names or list(st.keys()))}
+        except (SafetensorError, OSError) as err:
+            raise StoreError(self._message("not_safetensors", file=str(f), err=err, path=str(self.path))) from None
+
+    @contextlib.contextmanager
+    def _manifest_lock(self):
+        """An exclusive ``flock`` on ``.manifest.lock`` while the manifest is read, changed and rewritten."""
+        with open(self.path / ".manifest.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def read_listed_bytes(self, rel: str) -> bytes | None:
+        """The bytes of an extra file ``rel`` written with :meth:`write_listed_bytes`, checked
+        against its entry in the manifest on disk (another process may have written it since
+        this directory was opened).
+
+        Returns:
+            The bytes, or ``None`` when the manifest does not list ``rel`` (nothing cached, or a
+            file of an older currsearch or an interrupted write: not trusted).
+
+        Raises:
+            StoreError: the listed file is missing, truncated or modified.
+        """
+        entry = type(self).read_manifest(self.path)["files"].get(rel)
+        if entry is None:
+            return None
+        f, kw = self.path / rel, {"path": str(self.path), "file": str(self.path / rel)}
+        if not f.is_file():
+            raise StoreError(self._message("file_missing", **kw))
+        data = f.read_bytes()
+        if len(data) != entry["bytes"]:
+            raise StoreError(self._message("file_size", size=len(data), expected=entry["bytes"], **kw))
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise StoreError(self._message("file_hash", **kw))
+        self.manifest["files"][rel] = entry
+        return data
+
+    def write_listed_bytes(self, rel: str, data: bytes) -> None:
+        """Write an extra file ``rel`` atomically and list it (SHA-256, size) in the manifest,
+        read again and rewritten atomically under an exclusive lock, so concurrent writers of
+        other files lose no entry.
+
+        Raises:
+            OSError: the directory is not writable.
+        """
+        with self._manifest_lock():
+            atomic_write_bytes(self.path / rel, data)
+            manifest = type(self).read_manifest(self.path)
+            manifest["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+            write_manifest(self.path, manifest)
+        self.manifest["files"][rel] = manifest["files"][rel]

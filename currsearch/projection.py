@@ -16,16 +16,28 @@ deviation about ||x|| ||y|| sqrt(2/k) for the dense kinds.
 
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 
-KINDS = ("rademacher", "gaussian", "countsketch")
+
+class ProjectionKind(str, Enum):
+    """The JL projection kinds (``record.projection``); the value is the name written in
+    configs and store manifests."""
+
+    RADEMACHER = "rademacher"
+    GAUSSIAN = "gaussian"
+    COUNTSKETCH = "countsketch"
+
+
+KINDS = tuple(k.value for k in ProjectionKind)
 
 
 class Projector:
     """A seeded JL projection of ``dim_in``-vectors to ``dim_out``.
 
     Args:
-        kind: one of ``rademacher``, ``gaussian``, ``countsketch``.
+        kind: a :class:`ProjectionKind` or its value (``rademacher``, ``gaussian``, ``countsketch``).
         dim_in: P, input dimension.
         dim_out: k, output dimension.
         seed: projection seed.
@@ -38,10 +50,11 @@ class Projector:
     """
 
     def __init__(self, kind: str, dim_in: int, dim_out: int, seed: int, block: int = 4096, cache_bytes: int = 512 * 2**20):
-        if kind not in KINDS:
+        if kind not in KINDS:  # a ProjectionKind member equals its value
             raise ValueError(f"unknown projection kind {kind!r}; choose one of {KINDS}")
         if dim_in <= 0 or dim_out <= 0:
             raise ValueError(f"projection dimensions must be positive, got {dim_in} -> {dim_out}")
+        kind = ProjectionKind(kind).value  # plain str: describe() writes the same manifest as before
         self.kind, self.dim_in, self.dim_out, self.seed, self.block = kind, dim_in, dim_out, seed, block
         per_coord = 16 if kind == "countsketch" else 4 * dim_out
         self._cache: dict | None = {} if dim_in * per_coord <= cache_bytes else None
@@ -89,5 +102,6 @@ class Projector:
         return out
 
     def describe(self) -> dict:
-        """JSON description (kind, dims, seed, block), enough to regenerate the projection."""
+        """JSON description (kind: the :class:`ProjectionKind` value, dims, seed, block), enough to
+        regenerate the projection."""
         return {"kind": self.kind, "dim_in": self.dim_in, "dim_out": self.dim_out, "seed": self.seed, "block": self.block}

@@ -37,25 +37,33 @@ from __future__ import annotations
 
 import datetime
 import functools
+import importlib.metadata
+import logging
 import math
 import platform
-import sys
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from . import __version__
 from .adam import AdamState, adam_direction
 from .config import Config
 from .errors import BudgetError, ConfigError, StoreError
+from .gradients import batch_gradients, eval_gradients
 from .manifest import config_diff, remove_partial_writes, save_listed_tensors, trainer_hashes, write_manifest
 from .orders import validate_orders
 from .projection import Projector
-from .store import FORMAT, SCHEMA_VERSION, TrajectoryStore
+from .store import FORMAT, SCHEMA_VERSION, TrajectoryStore, checkpoint_file, pairs_file
 from .train import Trainer
+
+__all__ = ["TERMS", "AnchorContext", "Term", "batch_gradients", "estimate_cost", "eval_gradients", "record", "register_term",
+           "store_formula"]
+logger = logging.getLogger(__name__)
 
 _DTYPE_BYTES = {torch.float32: 4, torch.float64: 8, torch.int64: 8}
 # tensors' dims are written with these symbols and filled in from the store's sizes
@@ -124,51 +132,6 @@ class AnchorContext:
     @functools.cached_property
     def eval_grads(self) -> torch.Tensor:
         return eval_gradients(self.trainer, self.theta)
-
-
-def batch_gradients(trainer: Trainer, theta: torch.Tensor, batches: torch.Tensor, chunk: int):
-    """Clipped gradients and losses of many batches at one ``theta``.
-
-    Args:
-        batches: int64 ``[n, batch_size, seq_len]``.
-        chunk: batches per ``vmap`` call (bounds activation memory).
-
-    Returns:
-        ``(grads float32 [n, P], losses float64 [n])``.
-    """
-    fm = trainer.model
-    grad_fn = torch.func.vmap(torch.func.grad_and_value(fm.loss), in_dims=(None, 0))
-    gs, ls = [], []
-    for i in range(0, batches.shape[0], chunk):
-        g, l = grad_fn(theta, batches[i : i + chunk].to(fm.device))
-        gs.append(g)
-        ls.append(l)
-    grads = torch.cat(gs)
-    clip = trainer.cfg.optim.grad_clip
-    if clip is not None:  # clip_grad, row by row
-        grads = grads * torch.clamp(clip / (torch.linalg.vector_norm(grads, dim=1, keepdim=True) + 1e-6), max=1.0)
-    return grads, torch.cat(ls).double()
-
-
-def eval_gradients(trainer: Trainer, theta: torch.Tensor) -> torch.Tensor:
-    """Gradients of each eval set's mean loss at ``theta``: float32 ``[E, P]``.
-
-    The ``all`` row is the size-weighted mean of the domain rows (the same definition as
-    ``Trainer.evaluate``).
-    """
-    p, fm, bs = trainer.plan, trainer.model, trainer.cfg.train.eval_batch_size
-    rows, sizes = [], []
-    for name in p.domain_names:
-        seqs = p.eval_sets[name]
-        g = torch.zeros_like(theta)
-        for i in range(0, seqs.shape[0], bs):
-            chunk = seqs[i : i + bs]
-            g += fm.grad(theta, chunk.to(fm.device))[1] * (chunk.shape[0] / seqs.shape[0])
-        rows.append(g)
-        sizes.append(seqs.shape[0])
-    w = torch.tensor(sizes, dtype=theta.dtype, device=theta.device) / sum(sizes)
-    rows.append((torch.stack(rows) * w[:, None]).sum(0))
-    return torch.stack(rows)
 
 
 def _readouts(eval_grads: torch.Tensor, ctx: AnchorContext, suffix: str) -> dict[str, torch.Tensor]:
@@ -255,15 +218,35 @@ def _record_settings(cfg: Config) -> dict:
 
 
 # ---------------------------------------------------------------------------- recording
+def _forget_damaged(out: Path, m: dict, damaged: list[str]) -> None:
+    """Make a manifest forget damaged files so the recorder writes them again (in place).
+
+    A damaged checkpoint t rewinds the reference run to the last intact checkpoint before it
+    (the later checkpoints and the final state are recomputed, bit-identically); a damaged final
+    state reruns the reference run from its last checkpoint; damaged pair or eval-gradient files
+    are recomputed in the pair phase; any other listed file (a calibration cache) is dropped.
+    Each damaged file is deleted and its entry removed.
+    """
+    for rel in damaged:
+        m["files"].pop(rel, None)
+        (out / rel).unlink(missing_ok=True)
+        ckpt, pair = re.fullmatch(r"checkpoints/ckpt_(\d+)\.safetensors", rel), re.fullmatch(r"pairs/pairs_(\d+)\.safetensors", rel)
+        if ckpt or rel == "final.safetensors":
+            if ckpt:
+                m["checkpoints_done"] = [t for t in m["checkpoints_done"] if t < int(ckpt.group(1))]
+            m["phase"] = "reference"
+        elif pair:
+            m["pairs_done"] = [t for t in m["pairs_done"] if t != int(pair.group(1))]
+        if m["phase"] == "complete" and (pair or rel == "final_eval_grads.safetensors"):
+            m["phase"] = "pairs"
+
+
 class _Recorder:
-    def __init__(self, cfg: Config, out: Path, progress: bool, crash_after_writes: int | None, trainer: Trainer | None,
-                 reference_order=None):
+    def __init__(self, cfg: Config, out: Path, progress: bool, trainer: Trainer | None, reference_order=None):
         unknown = [t for t in cfg.record.terms if t not in TERMS]
         if unknown:
             raise ConfigError(f"unknown record.terms {unknown}; known terms: {sorted(TERMS)}")
         self.cfg, self.out, self.progress = cfg, Path(out), progress
-        self.crash_after = crash_after_writes
-        self.writes = 0
         if trainer is not None and config_diff(trainer.cfg.to_dict(), cfg.to_dict()):
             raise ConfigError("record(): the given trainer was built from another config (other data/model/optim/train "
                               "settings); pass a trainer of this config")
@@ -278,8 +261,6 @@ class _Recorder:
     # -- manifest
     def _new_manifest(self) -> dict:
         tr, cfg = self.trainer, self.cfg
-        import transformers
-
         shapes = {}
         dims = _dims(tr, cfg)
         for t in cfg.record.terms:
@@ -297,7 +278,7 @@ class _Recorder:
             "anchors": self.anchors, "anchor_stride": cfg.record.anchor_stride, "terms": list(cfg.record.terms),
             "tensors": shapes, "projection": self.projector.describe(),
             "dtypes": {"params": str(tr.model.dtype).replace("torch.", ""), "losses": "float64"},
-            "versions": {"currsearch": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "versions": {"currsearch": __version__, "torch": torch.__version__, "transformers": importlib.metadata.version("transformers"),
                          "python": platform.python_version()},
             "formula_bytes": store_formula(tr, cfg)["total"],
             "files": {}, "phase": "reference", "checkpoints_done": [], "pairs_done": [],
@@ -310,7 +291,7 @@ class _Recorder:
             if self.out.exists() and any(self.out.iterdir()):
                 raise StoreError(f"output directory {str(self.out)!r} exists, is not empty and holds no store; choose another --out")
             return self._new_manifest()
-        store = TrajectoryStore.open(self.out, verify=True, allow_incomplete=True)
+        store = TrajectoryStore.open(self.out, verify=False, allow_incomplete=True)
         m = store.manifest
         store.check_config(self.cfg)
         rec_old, rec_new = m["config"]["record"], self.cfg.to_dict()["record"]
@@ -325,6 +306,11 @@ class _Recorder:
                 f"store {str(self.out)!r} was recorded along another reference order (manifest reference_order); "
                 "record with the same reference_order to resume, or into another directory"
             )
+        damaged = store.problems()
+        if damaged:
+            _forget_damaged(self.out, m, [rel for rel, _ in damaged])
+            write_manifest(self.out, m)  # the repair is on disk even if nothing else needs writing
+            logger.warning("store %s: re-recording %d damaged file(s): %s", self.out, len(damaged), "; ".join(e for _, e in damaged))
         return m
 
     def _save(self, m: dict, rel: str, tensors: dict[str, torch.Tensor], done: list | None = None, t: int = -1) -> None:
@@ -337,13 +323,8 @@ class _Recorder:
     def _commit(self, m: dict) -> None:
         m["record_seconds"] = self.base_seconds + time.perf_counter() - self.t_start
         write_manifest(self.out, m)
-        self.writes += 1
-        if self.crash_after is not None and self.writes >= self.crash_after:
-            raise KeyboardInterrupt(f"simulated crash after {self.writes} writes")
 
     def _bar(self, total: int, initial: int, desc: str):
-        from tqdm.auto import tqdm
-
         return tqdm(total=total, initial=initial, desc=desc, unit="ckpt", disable=not self.progress)
 
     # -- phases
@@ -381,7 +362,7 @@ class _Recorder:
                 state = {"theta": theta, "adam_m": adam.m, "adam_v": adam.v, "adam_step": torch.tensor(adam.step, dtype=torch.int64)}
                 if self.cfg.record.checkpoint_eval:
                     state["eval_loss"] = tr.evaluate(theta)
-                self._save(m, f"checkpoints/ckpt_{t:05d}.safetensors", state, done, t)
+                self._save(m, checkpoint_file(t), state, done, t)
                 bar.update(1)
             t1 = time.perf_counter()
             theta, adam, loss = tr.step(theta, adam, tr.lr(t), tr.batch(self.reference_order[t]))
@@ -410,26 +391,27 @@ class _Recorder:
             tensors: dict[str, torch.Tensor] = {}
             for name in self.cfg.record.terms:
                 tensors.update(TERMS[name].compute(ctx))
-            self._save(m, f"pairs/pairs_{t:05d}.safetensors", tensors, done, t)
+            self._save(m, pairs_file(t), tensors, done, t)
             bar.update(1)
         bar.close()
 
 
 def record(cfg: Config, out: str | Path, progress: bool = True, check_budget: bool = True,
-           crash_after_writes: int | None = None, trainer: Trainer | None = None, reference_order=None) -> TrajectoryStore:
-    """Record (or resume, or reuse) the trajectory store of ``cfg`` in ``out``.
+           trainer: Trainer | None = None, reference_order=None) -> TrajectoryStore:
+    """Record (or resume, or repair, or reuse) the trajectory store of ``cfg`` in ``out``.
 
-    Prints the estimated time, memory and disk before starting (with ``progress``).
+    Logs the estimated time, memory and disk before starting (``logging`` INFO, with ``progress``).
+    A store whose manifest is intact but some of whose files are missing, truncated, modified or
+    unlisted is repaired: those files are recorded again (bit-identical to an uninterrupted
+    recording), and so is what depends on them.
 
     Args:
         cfg: experiment config; ``cfg.record`` picks terms, anchor stride, projection, budgets.
-        out: store directory; an existing store of the same config resumes (or is returned
-            as is when complete).
-        progress: print the estimate and show progress bars.
+        out: store directory; an existing store of the same config resumes (or is repaired, or
+            is returned as is when complete and intact).
+        progress: log the estimate and show progress bars.
         check_budget: refuse when an estimate exceeds ``record.max_seconds``,
             ``record.max_memory_bytes`` or ``record.max_disk_bytes``.
-        crash_after_writes: testing aid, raise ``KeyboardInterrupt`` after that many file
-            writes (simulates a kill between two atomic writes).
         trainer: a :class:`~currsearch.train.Trainer` with ``cfg``'s data/model/optim/train
             settings to record with (its cached warm-up phase is reused; its ``record``
             section may differ); default: built from ``cfg``.
@@ -443,16 +425,16 @@ def record(cfg: Config, out: str | Path, progress: bool = True, check_budget: bo
     Raises:
         ConfigError: unknown term. OrderError: ``reference_order`` is not a permutation. BudgetError: an estimate exceeds its budget.
         StoreError: ``out`` holds another store (other config, record settings, data or
-            model), a corrupt store, or unrelated files.
+            model), a store with a corrupt or malformed manifest, or unrelated files.
     """
-    rec = _Recorder(cfg, Path(out), progress, crash_after_writes, trainer, reference_order)
+    rec = _Recorder(cfg, Path(out), progress, trainer, reference_order)
     if not (Path(out) / "manifest.json").exists():
         est = estimate_cost(rec.trainer, cfg)
         r = cfg.record
         if progress:
-            print(f"recording T={rec.T} batches x {len(rec.anchors)} checkpoints, P={rec.P:,} parameters, "
-                  f"terms {list(r.terms)}: estimated <= {est['seconds']:.0f} s, ~{est['memory_bytes'] / 2**20:.0f} MiB memory, "
-                  f"{est['disk_bytes'] / 2**20:.1f} MiB disk", file=sys.stderr)
+            logger.info(f"recording T={rec.T} batches x {len(rec.anchors)} checkpoints, P={rec.P:,} parameters, "
+                        f"terms {list(r.terms)}: estimated <= {est['seconds']:.0f} s, ~{est['memory_bytes'] / 2**20:.0f} MiB memory, "
+                        f"{est['disk_bytes'] / 2**20:.1f} MiB disk")
         if check_budget:
             over = [(what, est[key], lim) for what, key, lim in (
                 ("time (s)", "seconds", r.max_seconds), ("memory (bytes)", "memory_bytes", r.max_memory_bytes),

@@ -9,25 +9,68 @@ Layout::
     DIR/pairs/pairs_TTTTT.safetensors    per anchor t, the recorded terms for every batch l
     DIR/final.safetensors                theta [P] and eval_loss [E] after the window
     DIR/final_eval_grads.safetensors     eval_grad_proj [E, k]: projected eval gradients at theta_T
+    DIR/calibration/NAME_KEY.json        real runs and fits of the calibrated estimators (written later,
+                                         listed in the manifest when written)
 
 Every file is written to a temporary name and renamed (atomic on POSIX), and the manifest
 (also written atomically) lists each file with its SHA-256 and size. Opening a store checks
 the schema version and every checksum; a truncated, modified or missing file, another
 schema, or a config that does not match raises :class:`~currsearch.errors.StoreError`
-naming the file or the mismatched keys. Tensors are safetensors (no pickle anywhere),
-loaded memory-mapped (``safe_open``) onto any device.
+naming the file or the mismatched keys; so does a malformed manifest (its shape is
+validated, :class:`StoreManifest`) and a data file the manifest does not list. A damaged file
+of a store whose manifest is intact is re-recorded by running ``currsearch record`` again.
+Tensors are safetensors (no pickle anywhere), loaded memory-mapped (``safe_open``) onto any
+device.
+
+The store does not build its :class:`~currsearch.train.Trainer` unless asked: pass the one you
+have (``TrajectoryStore.open(path, trainer=tr)``), or :meth:`TrajectoryStore.trainer` builds one
+from the recorded config (``Trainer.from_config``) and checks it against the recorded hashes.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from pydantic import StrictInt, StrictStr
 
 from .errors import StoreError
-from .manifest import ManifestDirectory
+from .manifest import ManifestDirectory, ManifestModel
+from .train import Trainer
 
 
 SCHEMA_VERSION = 1
 FORMAT = "currsearch-trajectory-store"
+
+
+class StoreManifest(ManifestModel):
+    """The keys of a trajectory store's ``manifest.json`` that the store reads (strict types)."""
+
+    T: StrictInt
+    P: StrictInt
+    eval_names: list[StrictStr]
+    anchors: list[StrictInt]
+    anchor_stride: StrictInt
+    terms: list[StrictStr]
+    tensors: dict[str, dict[str, Any]]
+    projection: dict[str, Any]
+    checkpoints_done: list[StrictInt]
+    pairs_done: list[StrictInt]
+    reference_order: list[StrictInt] = None  # absent in stores recorded along 0..T-1 (None is not valid)
+
+
+def checkpoint_file(t: int) -> str:
+    """Relative path of the checkpoint file of anchor ``t``."""
+    return f"checkpoints/ckpt_{t:05d}.safetensors"
+
+
+def pairs_file(t: int) -> str:
+    """Relative path of the pair-terms file of anchor ``t``."""
+    return f"pairs/pairs_{t:05d}.safetensors"
+
+
+REPAIR = ("run `currsearch record --out {path}` again with the config the store was recorded with "
+          "(`currsearch inspect {path}` shows it) to re-record the damaged file(s)")
 
 
 class TrajectoryStore(ManifestDirectory):
@@ -45,16 +88,23 @@ class TrajectoryStore(ManifestDirectory):
 
     FORMAT = FORMAT
     SCHEMA_VERSION = SCHEMA_VERSION
+    SCHEMA = StoreManifest
+    trainer_factory = staticmethod(Trainer.from_config)
     MESSAGES = {
         "no_manifest": "{path!r} is not a trajectory store (no manifest.json); record one with `currsearch record`",
-        "corrupt": "manifest {mpath!r} is corrupt ({err}); re-record the store",
+        "corrupt": "manifest {mpath!r} is corrupt ({err}); delete {path!r} and record the store again",
+        "malformed": "manifest {mpath!r} is malformed: {err}; it was not written by currsearch or was edited: "
+                     "delete {path!r} and record the store again",
         "format": "{mpath!r} is not a {format} manifest",
         "schema": "store {path!r} has schema version {version}, this currsearch reads version {expected}; "
                   "upgrade currsearch or re-record the store",
         "incomplete": "store {path!r} is incomplete ({progress}); run `currsearch record` again to resume it",
-        "file_missing": "store file {file!r} is missing; re-run `currsearch record` on this directory to rebuild it",
-        "file_size": "store file {file!r} has {size} bytes, the manifest says {expected} (truncated or modified)",
-        "file_hash": "store file {file!r} does not match its SHA-256 in the manifest (modified or corrupt)",
+        "file_missing": "store file {file!r} is missing; " + REPAIR,
+        "file_size": "store file {file!r} has {size} bytes, the manifest says {expected} (truncated or modified); " + REPAIR,
+        "file_hash": "store file {file!r} does not match its SHA-256 in the manifest (modified or corrupt); " + REPAIR,
+        "file_unlisted": "store file {file!r} is not listed in the manifest (its entry was removed, or the file was "
+                         "copied in), so its content cannot be checked; " + REPAIR,
+        "not_safetensors": "store file {file!r} is not a readable safetensors file ({err}); " + REPAIR,
         "config": "store {path!r} was recorded with another config; differs in: {diff} "
                   "(store vs given); use the store's config or record a new store",
         "trainer": "store {path!r} does not match the model/data it is used with: {bad} hash differs "
@@ -62,6 +112,7 @@ class TrajectoryStore(ManifestDirectory):
     }
 
     def __init__(self, path, manifest: dict):
+        """Wrap a validated manifest; use :meth:`open` (it validates and checks the files)."""
         super().__init__(path, manifest)
         self.T: int = manifest["T"]
         self.P: int = manifest["P"]
@@ -69,6 +120,17 @@ class TrajectoryStore(ManifestDirectory):
         self.eval_names: list[str] = manifest["eval_names"]
         self.anchors: list[int] = manifest["anchors"]
         self.terms: list[str] = manifest["terms"]
+
+    def expected_files(self) -> list[str]:
+        """Files the manifest's progress says were written: the done checkpoints and pairs, the
+        final state once the pair phase started, its eval gradients once complete."""
+        m = self.manifest
+        out = [checkpoint_file(t) for t in m["checkpoints_done"]] + [pairs_file(t) for t in m["pairs_done"]]
+        if m["phase"] != "reference":
+            out.append("final.safetensors")
+        if m["phase"] == "complete":
+            out.append("final_eval_grads.safetensors")
+        return out
 
     @property
     def reference_order(self) -> torch.Tensor:
@@ -93,7 +155,7 @@ class TrajectoryStore(ManifestDirectory):
         ``adam_step`` (int64 scalar) and, with ``record.checkpoint_eval``, ``eval_loss`` (float64 ``[E]``)."""
         if t not in self.anchors:
             raise StoreError(f"checkpoint {t} is not an anchor of this store (anchors: every {self.manifest['anchor_stride']})")
-        return self._read(f"checkpoints/ckpt_{t:05d}.safetensors", None, device)
+        return self._read(checkpoint_file(t), None, device)
 
     def final(self, device="cpu") -> dict[str, torch.Tensor]:
         """``theta`` [P] and ``eval_loss`` float64 [E] at the end of the reference window."""
@@ -114,7 +176,7 @@ class TrajectoryStore(ManifestDirectory):
             raise StoreError(
                 f"store {str(self.path)!r} has no tensor {name!r}; recorded tensors: {sorted(self.manifest['tensors'])}"
             )
-        return torch.stack([self._read(f"pairs/pairs_{t:05d}.safetensors", [name], device)[name] for t in self.anchors])
+        return torch.stack([self._read(pairs_file(t), [name], device)[name] for t in self.anchors])
 
     def reference_eval_losses(self) -> torch.Tensor:
         """Eval losses (nats/token) at every anchor and at the end: float64 ``[A + 1, E]``.

@@ -10,14 +10,16 @@ window start is fresh, or carried from the warm-up phase (``train.carry_optimize
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from .adam import AdamState, adam_direction, clip_grad, lr_at
-from .config import Config
+from .config import Config, config_from_dict
 from .data import corpus_fingerprint, get_tokenizer, load_corpus
 from .model import FlatModel, build_model
 from .orders import validate_orders
@@ -83,9 +85,6 @@ class TrainResult:
 
 @functools.lru_cache(maxsize=4)
 def _prepare_data(data_json: str, warmup_steps: int):
-    from .config import config_from_dict
-    import json
-
     cfg = config_from_dict({"data": json.loads(data_json), "train": {"warmup_steps": warmup_steps}})
     corpus = load_corpus(cfg.data)
     chash = corpus_fingerprint(corpus)
@@ -157,8 +156,6 @@ class Trainer:
             theta, adam = self.theta_init.clone(), AdamState.fresh(self.theta_init)
             steps = range(tc.warmup_steps)
             if progress and tc.warmup_steps:
-                from tqdm.auto import tqdm
-
                 steps = tqdm(steps, desc="warm-up phase", unit="step")
             for s in steps:
                 b = self.plan.warmup_batch(s, self.cfg.data.batch_size, tc.seed).to(self.device)
@@ -191,8 +188,6 @@ class Trainer:
         losses = torch.empty(self.T, dtype=torch.float64)
         steps = range(self.T)
         if progress:
-            from tqdm.auto import tqdm
-
             steps = tqdm(steps, desc="window", unit="step")
         for t in steps:
             theta, adam, losses[t] = self.step(theta, adam, self.lr(t), self.batch(int(order[t])))

@@ -25,7 +25,11 @@ from currsearch.orders import validate_orders
 class Estimator(ABC):
     """Base class of every surrogate.
 
-    Subclasses set ``name`` and ``required_terms`` and implement ``_fit`` and ``_estimate``.
+    Subclasses set ``name`` and ``required_terms``, implement ``_fit`` and ``_estimate``, and
+    declare their optional capabilities as class attributes: ``has_optimum`` (with
+    ``assignment_optimum``), ``has_batch_losses`` (with ``estimate_batch_losses``) and
+    ``needs_runs`` (``fit`` retrains orders for real). Callers test these attributes, never the
+    methods' presence or identity.
 
     Attributes:
         name: registry name (``get_estimator(name)``).
@@ -36,9 +40,33 @@ class Estimator(ABC):
 
     name: ClassVar[str] = ""
     required_terms: ClassVar[tuple[str, ...]] = ()
-    #: True when ``fit`` caches its result in the store (the calibrated estimators retrain
-    #: orders for real): a backend with several workers fits once before starting them.
+    #: capability: the estimator has ``assignment_optimum(eval_set) -> int64 [T]``, an order
+    #: minimizing (exactly or locally, see its docstring) its own estimate
+    has_optimum: ClassVar[bool] = False
+    #: capability: :meth:`estimate_batch_losses` gives per-batch losses (not ``None``)
+    has_batch_losses: ClassVar[bool] = False
+    #: capability: ``fit`` performs real training runs (the calibrated estimators) and caches
+    #: them in the store, so a backend with several workers fits once before starting them
+    needs_runs: ClassVar[bool] = False
+    #: former name of :attr:`needs_runs` (kept equal to it; read-only alias)
     fit_cached_in_store: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        """Keep ``fit_cached_in_store`` equal to ``needs_runs`` (a subclass may still set the old
+        name) and check the declared capabilities against the methods.
+
+        Raises:
+            TypeError: ``has_optimum`` without an ``assignment_optimum`` method, or
+                ``has_batch_losses`` without an override of ``estimate_batch_losses``.
+        """
+        super().__init_subclass__(**kwargs)
+        if "fit_cached_in_store" in cls.__dict__ and "needs_runs" not in cls.__dict__:
+            cls.needs_runs = cls.fit_cached_in_store
+        cls.fit_cached_in_store = cls.needs_runs
+        if cls.has_optimum and not callable(getattr(cls, "assignment_optimum", None)):
+            raise TypeError(f"{cls.__name__} declares has_optimum but defines no assignment_optimum(eval_set)")
+        if cls.has_batch_losses and cls.estimate_batch_losses is Estimator.estimate_batch_losses:
+            raise TypeError(f"{cls.__name__} declares has_batch_losses but does not override estimate_batch_losses")
 
     def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
@@ -87,7 +115,7 @@ class Estimator(ABC):
 
     def estimate_batch_losses(self, orders) -> torch.Tensor | None:
         """Estimated final loss on each window batch B_l (memorization), float64 ``[n, T]``;
-        ``None`` where the estimator cannot give it."""
+        ``None`` where the estimator cannot give it (``has_batch_losses`` is False)."""
         return None
 
     def estimate_with_batch_losses(self, orders) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -115,6 +143,8 @@ class Estimator(ABC):
     def _estimate(self, orders: torch.Tensor) -> torch.Tensor: ...
 
 
+# filled by @register; the built-in estimators register when the package loads (importing
+# estimators.base runs estimators/__init__.py first, which imports every built-in module)
 _REGISTRY: dict[str, type[Estimator]] = {}
 
 
@@ -130,8 +160,6 @@ def get_estimator(name: str, **kwargs) -> Estimator:
     Raises:
         ConfigError: unknown name (the message lists the known ones).
     """
-    import estimators  # noqa: F401  (registers the built-in estimators)
-
     if name not in _REGISTRY:
         raise ConfigError(f"unknown estimator {name!r}; choose one of {sorted(_REGISTRY)}")
     return _REGISTRY[name](**kwargs)
@@ -139,6 +167,4 @@ def get_estimator(name: str, **kwargs) -> Estimator:
 
 def available() -> list[str]:
     """Names of the registered estimators."""
-    import estimators  # noqa: F401
-
     return sorted(_REGISTRY)

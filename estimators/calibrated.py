@@ -33,17 +33,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
+import logging
 import time
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from currsearch.errors import ConfigError
 from currsearch.orders import random_transpositions
 
 from .base import Estimator, register
 from .simple import AdditiveEstimator, assignment_order
+
+logger = logging.getLogger(__name__)
 
 
 def position_features(orders: torch.Tensor) -> torch.Tensor:
@@ -111,30 +114,35 @@ def load_or_fit_runs(store, name: str, run_settings: list, make_orders, regress,
 
     Returns:
         ``{"orders": [n][T], "kinds": [n], "losses": [n][E] (nats/token), "fit": coefficients,
-        "fit_key": fit_settings}``. A damaged cache file is refitted, not trusted; when the
-        store is read-only a warning says that every process fitting this estimator repeats
+        "fit_key": fit_settings}``. The cache file is listed in the store's checksummed manifest
+        (``store.write_listed_bytes``); a cache file the manifest does not list (an older
+        currsearch, an interrupted write) is not trusted and is refitted, with a warning; when
+        the store is read-only a warning says that every process fitting this estimator repeats
         the runs.
-    """
-    from currsearch.manifest import atomic_write_bytes
 
+    Raises:
+        StoreError: the listed cache file is missing, truncated or modified (its message says
+            how to repair the store: ``currsearch record`` drops the damaged cache).
+    """
     key = hashlib.sha256(json.dumps([store.manifest["hashes"], store.reference_order.tolist(), *run_settings],
                                     sort_keys=True).encode()).hexdigest()[:16]
-    path = store.path / "calibration" / f"{name}_{key}.json"
+    rel = f"calibration/{name}_{key}.json"
+    path = store.path / rel
     fit_key = json.loads(json.dumps(list(fit_settings)))
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        data = {}
+    raw = store.read_listed_bytes(rel)
+    if raw is None and path.is_file():
+        logger.warning("%s: %s is not listed in the store's manifest (an older currsearch or an interrupted write); "
+                       "not trusting it, refitting", name, path)
+    data = json.loads(raw) if raw is not None else {}
     if "fit" in data and data.get("fit_key", []) == fit_key:
         return data
 
     def save():
         try:
-            path.parent.mkdir(exist_ok=True)
-            atomic_write_bytes(path, json.dumps(data).encode())
+            store.write_listed_bytes(rel, json.dumps(data).encode())
         except OSError as err:
-            print(f"{name}: could not cache the fit in {path} ({err}); every process that fits this "
-                  "estimator on this store repeats the real runs", file=sys.stderr)
+            logger.warning("%s: could not cache the fit in %s (%s); every process that fits this estimator on this "
+                           "store repeats the real runs", name, path, err)
 
     if "orders" not in data:
         orders, kinds = make_orders()
@@ -142,8 +150,8 @@ def load_or_fit_runs(store, name: str, run_settings: list, make_orders, regress,
     data.setdefault("losses", [])
     todo = range(len(data["losses"]), len(data["orders"]))
     if todo:
-        print(f"{name}: retraining {len(todo)} of {len(data['orders'])} orders for real to fit the estimator "
-              f"(saved every {save_every} runs in {path}; an interrupted fit resumes)", file=sys.stderr)
+        logger.info(f"{name}: retraining {len(todo)} of {len(data['orders'])} orders for real to fit the estimator "
+                    f"(saved every {save_every} runs in {path}; an interrupted fit resumes)")
         tr = store.trainer()
         for i in tqdm(todo, desc=f"{name} runs", leave=False, disable=None):
             data["losses"].append(tr.train(torch.tensor(data["orders"][i])).eval_losses.tolist())
@@ -169,7 +177,7 @@ class CalibratedAdditive(AdditiveEstimator):
 
     name = "calibrated"
     required_terms = ()
-    fit_cached_in_store = True
+    needs_runs = True
 
     def __init__(self, device="cpu", n_runs: int = 64, seed: int = 0):
         super().__init__(device)
@@ -292,7 +300,8 @@ class CalibratedInteractions(Estimator):
     """
 
     name = "calibrated-interactions"
-    fit_cached_in_store = True
+    has_optimum = True
+    needs_runs = True
     NEAR_K = (1, 2, 3, 4, 6, 8, 12, 16)
     ORDERS_VERSION = 1  # part of the runs' cache key: bump when calibration_orders changes
     FEATURES_VERSION = 2  # part of the fit key: bump when the features or the fit change
@@ -328,8 +337,6 @@ class CalibratedInteractions(Estimator):
         return torch.cat([position_features(orders), interaction_features(orders, self.groups, self.n_groups)], 1)
 
     def _fit(self, store) -> None:
-        from currsearch.errors import ConfigError
-
         if store.T < 2:
             raise ConfigError(f"{self.name} needs a window of T >= 2 batches, the store has T = {store.T}")
         t0 = time.perf_counter()

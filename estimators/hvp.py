@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 
 from currsearch.adam import AdamState, adam_direction
+from currsearch.gradients import eval_gradients
 from currsearch.orders import validate_orders
-from currsearch.record import eval_gradients
 
 from .base import Estimator, register
 from .common import anchor_of_step, window_lrs
@@ -72,6 +72,7 @@ class FUT1HVP(Estimator):
 
     name = "fut1-hvp"
     required_terms = ()
+    has_batch_losses = True
 
     def __init__(self, device="cpu", chunk: int = 8, readout: str = "exact", curvature: bool = True):
         super().__init__(device)

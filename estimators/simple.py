@@ -20,9 +20,13 @@ positions, so its exact minimum over all T! permutations is a linear assignment 
 from __future__ import annotations
 
 import torch
+from scipy.optimize import linear_sum_assignment
+
+from currsearch.orders import validate_orders
 
 from .base import Estimator, register
 from .common import gather_positions, per_step, window_lrs
+from .hvp import window_batch_losses
 
 
 @register
@@ -30,6 +34,7 @@ class ReferenceEstimator(Estimator):
     """Null model: the reference run's final losses for every order."""
 
     name = "reference"
+    has_batch_losses = True
 
     def _fit(self, store) -> None:
         self.ref = store.final()["eval_loss"].to(self.device)
@@ -41,10 +46,6 @@ class ReferenceEstimator(Estimator):
     def estimate_batch_losses(self, orders) -> torch.Tensor:
         """The reference run's final loss on every window batch, for every order: float64
         ``[n, T]`` nats/token (computed once at theta_T, on first call)."""
-        from currsearch.orders import validate_orders
-
-        from .hvp import window_batch_losses
-
         if self.store is None:
             raise RuntimeError(f"call {type(self).__name__}.fit(store) before estimate_batch_losses()")
         o = validate_orders(orders, self.T)
@@ -58,8 +59,6 @@ def assignment_order(cost) -> torch.Tensor:
     """The order minimizing ``sum_t cost[t, order[t]]`` over all permutations: int64 ``[T]``
     for a float cost array ``[T, T]`` (step t, batch l). Exact (linear assignment, scipy's Hungarian
     algorithm)."""
-    from scipy.optimize import linear_sum_assignment
-
     rows, cols = linear_sum_assignment(cost)
     order = torch.empty(len(rows), dtype=torch.int64)
     order[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.int64)
@@ -77,6 +76,7 @@ class AdditiveEstimator(Estimator):
 
     name = "additive"
     required_terms = ("readouts",)
+    has_optimum = True
 
     def __init__(self, device="cpu", readout: str = "final"):
         super().__init__(device)

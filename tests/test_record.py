@@ -6,9 +6,11 @@ import random
 import pytest
 import torch
 
+import currsearch.record as record_module
 from currsearch.errors import BudgetError, ConfigError, StoreError
+from currsearch.gradients import eval_gradients
 from currsearch.projection import Projector
-from currsearch.record import eval_gradients, record
+from currsearch.record import record
 from currsearch.store import TrajectoryStore
 
 
@@ -21,6 +23,26 @@ def rec_cfg(tiny_cfg):
 @pytest.fixture(scope="module")
 def store(rec_cfg, tmp_path_factory):
     return record(rec_cfg, tmp_path_factory.mktemp("store") / "s", progress=False)
+
+
+@pytest.fixture
+def crash_after_writes(monkeypatch):
+    """``crash_after_writes(n)``: the recorder's n-th manifest write from now on raises
+    ``KeyboardInterrupt`` right after it lands (a kill between two atomic writes)."""
+
+    def arm(n: int):
+        real, count = record_module.write_manifest, [0]
+
+        def write_then_maybe_crash(*args, **kwargs):
+            real(*args, **kwargs)
+            count[0] += 1
+            if count[0] >= n:
+                monkeypatch.setattr(record_module, "write_manifest", real)
+                raise KeyboardInterrupt(f"simulated crash after {count[0]} writes")
+
+        monkeypatch.setattr(record_module, "write_manifest", write_then_maybe_crash)
+
+    return arm
 
 
 def _payload(store):
@@ -63,12 +85,13 @@ def test_exact_readouts_equal_direct_computation(store, tiny_trainer):
     assert abs(float(store.get("batch_loss")[t, l]) - float(tr.model.loss(c["theta"], tr.batch(l)))) < 1e-5
 
 
-def test_resume_after_kill_equals_uninterrupted(store, rec_cfg, tmp_path):
+def test_resume_after_kill_equals_uninterrupted(store, rec_cfg, tmp_path, crash_after_writes):
     n_files = len(store.manifest["files"])
     crash_at = random.Random(1234).randint(2, n_files)  # somewhere in the reference run or the pairs
     out = tmp_path / "killed"
+    crash_after_writes(crash_at)
     with pytest.raises(KeyboardInterrupt):
-        record(rec_cfg, out, progress=False, crash_after_writes=crash_at)
+        record(rec_cfg, out, progress=False)
     with pytest.raises(StoreError, match="incomplete"):
         TrajectoryStore.open(out)
     stray = out / ".ckpt_00003.safetensors.tmp4242"  # as a kill in the middle of an atomic write leaves it
@@ -78,8 +101,9 @@ def test_resume_after_kill_equals_uninterrupted(store, rec_cfg, tmp_path):
     assert not stray.exists()
     # a second crash in the pair phase resumes too
     out2 = tmp_path / "killed2"
+    crash_after_writes(n_files - 2)
     with pytest.raises(KeyboardInterrupt):
-        record(rec_cfg, out2, progress=False, crash_after_writes=n_files - 2)
+        record(rec_cfg, out2, progress=False)
     assert _payload(record(rec_cfg, out2, progress=False)) == _payload(store)
 
 

@@ -23,7 +23,7 @@ import torch
 
 from ..adam import AdamState
 from ..manifest import ManifestDirectory
-from ..train import WindowStart
+from ..train import Trainer, WindowStart
 from .partitions import PAPER, Partition
 
 FORMAT = "currsearch-ablation-models"
@@ -47,6 +47,7 @@ class AblationModels(ManifestDirectory):
 
     FORMAT = FORMAT
     SCHEMA_VERSION = SCHEMA_VERSION
+    trainer_factory = staticmethod(Trainer.from_config)
     MESSAGES = {
         "no_manifest": "{path!r} holds no partition models (no manifest.json); train them with `currsearch ablate train --out {path}`",
         "corrupt": "manifest {mpath!r} is corrupt ({err}); retrain the partition models",

@@ -1,0 +1,130 @@
+"""Store and state files under tampering (issue 16, items 5-9): one clear StoreError each, and
+`record` repairs a store whose manifest is intact."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from currsearch.errors import StoreError
+from currsearch.record import record
+from currsearch.store import TrajectoryStore
+
+
+@pytest.fixture(scope="module")
+def fault_cfg(tiny_cfg):
+    return tiny_cfg.replace(record={"projection_dim": 16, "anchor_stride": 4, "terms": ["batch_losses", "readouts"]})
+
+
+@pytest.fixture(scope="module")
+def store(fault_cfg, tmp_path_factory):
+    return record(fault_cfg, tmp_path_factory.mktemp("faults") / "s", progress=False)
+
+
+def _copy(store, tmp_path, name="d"):
+    d = tmp_path / name
+    shutil.copytree(store.path, d)
+    return d
+
+
+def _payload(store):
+    return {k: v["sha256"] for k, v in store.manifest["files"].items()}
+
+
+def _edit_manifest(d, fn):
+    m = json.loads((d / "manifest.json").read_text())
+    m = fn(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("content", [b"[]", b"null", b"\x93\xff\x00garbage\xfe", b'"a string"', b"17"])
+def test_manifest_of_wrong_shape_is_one_store_error(store, tmp_path, content):
+    d = _copy(store, tmp_path)
+    (d / "manifest.json").write_bytes(content)
+    with pytest.raises(StoreError, match="manifest"):
+        TrajectoryStore.open(d)
+
+
+@pytest.mark.parametrize("key", ["files", "T", "config", "hashes", "anchors"])
+def test_manifest_missing_a_key_is_one_store_error(store, tmp_path, key):
+    d = _copy(store, tmp_path)
+    _edit_manifest(d, lambda m: {k: v for k, v in m.items() if k != key})
+    with pytest.raises(StoreError, match=key):
+        TrajectoryStore.open(d)
+
+
+def test_unlisted_data_file_is_an_error(store, tmp_path):
+    d = _copy(store, tmp_path)
+    rel = "pairs/pairs_00004.safetensors"
+
+    def drop(m):
+        del m["files"][rel]
+        return m
+
+    _edit_manifest(d, drop)
+    with pytest.raises(StoreError, match="pairs_00004"):
+        TrajectoryStore.open(d)
+    # even unverified, the loaders refuse a file the manifest does not list
+    s = TrajectoryStore.open(d, verify=False)
+    with pytest.raises(StoreError, match="not listed"):
+        s.get("batch_loss")
+
+
+def test_not_a_safetensors_file_is_one_store_error(store, tmp_path):
+    d = _copy(store, tmp_path)
+    f = d / "final.safetensors"
+    f.write_bytes(b"this is not a safetensors file at all" * 10)
+
+    def rehash(m):
+        from currsearch.manifest import sha256_file
+
+        m["files"]["final.safetensors"] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+        return m
+
+    _edit_manifest(d, rehash)
+    s = TrajectoryStore.open(d)  # checksums match: the damage shows when the file is read
+    with pytest.raises(StoreError, match="final.safetensors.*safetensors"):
+        s.final()
+
+
+def test_mistyped_manifest_fields_give_consistent_messages(store, tmp_path):
+    d = _copy(store, tmp_path, "schema")
+    _edit_manifest(d, lambda m: {**m, "schema_version": str(m["schema_version"])})
+    with pytest.raises(StoreError, match="schema_version") as err:
+        TrajectoryStore.open(d)
+    assert "reads version 1" not in str(err.value) or "'1'" in str(err.value)
+    d = _copy(store, tmp_path, "bytes")
+
+    def stringify(m):
+        info = m["files"]["final.safetensors"]
+        info["bytes"] = str(info["bytes"])
+        return m
+
+    _edit_manifest(d, stringify)
+    with pytest.raises(StoreError, match="bytes") as err:
+        TrajectoryStore.open(d)
+    assert "the manifest says" not in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["delete_pairs", "tamper_checkpoint", "delete_final", "truncate_final_eval_grads"])
+def test_following_the_missing_file_message_repairs_the_store(store, fault_cfg, tmp_path, damage):
+    d = _copy(store, tmp_path)
+    target = {"delete_pairs": "pairs/pairs_00004.safetensors", "tamper_checkpoint": "checkpoints/ckpt_00004.safetensors",
+              "delete_final": "final.safetensors", "truncate_final_eval_grads": "final_eval_grads.safetensors"}[damage]
+    f = d / target
+    if damage.startswith("delete"):
+        f.unlink()
+    elif damage.startswith("tamper"):
+        data = bytearray(f.read_bytes())
+        data[-3] ^= 0xFF
+        f.write_bytes(bytes(data))
+    else:
+        f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(StoreError, match="currsearch record") as err:
+        TrajectoryStore.open(d)
+    assert target.split("/")[-1] in str(err.value)
+    repaired = record(fault_cfg, d, progress=False)  # what the message says to do
+    assert _payload(repaired) == _payload(store)
+    assert torch.equal(repaired.final()["theta"], store.final()["theta"])
+    TrajectoryStore.open(d)
