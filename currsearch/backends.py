@@ -429,7 +429,7 @@ class RayBackend(Backend):
         """The estimator's own optimum order for ``eval_set`` (int64 ``[T]``, computed on one
         actor) when it has one (``has_optimum``), else ``None``."""
         out = ray.get(self.actors[0].assignment_optimum.remote(eval_set))
-        return None if out is None else torch.as_tensor(out, dtype=torch.int64)
+        return None if out is None else torch.tensor(out, dtype=torch.int64)
 
     def close(self) -> None:
         """Kill the actors; shut Ray down only if this backend started it (an external

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .projection import ProjectionKind
+from .settings import format_validation_error
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,8 +29,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+#: largest seed torch's generators take (``torch.Generator.manual_seed``), 2^63 - 1
+SEED_MAX = 2**63 - 1
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -47,7 +54,7 @@ class DataConfig(_Section):
     num_batches: int = Field(32, ge=2, le=100000)
     batching: Literal["domain", "mixed"] = "domain"
     eval_seqs_per_domain: int = Field(16, ge=1)
-    plan_seed: int = 0
+    plan_seed: int = Field(0, ge=0, le=SEED_MAX)
 
 
 class ModelConfig(_Section):
@@ -91,7 +98,7 @@ class TrainConfig(_Section):
     realistic mid-training case), otherwise the window starts with a fresh Adam state.
     """
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     warmup_steps: int = Field(300, ge=0)
     carry_optimizer_state: bool = False
     device: str = "cpu"
@@ -101,11 +108,26 @@ class TrainConfig(_Section):
     @field_validator("device")
     @classmethod
     def _known_device(cls, v: str) -> str:
-        import re
-
         if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", v):
             raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {v!r}")
         return v
+
+    def check_device(self) -> None:
+        """Raise ConfigError when ``device`` is not available on this machine (checked before
+        any training or recording starts; a config naming another machine's device still loads).
+
+        Raises:
+            ConfigError: CUDA not available, CUDA device index out of range, or MPS not available.
+        """
+        d = self.device
+        if d.startswith("cuda"):
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            idx = int(d.split(":")[1]) if ":" in d else 0
+            if idx >= n:
+                raise ConfigError(f"train.device={d!r} but this machine has {n} CUDA device(s); "
+                                  "use train.device=cpu or a device index below the count")
+        elif d == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError("train.device='mps' but MPS is not available on this machine; use train.device=cpu")
 
 
 class RecordConfig(_Section):
@@ -118,7 +140,7 @@ class RecordConfig(_Section):
     seconds and bytes.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), use_enum_values=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), use_enum_values=True, allow_inf_nan=False)
 
     terms: tuple[str, ...] = ("batch_losses", "updates", "grads", "readouts")
     anchor_stride: int = Field(1, ge=1)
@@ -126,7 +148,7 @@ class RecordConfig(_Section):
     vmap_chunk: int = Field(16, ge=1, description="batches per vmapped gradient call (memory bound)")
     projection: ProjectionKind = ProjectionKind.COUNTSKETCH.value
     projection_dim: int = Field(512, ge=1)
-    projection_seed: int = 0
+    projection_seed: int = Field(0, ge=0, le=SEED_MAX)
     max_disk_bytes: float = Field(8e9, gt=0)
     max_memory_bytes: float = Field(8e9, gt=0)
     max_seconds: float = Field(6 * 3600, gt=0)
@@ -165,17 +187,6 @@ class Config(_Section):
         return config_from_dict(d)
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  - {loc}: unknown key; remove it or check its spelling")
-        else:
-            lines.append(f"  - {loc}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
-
-
 def config_from_dict(d: dict[str, Any], source: str = "<dict>") -> Config:
     """Validate a nested dict into a :class:`Config`.
 
@@ -185,7 +196,7 @@ def config_from_dict(d: dict[str, Any], source: str = "<dict>") -> Config:
     try:
         return Config.model_validate(d or {})
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, f"configuration in {source}")) from None
 
 
 def load_config(path: str | Path | None) -> Config:
@@ -200,7 +211,10 @@ def load_config(path: str | Path | None) -> Config:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing .toml or .yaml file")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text; save it as UTF-8 TOML or YAML") from None
     try:
         if p.suffix == ".toml":
             d = tomllib.loads(text)

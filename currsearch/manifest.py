@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
 from .config import Config, config_from_dict
-from .errors import StoreError
+from .errors import ConfigError, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,18 @@ class ManifestModel(BaseModel):
     config: dict[str, Any]
     hashes: dict[str, StrictStr]
     files: dict[str, FileEntry]
+
+    @field_validator("config")
+    @classmethod
+    def _valid_config(cls, v: dict) -> dict:
+        missing = sorted(set(Config.model_fields) - set(v))
+        if missing:
+            raise ValueError(f"the recorded config lacks the section(s) {missing}")
+        try:
+            config_from_dict(v, source="the manifest's config")
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return v
 
 
 DEFAULT_MESSAGES = {

@@ -40,9 +40,9 @@ def validate_orders(orders, T: int, allow_repeats: bool = False) -> torch.Tensor
     t = t.long()
     if t.dim() not in (1, 2):
         raise OrderError(f"order must be 1-D [T] or 2-D [n, T], got shape {tuple(t.shape)}")
-    rows = t.view(-1, t.shape[-1])
-    if rows.shape[1] != T:
-        raise OrderError(f"order has length {rows.shape[1]} but the plan has T = {T} batches; give one index per step")
+    if t.shape[-1] != T:
+        raise OrderError(f"order has length {t.shape[-1]} but the plan has T = {T} batches; give one index per step")
+    rows = t.reshape(-1, T)
     # vectorized checks over all rows; the message is built for the first offending row only
     out_of_range = ((rows < 0) | (rows >= T)).any(1)
     not_perm = torch.zeros_like(out_of_range)

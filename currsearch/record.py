@@ -423,10 +423,12 @@ def record(cfg: Config, out: str | Path, progress: bool = True, check_budget: bo
         the opened, verified :class:`TrajectoryStore`; its ``trainer()`` is the one recorded with.
 
     Raises:
-        ConfigError: unknown term. OrderError: ``reference_order`` is not a permutation. BudgetError: an estimate exceeds its budget.
+        ConfigError: unknown term, ``out`` is a file, ``train.device`` missing here. OrderError: ``reference_order`` is not a permutation. BudgetError: an estimate exceeds its budget.
         StoreError: ``out`` holds another store (other config, record settings, data or
             model), a store with a corrupt or malformed manifest, or unrelated files.
     """
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"store directory {str(out)!r} is an existing file, not a directory; pass another --out")
     rec = _Recorder(cfg, Path(out), progress, trainer, reference_order)
     if not (Path(out) / "manifest.json").exists():
         est = estimate_cost(rec.trainer, cfg)

@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from .errors import StoreError
 from .manifest import ManifestDirectory, ManifestModel
@@ -41,6 +41,35 @@ from .train import Trainer
 
 SCHEMA_VERSION = 1
 FORMAT = "currsearch-trajectory-store"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ProjectionEntry(_Strict):
+    """The manifest's JL projection: kind, input and output dimension, seed, block size."""
+
+    kind: StrictStr
+    dim_in: StrictInt = Field(ge=1)
+    dim_out: StrictInt = Field(ge=1)
+    seed: StrictInt
+    block: StrictInt = Field(ge=1)
+
+
+class TensorEntry(_Strict):
+    """One recorded tensor: dtype, shape and the term that produced it."""
+
+    dtype: StrictStr
+    shape: list[StrictInt]
+    term: StrictStr
+
+
+class Versions(_Strict):
+    """Library versions the store was recorded with."""
+
+    currsearch: StrictStr
+    torch: StrictStr
 
 
 class StoreManifest(ManifestModel):
@@ -52,11 +81,18 @@ class StoreManifest(ManifestModel):
     anchors: list[StrictInt]
     anchor_stride: StrictInt
     terms: list[StrictStr]
-    tensors: dict[str, dict[str, Any]]
-    projection: dict[str, Any]
+    tensors: dict[str, TensorEntry]
+    projection: ProjectionEntry
     checkpoints_done: list[StrictInt]
     pairs_done: list[StrictInt]
     reference_order: list[StrictInt] = None  # absent in stores recorded along 0..T-1 (None is not valid)
+    created: StrictStr
+    versions: Versions
+    formula_bytes: StrictInt
+    record_seconds: StrictFloat
+    reference_seconds: StrictFloat
+    batch_domains: list[StrictStr] = None  # absent in older stores (read from the plan then)
+    batch_metadata: list[dict[str, Any]] = None
 
 
 def checkpoint_file(t: int) -> str:
@@ -184,7 +220,7 @@ class TrajectoryStore(ManifestDirectory):
         Raises:
             StoreError: the store was recorded without ``record.checkpoint_eval``.
         """
-        if not self.manifest["config"]["record"].get("checkpoint_eval"):
+        if not self.config().record.checkpoint_eval:
             raise StoreError(f"store {str(self.path)!r} has no per-checkpoint eval losses; record with record.checkpoint_eval = true")
         rows = [self.checkpoint(t)["eval_loss"] for t in self.anchors] + [self.final()["eval_loss"]]
         return torch.stack(rows)
@@ -204,7 +240,7 @@ class TrajectoryStore(ManifestDirectory):
             f"  T = {self.T} batches, P = {self.P:,} parameters, E = {len(self.eval_names)} eval sets {self.eval_names}",
             f"  anchors: {len(self.anchors)} (stride {m['anchor_stride']}), terms: {', '.join(self.terms)}",
             f"  projection: {m['projection']['kind']} k = {self.k}, seed {m['projection']['seed']}",
-            f"  optimizer state at window start: {'carried from warm-up' if m['config']['train']['carry_optimizer_state'] else 'fresh'}",
+            f"  optimizer state at window start: {'carried from warm-up' if self.config().train.carry_optimizer_state else 'fresh'}",
             "  reference final eval loss (nats/token): " + ", ".join(f"{n} {x:.4f}" for n, x in zip(self.eval_names, fin)),
             f"  size: {self.nbytes():,} bytes in {len(m['files']) + 1} files (formula {m['formula_bytes']:,})",
             f"  record time {m['record_seconds']:.1f} s = {m['record_seconds'] / max(m['reference_seconds'], 1e-9):.1f} x "

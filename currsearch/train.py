@@ -119,8 +119,10 @@ class Trainer:
         """Load the corpus, tokenizer, plan and model of ``cfg`` (data cached per process).
 
         Raises:
-            CorpusError, ModelError, ConfigError: as the loaders do, before any training.
+            CorpusError, ModelError, ConfigError: as the loaders do (and a ``train.device``
+            this machine lacks), before any training.
         """
+        cfg.train.check_device()
         chash, tok, plan = _prepare_data(cfg.data.model_dump_json(), cfg.train.warmup_steps)
         model = FlatModel(build_model(cfg, len(tok)))
         return cls(cfg, plan, model, chash, tok)

@@ -118,7 +118,7 @@ class AblationModels(ManifestDirectory):
             f"partition models {self.path} ({m['phase']}; {PAPER})",
             f"  K = {self.K} partitions, P = {self.P:,} parameters, n = {self.steps} steps per partition model "
             f"({m['epochs']} epoch(s), {self.steps * m['tokens_per_step']:,} tokens), "
-            f"Adam state at the base: {'carried' if m['config']['train']['carry_optimizer_state'] else 'fresh'}",
+            f"Adam state at the base: {'carried' if self.config().train.carry_optimizer_state else 'fresh'}",
             f"  {'model':<14} {'batches':>7} " + " ".join(f"{n:>9}" for n in self.eval_names) + "   (eval loss, nats/token)",
             f"  {'base':<14} {'':>7} " + " ".join(f"{x:>9.4f}" for x in base),
         ]
