@@ -8,11 +8,14 @@ The unit is one **real run**: one training of the T-step window from the window 
   from an earlier job (a recorded store, cached calibration runs) still counts: it is part
   of what the result cost;
 * ``seconds``: its wall time;
-* ``run_equivalents``: its compute in real runs, ``seconds / run_seconds`` where
-  ``run_seconds`` is the measured wall time of one real window training in the same job.
-  Work that is not training (the recorder's T^2 pair gradients, ``fut1-hvp``'s Hessian-vector
-  products, a surrogate's estimates) is counted by its time; a phase of pure training counts
-  at least its ``real_runs``.
+* ``run_equivalents``: its compute in real runs. Phases whose work is counted give it
+  (a training phase: its ``real_runs``; the recording: its gradient count over a run's,
+  :func:`currsearch.record.record_run_equivalents`), so a budget holds to the run whatever
+  the machine's load. Other gradient work (``fut1-hvp``'s Hessian-vector products in the
+  trust-region rounds) is counted by its time, ``max(real_runs, seconds / run_seconds)``,
+  where ``run_seconds`` is the measured wall time of one real window training in the same
+  job. The Optuna sampler's and a cheap surrogate's time (the ``search`` phase) count in
+  seconds only, as the sampler time of the baselines does: neither trains the model.
 
 The ledger is what the equal-compute yardstick compares: a searched order is worth its
 cost only if search with real training at the same number of run equivalents (best of N
@@ -69,34 +72,35 @@ class ComputeLedger:
     equivalents once the seconds of one real run are known.
 
     Attributes:
-        phases: ``(phase, real_runs, seconds)`` in the order added.
+        phases: ``(phase, real_runs, seconds, equivalents or None)`` in the order added.
     """
 
-    phases: list[tuple[str, int, float]] = field(default_factory=list)
+    phases: list[tuple[str, int, float, float | None]] = field(default_factory=list)
 
-    def add(self, phase: str, seconds: float, real_runs: int = 0) -> None:
-        """Append a phase of ``seconds`` wall time with ``real_runs`` window trainings."""
-        if seconds < 0 or real_runs < 0:
-            raise ConfigError(f"ledger phase {phase!r}: seconds and real_runs must be >= 0, got {seconds}, {real_runs}")
-        self.phases.append((phase, int(real_runs), float(seconds)))
+    def add(self, phase: str, seconds: float, real_runs: int = 0, equivalents: float | None = None) -> None:
+        """Append a phase of ``seconds`` wall time with ``real_runs`` window trainings and, when
+        its work is counted, its ``equivalents`` in real runs (None: counted by its time)."""
+        if seconds < 0 or real_runs < 0 or (equivalents is not None and equivalents < 0):
+            raise ConfigError(f"ledger phase {phase!r}: seconds, real_runs and equivalents must be >= 0")
+        self.phases.append((phase, int(real_runs), float(seconds), None if equivalents is None else float(equivalents)))
 
     @contextmanager
-    def phase(self, name: str, real_runs: int = 0):
+    def phase(self, name: str):
         """Time a block as one phase: ``with ledger.phase("verify") as counts: ...``; the
-        block sets the runs it performed in ``counts["real_runs"]`` (default ``real_runs``)."""
-        counts = {"real_runs": real_runs}
+        block may set ``counts["real_runs"]`` and ``counts["equivalents"]`` (see :meth:`add`)."""
+        counts = {"real_runs": 0, "equivalents": None}
         t0 = time.perf_counter()
         yield counts
-        self.add(name, time.perf_counter() - t0, counts["real_runs"])
+        self.add(name, time.perf_counter() - t0, counts["real_runs"], counts["equivalents"])
 
     def summary(self, run_seconds: float) -> LedgerSummary:
-        """Every phase in run equivalents, ``max(real_runs, seconds / run_seconds)``.
+        """Every phase in run equivalents: its counted equivalents, else ``max(real_runs, seconds / run_seconds)``.
 
         Raises:
             ConfigError: ``run_seconds <= 0``.
         """
         if not run_seconds > 0:
             raise ConfigError(f"the seconds of one real run must be > 0, got {run_seconds}")
-        entries = tuple(LedgerEntry(p, k, s, max(float(k), s / run_seconds)) for p, k, s in self.phases)
+        entries = tuple(LedgerEntry(p, k, s, max(float(k), s / run_seconds) if eq is None else eq) for p, k, s, eq in self.phases)
         return LedgerSummary(float(run_seconds), entries, sum(e.real_runs for e in entries),
                              sum(e.run_equivalents for e in entries), sum(e.seconds for e in entries))

@@ -21,24 +21,30 @@ same compute.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import dataclasses
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from typing import Optional
+
 from pydantic import Field, field_validator
 
 from estimators import get_estimator
 from estimators.base import Estimator
 
 from .backends import SerialBackend
+from .baselines import BASELINES, RealSearchResult, real_search
 from .config import Config
 from .errors import ConfigError
 from .ledger import ComputeLedger, LedgerSummary
-from .record import record
+from .record import record, record_run_equivalents
 from .search import SearchResult, SearchSettings, run_search
 from .settings import Settings
 from .store import TrajectoryStore
-from .trust_region import TrustRegionResult, TrustRegionSettings, refine_verified
+from .train import Trainer
+from .trust_region import TrustRegionResult, TrustRegionSettings, record_config, refine_verified
 from .verify import VerificationResult, baseline_orders, verify
 
 logger = logging.getLogger(__name__)
@@ -51,10 +57,14 @@ class VerifySettings(Settings):
         top_k: searched orders verified (>= 1).
         random: random baseline orders (seeds ``search.seed + i``; >= 0); the report compares
             with their median.
+        baselines: also verify the reference order, ``random`` random orders and the
+            heuristic curricula (off under a budget: the yardstick there is search with real
+            training at the same budget, see ``PipelineSettings.baselines``).
     """
 
     top_k: int = Field(3, ge=1)
     random: int = Field(5, ge=0)
+    baselines: bool = True
 
 
 class RefineSettings(Settings):
@@ -87,12 +97,28 @@ class PipelineSettings(Settings):
             here and its storage is always ``OUT/study.journal``.
         verify: what is retrained after the search.
         refine: trust-region rounds after the verification.
+        budget: real-run equivalents the whole job may spend (None: no cap); the phases are
+            sized to it by :func:`size_to_budget`.
+        baselines: searches with real training run at the same budget for comparison
+            (``random-search``, ``optuna-real``; :mod:`currsearch.baselines`). Their runs are
+            not part of the job's budget: they are what the job is compared with.
     """
 
     out: Path = Path("runs/main")
+    budget: Optional[int] = Field(None, ge=1)
+    baselines: tuple[str, ...] = ()
     search: SearchSettings = Field(default_factory=lambda: SearchSettings(estimator="calibrated-interactions"))
     verify: VerifySettings = Field(default_factory=VerifySettings)
     refine: RefineSettings = Field(default_factory=RefineSettings)
+
+    @field_validator("baselines", mode="before")
+    @classmethod
+    def _known_baselines(cls, v):
+        v = tuple(v)
+        unknown = [b for b in v if b not in BASELINES]
+        if unknown:
+            raise ValueError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
+        return v
 
     @field_validator("search")
     @classmethod
@@ -116,6 +142,70 @@ class PipelineSettings(Settings):
             self.refine.trust_region(self.search.objectives[0], self.search.seed)
 
 
+#: planned cost of one ``fut1-hvp`` estimate in real runs: it recomputes Adam with exact
+#: Hessian-vector products after an order's first departure from the recorded run (measured
+#: about 3 runs per order on the default config; an upper bound for orders near the incumbent)
+HVP_RUNS_PER_ESTIMATE = 3.0
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """How :func:`size_to_budget` splits a budget of real-run equivalents (planned; the
+    ledger reports what was spent).
+
+    Attributes:
+        budget: the cap N.
+        record: the recording (1 run plus the pair terms' gradients, :func:`~currsearch.record.record_run_equivalents`).
+        fit_runs: real runs of a calibrated estimator's fit (0 for the others).
+        verify: searched orders retrained.
+        refine: the trust-region rounds (each: a re-recording, ``top_k`` runs and ``trials``
+            ``fut1-hvp`` estimates at :data:`HVP_RUNS_PER_ESTIMATE`; plus the final check).
+    """
+
+    budget: int
+    record: float
+    fit_runs: int
+    verify: int
+    refine: float
+
+    @property
+    def total(self) -> float:
+        """Planned run equivalents of all phases (<= budget)."""
+        return self.record + self.fit_runs + self.verify + self.refine
+
+
+def size_to_budget(s: PipelineSettings, trainer: Trainer, rcfg: Config, est_cls: type[Estimator],
+                   ) -> tuple[PipelineSettings, BudgetPlan | None]:
+    """Size the phases to ``s.budget`` (unchanged settings and None without a budget).
+
+    Policy: the recording (only the estimator's required terms), the ``verify.top_k``
+    searched orders and the ``refine`` rounds are planned first; a calibrated estimator's fit
+    gets every run left (``n_runs``, replacing a given one); any other estimator spends what
+    is left on verifying more searched orders. Under a budget the reference, random and
+    heuristic orders are not retrained (the comparison is ``PipelineSettings.baselines``).
+
+    Raises:
+        ConfigError: the budget is below the minimum, which the message names (with its parts).
+    """
+    if s.budget is None:
+        return s, None
+    record_eq = record_run_equivalents(trainer, rcfg)
+    r = s.refine
+    refine_eq = r.rounds * (1 + r.top_k + r.trials * HVP_RUNS_PER_ESTIMATE) + 1 if r.rounds else 0.0
+    left = s.budget - record_eq - s.verify.top_k - refine_eq
+    need = est_cls.min_runs if est_cls.needs_runs else 0
+    if left < need:
+        raise ConfigError(
+            f"budget {s.budget} is below the minimum {math.ceil(s.budget - left + need)} real-run equivalents for these "
+            f"settings: recording {record_eq:.1f}, verifying {s.verify.top_k}, trust-region rounds {refine_eq:.0f}"
+            + (f", and {need} runs to fit {est_cls.name}" if need else "") + "; raise --budget or use --rounds 0 / a smaller --top-k")
+    fit_runs, top_k = (math.floor(left), s.verify.top_k) if est_cls.needs_runs else (0, s.verify.top_k + math.floor(left))
+    kwargs = {**s.search.estimator_kwargs, **({"n_runs": fit_runs} if est_cls.needs_runs else {})}
+    sized = s.model_copy(update={"search": s.search.model_copy(update={"estimator_kwargs": kwargs}),
+                                 "verify": VerifySettings(top_k=top_k, random=0, baselines=False)})
+    return sized, BudgetPlan(s.budget, record_eq, fit_runs, top_k, refine_eq)
+
+
 @dataclass(frozen=True)
 class PipelineResult:
     """What :func:`run_pipeline` produced.
@@ -128,6 +218,9 @@ class PipelineResult:
             refinement, ``search_trust_region``), losses in nats/token.
         trust_region: the refinement rounds, or None when ``refine.rounds == 0``.
         ledger: the compute spent per phase (real runs, seconds, run equivalents).
+        budget: the plan of a budgeted job (None without ``budget``).
+        baselines: ``{name: RealSearchResult}`` of the searches with real training run at
+            the same budget (``settings.baselines``).
     """
 
     settings: PipelineSettings
@@ -136,13 +229,20 @@ class PipelineResult:
     verification: VerificationResult
     trust_region: TrustRegionResult | None
     ledger: LedgerSummary
+    budget: BudgetPlan | None = None
+    baselines: dict[str, RealSearchResult] = field(default_factory=dict)
+
+    @property
+    def baseline_runs(self) -> int:
+        """Real runs each baseline got: the budget, else the job's total run equivalents (rounded)."""
+        return self.budget.budget if self.budget else max(1, round(self.ledger.run_equivalents))
 
 
-def _record(cfg: Config, out: Path, ledger: ComputeLedger, progress: bool) -> TrajectoryStore:
+def _record(cfg: Config, out: Path, trainer: Trainer, ledger: ComputeLedger, progress: bool) -> TrajectoryStore:
     """Record (or resume) ``OUT/store``; the ledger gets the store's recording time (also when
     an earlier job recorded it: that work is part of what the result cost)."""
-    store = record(cfg, out / "store", progress=progress)
-    ledger.add("record", store.manifest["record_seconds"], real_runs=1)
+    store = record(cfg, out / "store", progress=progress, trainer=trainer)
+    ledger.add("record", store.manifest["record_seconds"], real_runs=1, equivalents=record_run_equivalents(trainer, cfg))
     return store
 
 
@@ -151,7 +251,7 @@ def _fit(store: TrajectoryStore, s: SearchSettings, ledger: ComputeLedger) -> Es
     ledger (also when cached in the store by an earlier job)."""
     with ledger.phase("fit") as counts:
         est = get_estimator(s.estimator, **s.estimator_kwargs).fit(store)
-        counts["real_runs"] = est.n_runs if est.needs_runs else 0
+        counts["real_runs"] = counts["equivalents"] = est.n_runs if est.needs_runs else 0
     return est
 
 
@@ -160,12 +260,13 @@ def _verify(store: TrajectoryStore, est: Estimator, res: SearchResult, s: Pipeli
     """Retrain the top searched orders and the baselines (identical orders once)."""
     trainer = store.trainer()
     candidates = {f"search_{i + 1}": o for i, (o, _) in enumerate(res.top(s.verify.top_k))}
-    candidates.update(baseline_orders(trainer, n_random=s.verify.random, seed=s.search.seed))
+    if s.verify.baselines:
+        candidates.update(baseline_orders(trainer, n_random=s.verify.random, seed=s.search.seed))
     est_rows = est.estimate(torch.stack([torch.as_tensor(o) for o in candidates.values()]))
     logger.info("verifying %d orders by real training", len(candidates))
     with ledger.phase("verify") as counts:
         result = verify(trainer, candidates, dict(zip(candidates, est_rows)), progress=progress)
-        counts["real_runs"] = len({tuple(c.order) for c in result.candidates.values()})
+        counts["real_runs"] = counts["equivalents"] = len({tuple(c.order) for c in result.candidates.values()})
     return result.with_search(res.top_record(s.verify.top_k))
 
 
@@ -183,11 +284,20 @@ def _refine(cfg: Config, store: TrajectoryStore, est: Estimator, result: Verific
     return result, tr
 
 
+def _baselines(trainer: Trainer, s: PipelineSettings, n_runs: int, progress: bool) -> dict[str, RealSearchResult]:
+    """The searches with real training of ``s.baselines`` at ``n_runs`` runs each (journals in ``OUT/baselines``)."""
+    return {name: real_search(trainer, name, n_runs, seed=s.search.seed, objective=s.search.objectives[0],
+                              storage=str(s.out / "baselines" / f"{name}.journal"), progress=progress)
+            for name in s.baselines}
+
+
 def run_pipeline(cfg: Config, settings: PipelineSettings | None = None, progress: bool = True) -> PipelineResult:
-    """Run (or resume) the main job: record, fit, search, verify, refine (module docstring).
+    """Run (or resume) the main job: record, fit, search, verify, refine (module docstring),
+    then the baselines with real training at the same budget.
 
     Args:
-        cfg: the experiment config (data, model, optimizer, training, recording).
+        cfg: the experiment config (data, model, optimizer, training; ``record.terms`` is cut
+            to the estimator's required terms).
         settings: :class:`PipelineSettings` (default: all defaults).
         progress: progress bars and INFO log lines.
 
@@ -195,20 +305,25 @@ def run_pipeline(cfg: Config, settings: PipelineSettings | None = None, progress
         :class:`PipelineResult`; losses in nats/token, the ledger in real runs and seconds.
 
     Raises:
-        ConfigError: invalid settings (checked before anything is written), or a resumed
-            study / trust-region run with other settings.
+        ConfigError: invalid settings or a budget below the minimum (checked before anything
+            is written), or a resumed study / trust-region run with other settings.
         StoreError: ``OUT/store`` holds a store of another config or a corrupt one.
         BudgetError: the recording's estimated cost exceeds ``record.max_*``.
     """
     s = settings or PipelineSettings()
     s.check(cfg)
+    rcfg = record_config(cfg, type(get_estimator(s.search.estimator, **s.search.estimator_kwargs)))
+    trainer = Trainer.from_config(rcfg)
+    s, plan = size_to_budget(s, trainer, rcfg, type(get_estimator(s.search.estimator)))
     ledger = ComputeLedger()
-    store = _record(cfg, s.out, ledger, progress)
+    store = _record(rcfg, s.out, trainer, ledger, progress)
     est = _fit(store, s.search, ledger)
     search = s.search.model_copy(update={"storage": str(s.out / "study.journal")})
-    with ledger.phase("search"):
+    with ledger.phase("search") as counts:  # the sampler's and the surrogate's time count in seconds only,
+        counts["equivalents"] = 0.0         # as the baselines' sampler time does (module docstring of ledger)
         res = run_search(store, search, backend=SerialBackend(est), progress=progress)
     result = _verify(store, est, res, s, ledger, progress)
-    result, tr = _refine(cfg, store, est, result, s, ledger, progress)
+    result, tr = _refine(rcfg, store, est, result, s, ledger, progress)
     run_seconds = float(torch.tensor([c.seconds for c in result.candidates.values()]).median())
-    return PipelineResult(s, Path(store.path), res, result, tr, ledger.summary(run_seconds))
+    out = PipelineResult(s, Path(store.path), res, result, tr, ledger.summary(run_seconds), plan)
+    return dataclasses.replace(out, baselines=_baselines(trainer, s, out.baseline_runs, progress))

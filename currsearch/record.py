@@ -181,14 +181,34 @@ def store_formula(trainer: Trainer, cfg: Config) -> dict[str, int]:
     return {"checkpoints": ckpt, "pairs": A * pa, "final": final, "total": ckpt + A * pa + final}
 
 
-def estimate_cost(trainer: Trainer, cfg: Config) -> dict[str, float]:
-    """Estimated seconds, peak bytes of memory and bytes of disk of a recording.
+def _steps(trainer: Trainer, cfg: Config) -> tuple[int, int]:
+    """``(steps of one run, steps of the recording)`` in units of one batch gradient: a run is
+    T training steps plus the final evaluation's batches; the recording adds, when
+    ``record.terms`` names any pair term, ``T + E'`` gradients at each of the A anchors
+    (E' = eval batches when a term needs eval gradients at every anchor)."""
+    T, d = trainer.T, cfg.data
+    A = len(range(0, T, cfg.record.anchor_stride))
+    eval_batches = sum(math.ceil(trainer.plan.eval_sets[n].shape[0] * 1.0 / d.batch_size) for n in trainer.plan.domain_names)
+    per_anchor_eval = eval_batches if {"eval_grads", "readouts_checkpoint"} & set(cfg.record.terms) else 0
+    pair_steps = A * (T + per_anchor_eval) if cfg.record.terms else 0  # no pair terms: checkpoints only
+    return T + eval_batches, T + eval_batches + pair_steps
 
-    Time: one timed training step t_step (measured now) times ``T`` (reference run) plus
-    ``A (T + E')`` gradient evaluations (pairs; E' = eval batches when a term needs eval
-    gradients at every anchor), an upper bound since vmapped gradients are a little cheaper
-    than sequential steps. Memory: the [T, P] gradient and
-    update matrices, eval gradients and activations of one vmap chunk.
+
+def record_run_equivalents(trainer: Trainer, cfg: Config) -> float:
+    """Cost of recording ``cfg``'s store in real runs (gradient counts, see :func:`_steps`):
+    1 plus the pair terms' gradients; the compute ledger's unit for the record phase."""
+    run, rec = _steps(trainer, cfg)
+    return rec / run
+
+
+def estimate_cost(trainer: Trainer, cfg: Config) -> dict[str, float]:
+    """Estimated seconds, peak bytes of memory and bytes of disk of a recording, and its cost
+    in real runs (``run_equivalents``, :func:`record_run_equivalents`).
+
+    Time: one timed training step t_step (measured now) times the recording's gradient count
+    (:func:`_steps`), an upper bound since vmapped gradients are a little cheaper than
+    sequential steps. Memory: the [T, P] gradient and update matrices, eval gradients and
+    activations of one vmap chunk.
     """
     start = trainer.window_start()
     b = trainer.batch(0)
@@ -198,17 +218,15 @@ def estimate_cost(trainer: Trainer, cfg: Config) -> dict[str, float]:
         trainer.step(start.theta, start.adam, 0.0, b)
     t_step = (time.perf_counter() - t0) / 2
     T, P, E = trainer.T, trainer.model.num_params, len(trainer.plan.eval_names)
-    A = len(range(0, T, cfg.record.anchor_stride))
+    run_steps, rec_steps = _steps(trainer, cfg)
     d = cfg.data
-    eval_batches = sum(math.ceil(trainer.plan.eval_sets[n].shape[0] * 1.0 / d.batch_size) for n in trainer.plan.domain_names)
-    per_anchor_eval = eval_batches if {"eval_grads", "readouts_checkpoint"} & set(cfg.record.terms) else 0
-    seconds = t_step * (T + eval_batches + A * (T + per_anchor_eval))
     mcfg = trainer.model.module.config
     width = getattr(mcfg, "n_embd", getattr(mcfg, "hidden_size", 256))
     layers = getattr(mcfg, "n_layer", getattr(mcfg, "num_hidden_layers", 4))
     act = min(T, cfg.record.vmap_chunk) * d.batch_size * d.seq_len * (24 * width * layers + 3 * getattr(mcfg, "vocab_size", 1)) * 4
     memory = 4 * P * (3 * T + 2 * E + 8) + act
-    return {"seconds": seconds, "memory_bytes": memory, "disk_bytes": store_formula(trainer, cfg)["total"], "step_seconds": t_step}
+    return {"seconds": t_step * rec_steps, "memory_bytes": memory, "disk_bytes": store_formula(trainer, cfg)["total"],
+            "step_seconds": t_step, "run_equivalents": rec_steps / run_steps}
 
 
 def _record_settings(cfg: Config) -> dict:

@@ -164,7 +164,7 @@ class TrustRegionResult:
                    rounds[-1].next_incumbent_loss, sum(1 + len(x.candidates) for x in rounds), seconds)
 
 
-def _record_cfg(cfg: Config, estimator_cls) -> Config:
+def record_config(cfg: Config, estimator_cls) -> Config:
     """``cfg`` with ``record.terms`` cut to the estimator's required terms (cheapest store)."""
     return cfg.replace(record={"terms": tuple(estimator_cls.required_terms)})
 
@@ -191,14 +191,24 @@ def _load_rounds(state_path: Path, settings: dict) -> list[TrustRegionRound]:
     """The finished rounds of ``trust_region.json`` (none when absent).
 
     Raises:
-        ConfigError: the file holds a run with other settings.
+        ConfigError: the file holds a run with other settings, or is damaged.
     """
     if not state_path.exists():
         return []
-    state = json.loads(state_path.read_text())
+    damaged = (f"{str(state_path)!r} is damaged ({{}}); delete it to run the rounds again (their recorded stores "
+               "and journals are reused)")
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ConfigError(damaged.format(f"not JSON: {err}")) from None
+    if not isinstance(state, dict) or not isinstance(state.get("rounds"), list):
+        raise ConfigError(damaged.format("not an object with a 'rounds' list"))
     if state.get("settings") != settings:
         raise ConfigError(f"{str(state_path)!r} holds a trust-region run with other settings; use another --out or the same settings")
-    return [TrustRegionRound.from_json(x) for x in state["rounds"]]
+    try:
+        return [TrustRegionRound.from_json(x) for x in state["rounds"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ConfigError(damaged.format(f"a round is malformed: {type(err).__name__}: {err}")) from None
 
 
 def _save_rounds(state_path: Path, settings: dict, rounds: list[TrustRegionRound]) -> None:
@@ -272,7 +282,7 @@ def run_trust_region(cfg: Config, out_dir, settings: TrustRegionSettings | None 
             estimator or objective, or ``out_dir`` holding a run with other settings.
     """
     s = TrustRegionSettings(**{**(settings.model_dump() if settings is not None else {}), **overrides})
-    rcfg = _record_cfg(cfg, type(get_estimator(s.estimator, **s.estimator_kwargs)))
+    rcfg = record_config(cfg, type(get_estimator(s.estimator, **s.estimator_kwargs)))
     if trainer is None or config_diff(trainer.cfg.to_dict(), rcfg.to_dict()):
         trainer = Trainer.from_config(rcfg)
     T = trainer.T

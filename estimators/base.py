@@ -48,6 +48,8 @@ class Estimator(ABC):
     #: capability: ``fit`` performs real training runs (the calibrated estimators) and caches
     #: them in the store, so a backend with several workers fits once before starting them
     needs_runs: ClassVar[bool] = False
+    #: with ``needs_runs``: the fewest real runs ``fit`` can work with (its ``n_runs`` argument)
+    min_runs: ClassVar[int] = 0
     #: former name of :attr:`needs_runs` (kept equal to it; read-only alias)
     fit_cached_in_store: ClassVar[bool] = False
 

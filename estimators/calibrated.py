@@ -178,11 +178,12 @@ class CalibratedAdditive(AdditiveEstimator):
     name = "calibrated"
     required_terms = ()
     needs_runs = True
+    min_runs = 8
 
     def __init__(self, device="cpu", n_runs: int = 64, seed: int = 0):
         super().__init__(device)
-        if n_runs < 8:
-            raise ValueError(f"{self.name} needs n_runs >= 8 real runs to fit, got {n_runs}")
+        if n_runs < self.min_runs:
+            raise ConfigError(f"{self.name} needs n_runs >= {self.min_runs} real runs to fit, got {n_runs}")
         self.required_terms = ()
         self.n_runs, self.seed = n_runs, seed
 
@@ -288,7 +289,7 @@ class CalibratedInteractions(Estimator):
     unlike ``calibrated``'s.
 
     Raises:
-        ValueError: ``n_runs < 16`` or ``clumped_weight <= 0``. ConfigError (at fit): T < 2.
+        ConfigError: ``n_runs < 16`` or ``clumped_weight <= 0``; at fit: T < 2.
 
     Args:
         n_runs: orders retrained for real (>= 16).
@@ -302,16 +303,17 @@ class CalibratedInteractions(Estimator):
     name = "calibrated-interactions"
     has_optimum = True
     needs_runs = True
+    min_runs = 16
     NEAR_K = (1, 2, 3, 4, 6, 8, 12, 16)
     ORDERS_VERSION = 1  # part of the runs' cache key: bump when calibration_orders changes
     FEATURES_VERSION = 2  # part of the fit key: bump when the features or the fit change
 
     def __init__(self, device="cpu", n_runs: int = 1024, seed: int = 0, clumped_weight: float = 0.1):
         super().__init__(device)
-        if n_runs < 16:
-            raise ValueError(f"{self.name} needs n_runs >= 16 real runs to fit, got {n_runs}")
+        if n_runs < self.min_runs:
+            raise ConfigError(f"{self.name} needs n_runs >= {self.min_runs} real runs to fit, got {n_runs}")
         if not clumped_weight > 0:
-            raise ValueError(f"clumped_weight must be > 0, got {clumped_weight}")
+            raise ConfigError(f"clumped_weight must be > 0, got {clumped_weight}")
         self.n_runs, self.seed, self.clumped_weight = n_runs, seed, float(clumped_weight)
 
     def calibration_orders(self, T: int, reference: torch.Tensor) -> tuple[torch.Tensor, list[str]]:

@@ -123,7 +123,7 @@ def test_calibrated_fits_real_runs_caches_them_and_its_assignment_optimum_is_exa
     all_est = est.estimate(perms)[:, store.eval_names.index("all")]
     best = est.assignment_optimum("all")
     assert torch.isclose(est.estimate(best)[-1], all_est.min())
-    with pytest.raises(ValueError, match="n_runs >= 8"):
+    with pytest.raises(ConfigError, match="n_runs >= 8"):
         get_estimator("calibrated", n_runs=2)
 
 
@@ -177,5 +177,5 @@ def test_calibrated_interactions_fits_three_families_caches_them_and_finds_a_swa
     r = torch.arange(iu.shape[1])
     swaps[r, iu[0]], swaps[r, iu[1]] = best[iu[1]], best[iu[0]]
     assert est.estimate(swaps)[:, e].min() >= est.estimate(best)[e] - 1e-12
-    with pytest.raises(ValueError, match="n_runs >= 16"):
+    with pytest.raises(ConfigError, match="n_runs >= 16"):
         get_estimator("calibrated-interactions", n_runs=8)

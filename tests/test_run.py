@@ -8,15 +8,19 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from currsearch.baselines import real_search
 from currsearch.cli import main
-from currsearch.errors import OrderError
+from currsearch.errors import ConfigError, OrderError
 from currsearch.export import OrderSampler, export_order
 from currsearch.orders import parse_order
+from currsearch.pipeline import PipelineSettings, RefineSettings, VerifySettings, run_pipeline
+from currsearch.search import SearchSettings
 from currsearch.train import Trainer
 
 
 RECORD_ARGS = ["--set", "record.projection_dim=16", "--set", "record.anchor_stride=4"]
-RUN_ARGS = ["--trials", "16", "--top-k", "2", "--batch", "8", "--random", "3", "--rounds", "1", "--tr-trials", "4"]
+RUN_ARGS = ["--trials", "16", "--top-k", "2", "--batch", "8", "--random", "3", "--rounds", "1", "--tr-trials", "4",
+            "--fit-runs", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +48,12 @@ def test_run_writes_the_report_and_verified_losses_are_real(run_dir, tiny_cfg, t
     assert (run_dir / "trust_region" / "trust_region.md").is_file()
     md = (rep / "report.md").read_text()
     assert "random median" in md and "every heuristic" in md and "trust-region rounds" in md
+    # the compute ledger: every phase, training phases counted exactly
+    assert "## Compute ledger" in md
+    led = {e["phase"]: e for e in report["ledger"]["entries"]}
+    assert list(led) == ["record", "fit", "search", "verify", "trust_region"]
+    assert led["fit"]["real_runs"] == 16 and led["record"]["real_runs"] == 1
+    assert led["verify"]["real_runs"] == len({tuple(v["order"]) for n, v in cands.items() if n != "search_trust_region"})
     trainer = Trainer.from_config(Config_from(tiny_cfg))
     T = trainer.T
     for name, v in cands.items():
@@ -71,10 +81,12 @@ def Config_from(tiny_cfg):
 def test_search_rerun_continues_the_study(run_dir, tmp_path, capsys):
     out = tmp_path / "search"
     store = str(run_dir / "store")
-    assert main(["search", "--quiet", "--store", store, "--out", str(out), "--trials", "8", "--batch", "4"]) == 0
+    # the run's store holds no pair terms (calibrated-interactions needs none): search it with the null model
+    opts = ["--estimator", "reference"]
+    assert main(["search", "--quiet", "--store", store, "--out", str(out), "--trials", "8", "--batch", "4"] + opts) == 0
     first = json.loads((out / "search.json").read_text())
     assert first["n_trials"] == 8 and (out / "study.journal").is_file() and (out / "best_order.json").is_file()
-    assert main(["search", "--quiet", "--store", store, "--out", str(out), "--trials", "12", "--batch", "4"]) == 0
+    assert main(["search", "--quiet", "--store", store, "--out", str(out), "--trials", "12", "--batch", "4"] + opts) == 0
     second = json.loads((out / "search.json").read_text())
     assert second["n_trials"] == 12 and second["n_run"] == 4
     study = optuna.load_study(study_name=second["study"],
@@ -85,6 +97,29 @@ def test_search_rerun_continues_the_study(run_dir, tmp_path, capsys):
     assert all(sorted(t["order"]) == list(range(T)) for t in second["top"])
     assert main(["search", "--quiet", "--store", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_budget_is_respected_and_baselines_reproduce(tiny_cfg, tmp_path, capsys):
+    cfg = Config_from(tiny_cfg)
+    s = PipelineSettings(out=tmp_path / "b", budget=30, baselines=("random-search", "optuna-real"),
+                         search=SearchSettings(estimator="calibrated-interactions", trials=8, batch=8),
+                         verify=VerifySettings(top_k=2), refine=RefineSettings(rounds=0))
+    res = run_pipeline(cfg, s, progress=False)
+    plan, led = res.budget, res.ledger
+    # recording without pair terms costs one run; the fit gets every run the budget leaves
+    assert plan.record == 1.0 and plan.verify == 2 and plan.fit_runs == 27 and plan.total == 30
+    assert [e.phase for e in led.entries] == ["record", "fit", "search", "verify"]
+    assert led.real_runs == 30 and led.run_equivalents == 30  # the search's sampler/surrogate time: seconds only
+    assert set(res.verification.candidates) == {"search_1", "search_2"}  # no baseline orders under a budget
+    for name, b in res.baselines.items():
+        assert b.n_runs == 30 and b.best_loss == min(b.losses), name
+    trainer = Trainer.from_config(cfg)
+    for name, n in (("random-search", 4), ("optuna-real", 12)):  # the same seed reproduces the same runs
+        assert real_search(trainer, name, n, seed=0, progress=False).losses == res.baselines[name].losses[:n], name
+    # an impossible budget is refused, naming the minimum, before anything is written
+    with pytest.raises(ConfigError, match="budget 10 is below the minimum 19"):
+        run_pipeline(cfg, s.model_copy(update={"budget": 10, "out": tmp_path / "x"}), progress=False)
+    assert not (tmp_path / "x").exists()
 
 
 class _Batches(Dataset):

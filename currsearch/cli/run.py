@@ -6,11 +6,10 @@ import argparse
 from pathlib import Path
 
 from ..pipeline import PipelineResult, PipelineSettings, RefineSettings, VerifySettings, run_pipeline
-from ..reports.trust_region import write_trust_region_report
-from ..reports.verify import write_report
+from ..reports.run import comparison, write_run_report
 from ..search import SearchSettings
 from ..verify import summarize
-from .common import add_config_options, given, print_table, resolve_config
+from .common import add_config_options, csv_list, given, print_table, resolve_config
 from .search import SEARCH_OPTIONS, add_search_options
 
 
@@ -20,10 +19,12 @@ def settings_from_args(args) -> PipelineSettings:
     Raises:
         ConfigError: an invalid value, naming the setting.
     """
-    search = SearchSettings(**{"estimator": "calibrated-interactions", **given(args, *SEARCH_OPTIONS)})
+    fit = {"estimator_kwargs": {"n_runs": args.fit_runs}} if args.fit_runs is not None else {}
+    search = SearchSettings(**{"estimator": "calibrated-interactions", **given(args, *SEARCH_OPTIONS), **fit})
     verify = VerifySettings(**given(args, "top_k", "random"))
     refine = RefineSettings(**given(args, "rounds") | ({"trials": args.tr_trials} if args.tr_trials is not None else {}))
-    return PipelineSettings(out=Path(args.out), search=search, verify=verify, refine=refine)
+    return PipelineSettings(out=Path(args.out), search=search, verify=verify, refine=refine,
+                            **given(args, "budget", "baselines"))
 
 
 def _print_summary(res: PipelineResult, paths: list[Path]) -> None:
@@ -36,13 +37,17 @@ def _print_summary(res: PipelineResult, paths: list[Path]) -> None:
         print(f"trust region: {tr.rounds} rounds from {tr.start} ({tr.start_loss:.4f}) to {tr.final_loss:.4f} "
               f"(gain {tr.gain:.4f} nats/token, {tr.verified_runs} real training runs)")
     s = summarize(v)
-    if s.best_searched:
+    if s.best_searched and s.random_median:
         print(f"best searched {s.best_searched} ({s.best_searched_loss:.4f}) "
               f"{'beats' if s.beats_random_median else 'does not beat'} the random median ({s.random_median_loss:.4f}) "
               f"and {'beats' if s.beats_all_heuristics else 'does not beat'} every heuristic")
     led = res.ledger
     print(f"compute: {led.real_runs} real runs, {led.run_equivalents:.1f} run equivalents, {led.seconds:.0f} s "
           f"({', '.join(f'{e.phase} {e.run_equivalents:.1f}' for e in led.entries)})")
+    if res.baselines:
+        c = comparison(res)
+        print(f"equal compute ({c['runs']} real runs each): currsearch {c['currsearch'][1]:.4f}; "
+              + "; ".join(f"{n} {x:.4f} ({'beaten' if c['beats'][n] else 'not beaten'})" for n, x in c["baselines"].items()))
     print(f"report: {paths[1]}")
 
 
@@ -51,9 +56,7 @@ def cmd_run(args) -> int:
     settings = settings_from_args(args)
     cfg = resolve_config(args.config, args.set)
     res = run_pipeline(cfg, settings, progress=not args.quiet)
-    paths = write_report(settings.out / "report", res.verification, res.search.study, res.ledger)
-    if res.trust_region is not None:
-        write_trust_region_report(res.trust_region, settings.out / "trust_region")
+    paths = write_run_report(res, settings.out / "report")
     _print_summary(res, paths)
     return 0
 
@@ -69,4 +72,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, help="trust-region rounds (fut1-hvp) from the best verified order "
                    "(default: 2; 0 skips them)")
     p.add_argument("--tr-trials", type=int, help="orders estimated per trust-region round (default: 16)")
+    p.add_argument("--fit-runs", type=int, help="real runs that fit a calibrated estimator (default: the "
+                   "estimator's own, 1024 for calibrated-interactions; with --budget: what the budget leaves)")
+    p.add_argument("--budget", type=int, help="cap on the real-run equivalents the whole job spends (recording, "
+                   "fit, verification, rounds); the phases are sized to it (default: no cap)")
+    p.add_argument("--baselines", type=csv_list, help="searches with real training run at the same budget for "
+                   "comparison: random-search, optuna-real (default: none)")
     p.set_defaults(func=cmd_run)

@@ -9,7 +9,6 @@ import torch
 from matplotlib.patches import Patch
 
 from ..export import export_order
-from ..ledger import LedgerSummary
 from ..results import to_json
 from ..verify import VerificationResult, VerificationSummary, summarize
 from .common import fmt, markdown_table, pyplot, save_figure, study_history_plot, write_json
@@ -22,14 +21,17 @@ def _fmt(x) -> str:
 def _verdict(s: VerificationSummary) -> str:
     if s.best_searched is None:
         return "No searched order was verified."
-    hb = ", ".join(f"{n} {_fmt(x)}" for n, x in s.heuristics.items()) or "none"
-    return (
-        f"Best verified searched order `{s.best_searched}`: {_fmt(s.best_searched_loss)} nats/token on "
-        f"`{s.eval_set}`. It {'beats' if s.beats_random_median else 'does not beat'} the random median "
-        f"(`{s.random_median}`, {_fmt(s.random_median_loss)}) and "
-        f"{'beats' if s.beats_all_heuristics else 'does not beat'} every heuristic ({hb}); "
-        f"reference {_fmt(s.reference_loss)}."
-    )
+    parts = []
+    if s.random_median is not None:
+        parts.append(f"{'beats' if s.beats_random_median else 'does not beat'} the random median "
+                     f"(`{s.random_median}`, {_fmt(s.random_median_loss)})")
+    if s.heuristics:
+        hb = ", ".join(f"{n} {_fmt(x)}" for n, x in s.heuristics.items())
+        parts.append(f"{'beats' if s.beats_all_heuristics else 'does not beat'} every heuristic ({hb})")
+    if s.reference_loss is not None:
+        parts.append(f"{'beats' if s.beats_reference else 'does not beat'} the reference ({_fmt(s.reference_loss)})")
+    return (f"Best verified searched order `{s.best_searched}`: {_fmt(s.best_searched_loss)} nats/token on "
+            f"`{s.eval_set}`." + (f" It {' and '.join(parts)}." if parts else ""))
 
 
 def render_markdown(result: VerificationResult, summary: VerificationSummary) -> str:
@@ -84,28 +86,19 @@ def _scatter_plot(path, result: VerificationResult) -> Path:
     return save_figure(fig, path)
 
 
-def render_ledger(ledger: LedgerSummary) -> str:
-    """The compute ledger as a markdown section: per phase real runs, run equivalents and seconds, and the total."""
-    rows = [[e.phase, str(e.real_runs), f"{e.run_equivalents:.1f}", f"{e.seconds:.1f}"] for e in ledger.entries]
-    rows.append(["**total**", f"**{ledger.real_runs}**", f"**{ledger.run_equivalents:.1f}**", f"**{ledger.seconds:.1f}**"])
-    return ("## Compute ledger\n\nOne run equivalent = one real training of the window "
-            f"({ledger.run_seconds:.3f} s here); work that is not training counts by its time. Work reused from an "
-            "earlier job (the recorded store, cached calibration runs) counts too.\n\n"
-            + "\n".join(markdown_table(["phase", "real runs", "run equivalents", "seconds"], rows)) + "\n")
-
-
-def write_report(out_dir, result: VerificationResult, study=None, ledger: LedgerSummary | None = None) -> list[Path]:
-    """Write ``report.json`` (the result with ``summary``, ``best`` and the ``ledger`` when
-    given), ``report.md``, ``optimization_history.png`` (when ``study`` is given),
-    ``estimated_vs_verified.png``, ``best_order_domains.png`` and ``best_order.json`` (the best
-    verified searched order, else the best verified candidate) into ``out_dir``; returns the paths."""
+def write_report(out_dir, result: VerificationResult, study=None, extra: dict | None = None,
+                 extra_markdown: str = "") -> list[Path]:
+    """Write ``report.json`` (the result with ``summary``, ``best`` and the JSON-ready ``extra``
+    entries), ``report.md`` (with ``extra_markdown`` appended), ``optimization_history.png``
+    (when ``study`` is given), ``estimated_vs_verified.png``, ``best_order_domains.png`` and
+    ``best_order.json`` (the best verified searched order, else the best verified candidate)
+    into ``out_dir``; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(result)
     best = summary.best_searched or result.best()
-    extra = {"ledger": to_json(ledger)} if ledger is not None else {}
-    write_json(out / "report.json", {**to_json(result), "summary": to_json(summary), "best": best, **extra})
-    (out / "report.md").write_text(render_markdown(result, summary) + ("\n" + render_ledger(ledger) if ledger else ""))
+    write_json(out / "report.json", {**to_json(result), "summary": to_json(summary), "best": best, **(extra or {})})
+    (out / "report.md").write_text(render_markdown(result, summary) + extra_markdown)
     paths = [out / "report.json", out / "report.md"]
     if study is not None:
         p = study_history_plot(out / "optimization_history.png", study, "estimated objective (nats/token)",

@@ -1,0 +1,126 @@
+"""Search with real training: the competitor currsearch must beat at equal compute.
+
+Two strategies spend ``n_runs`` real window trainings and keep the best order:
+
+* ``random-search``: ``n_runs`` uniformly random orders (Optuna's random sampler on the
+  ``random_keys`` space: the argsort of i.i.d. uniform keys is a uniform permutation);
+* ``optuna-real``: Optuna's TPE sampler on the same space, each trial a real training run.
+
+Both run as Optuna studies (a journal file makes them resume after a kill) and return every
+trial in order, so the best loss after any prefix of ``k <= n_runs`` runs (the anytime curve
+that ``benchmarks/anytime.py`` draws) comes from one call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import optuna
+
+from search_spaces import BatchInfo, get_space
+
+from .errors import ConfigError
+from .search import ask_and_tell, make_sampler
+from .study import Session, make_storage, optuna_warnings_only, recover_stale_trials
+from .train import Trainer
+
+logger = logging.getLogger(__name__)
+
+#: baseline name -> Optuna sampler name
+BASELINES = {"random-search": "random", "optuna-real": "tpe"}
+
+
+@dataclass(frozen=True)
+class RealSearchResult:
+    """A search whose objective is real training.
+
+    Attributes:
+        name: ``random-search`` or ``optuna-real``.
+        orders: the ``n_runs`` orders trained, in trial order (lists of T batch indices).
+        losses: their final ``objective`` eval loss, nats/token, in trial order.
+        objective: the eval set minimized.
+        seed: the sampler seed.
+        seconds: wall seconds of the runs made by this call.
+    """
+
+    name: str
+    orders: list[list[int]]
+    losses: list[float]
+    objective: str
+    seed: int
+    seconds: float
+
+    @property
+    def n_runs(self) -> int:
+        """Real runs spent (one per trial)."""
+        return len(self.losses)
+
+    def best_after(self, k: int) -> float:
+        """Best ``objective`` loss (nats/token) among the first ``k`` runs (1 <= k <= n_runs)."""
+        if not 1 <= k <= self.n_runs:
+            raise ConfigError(f"best_after needs 1 <= k <= {self.n_runs}, got {k}")
+        return min(self.losses[:k])
+
+    @property
+    def best_order(self) -> list[int]:
+        """The order with the lowest loss (the first one on ties)."""
+        return self.orders[min(range(self.n_runs), key=lambda i: (self.losses[i], i))]
+
+    @property
+    def best_loss(self) -> float:
+        """The lowest ``objective`` loss, nats/token."""
+        return min(self.losses)
+
+
+def real_search(trainer: Trainer, name: str, n_runs: int, seed: int = 0, objective: str = "all",
+                storage=None, progress: bool = True) -> RealSearchResult:
+    """Search orders with ``n_runs`` real trainings (module docstring); resumes from ``storage``.
+
+    Args:
+        trainer: the Trainer whose window is trained (its cached warm-up phase is shared).
+        name: ``random-search`` or ``optuna-real`` (:data:`BASELINES`).
+        n_runs: real runs to spend (>= 1).
+        seed: sampler seed.
+        objective: the eval set whose final loss (nats/token) is minimized.
+        storage: ``None`` (in memory), a ``*.journal`` path or an Optuna storage URL; a rerun
+            with the same storage resumes (trials left RUNNING by a killed call run again).
+        progress: a tqdm bar.
+
+    Returns:
+        :class:`RealSearchResult` with the first ``n_runs`` completed trials.
+
+    Raises:
+        ConfigError: an unknown name or objective, or ``n_runs < 1``.
+    """
+    if name not in BASELINES:
+        raise ConfigError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+    if n_runs < 1:
+        raise ConfigError(f"a real-training search needs n_runs >= 1, got {n_runs}")
+    if objective not in trainer.plan.eval_names:
+        raise ConfigError(f"unknown objective eval set {objective!r}; the plan has {list(trainer.plan.eval_names)}")
+    obj = trainer.plan.eval_names.index(objective)
+    sp = get_space("random_keys", BatchInfo.from_plan(trainer.plan))
+
+    def score(trials):
+        out = []
+        for t in trials:
+            order = sp.suggest(t)
+            losses = trainer.train(order).eval_losses
+            out.append((float(losses[obj]), {"order": order.tolist(), "losses": losses.tolist()}))
+        return out
+
+    t0 = time.perf_counter()
+    with optuna_warnings_only():
+        study = optuna.create_study(storage=make_storage(storage), sampler=make_sampler(BASELINES[name], seed=seed),
+                                    study_name=f"{name}-{objective}-seed{seed}", load_if_exists=True)
+        session = Session(study)
+        recover_stale_trials(study, session)
+        done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+        ask_and_tell(study, max(0, n_runs - done), 1, score, progress=progress, desc=name, session=session)
+    trials = sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: t.number)
+    trials = trials[:n_runs]
+    return RealSearchResult(name, [t.user_attrs["order"] for t in trials], [float(t.value) for t in trials], objective,
+                            seed, time.perf_counter() - t0)
+

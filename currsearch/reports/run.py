@@ -1,0 +1,65 @@
+"""The main job's report (``currsearch run``), rendered from a :class:`~currsearch.pipeline.PipelineResult`:
+the verification report plus the compute ledger and the equal-compute comparison with search
+on real training, and the trust-region rounds' report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..ledger import LedgerSummary
+from ..pipeline import PipelineResult
+from ..results import to_json
+from .common import fmt, markdown_table
+from .trust_region import write_trust_region_report
+from .verify import write_report
+
+
+def render_ledger(ledger: LedgerSummary) -> str:
+    """The compute ledger as a markdown section: per phase real runs, run equivalents and seconds, and the total."""
+    rows = [[e.phase, str(e.real_runs), f"{e.run_equivalents:.1f}", f"{e.seconds:.1f}"] for e in ledger.entries]
+    rows.append(["**total**", f"**{ledger.real_runs}**", f"**{ledger.run_equivalents:.1f}**", f"**{ledger.seconds:.1f}**"])
+    return ("## Compute ledger\n\nOne run equivalent = one real training of the window "
+            f"({ledger.run_seconds:.3f} s here). Training and recording count their runs and gradients; other work "
+            "(surrogate estimates, fut1-hvp's Hessian-vector products) counts by its time. Work reused from an earlier "
+            "job (the recorded store, cached calibration runs) counts too.\n\n"
+            + "\n".join(markdown_table(["phase", "real runs", "run equivalents", "seconds"], rows)) + "\n")
+
+
+def comparison(result: PipelineResult, eval_set: str = "all") -> dict:
+    """The equal-compute verdict: currsearch's best verified loss against each baseline's best
+    at ``result.baseline_runs`` runs (``{"runs", "currsearch": (name, loss), "baselines": {name:
+    loss}, "beats": {name: bool}}``; losses in nats/token)."""
+    v = result.verification
+    best = v.best(eval_set, kind="searched") or v.best(eval_set)
+    loss = v.candidates[best].verified[eval_set]
+    base = {n: b.best_loss for n, b in result.baselines.items()}
+    return {"runs": result.baseline_runs, "run_equivalents": result.ledger.run_equivalents, "currsearch": [best, loss],
+            "baselines": base, "beats": {n: loss < x for n, x in base.items()}}
+
+
+def render_comparison(result: PipelineResult) -> str:
+    """Markdown section: currsearch against search with real training at the same budget."""
+    if not result.baselines:
+        return ""
+    c = comparison(result)
+    rows = [["currsearch (" + c["currsearch"][0] + ")", f"{c['run_equivalents']:.1f}", fmt(c["currsearch"][1])]]
+    rows += [[n, str(c["runs"]), fmt(x)] for n, x in c["baselines"].items()]
+    verdict = "; ".join(f"{'beats' if b else 'does not beat'} {n}" for n, b in c["beats"].items())
+    return ("## Equal compute: search with real training\n\nEach baseline trains orders for real and keeps the best, "
+            f"with {c['runs']} real runs (the job's budget, else its total run equivalents).\n\n"
+            + "\n".join(markdown_table(["strategy", "real-run equivalents", "best verified all (nats/token)"], rows))
+            + f"\n\ncurrsearch's best {verdict}.\n")
+
+
+def write_run_report(result: PipelineResult, out_dir) -> list[Path]:
+    """Write ``out_dir/report.{json,md}``, the plots and ``best_order.json``
+    (:func:`currsearch.reports.verify.write_report`, with the ledger, the budget plan and the
+    baselines), and, when the job ran trust-region rounds, their report into ``OUT/trust_region``;
+    returns the paths."""
+    extra = {"ledger": to_json(result.ledger), "budget": to_json(result.budget),
+             "baselines": to_json(result.baselines), **({"comparison": comparison(result)} if result.baselines else {})}
+    md = "\n" + render_ledger(result.ledger) + ("\n" + render_comparison(result) if result.baselines else "")
+    paths = write_report(out_dir, result.verification, result.search.study, extra, md)
+    if result.trust_region is not None:
+        paths += write_trust_region_report(result.trust_region, result.settings.out / "trust_region")
+    return paths
