@@ -18,12 +18,26 @@ splits whose rows hold a text and a domain. Sources:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
 
 from .config import DataConfig
 from .errors import CorpusError, ModelError
+
+
+@contextlib.contextmanager
+def hf_quiet(logging_module):
+    """Set a Hugging Face library's log verbosity (``transformers.logging``,
+    ``transformers.utils.logging`` or ``datasets.logging``) to ERROR inside the block, and
+    restore the previous level after it (the global level is never left changed)."""
+    old = logging_module.get_verbosity()
+    logging_module.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging_module.set_verbosity(old)
 
 DEFAULT_CORPUS_DIR = Path(__file__).parent / "corpus"
 EOS_TOKEN = "<|endoftext|>"
@@ -69,10 +83,20 @@ def load_corpus(cfg: DataConfig):
         CorpusError: missing path, unknown file kind, empty files, missing text field, a
             hub dataset that cannot be reached, or an empty split.
     """
-    import datasets
+    import datasets  # heavy (pyarrow, fsspec): loaded only when a corpus is loaded
 
-    datasets.logging.set_verbosity_error()
+    bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
+    try:
+        with hf_quiet(datasets.logging):
+            return _load_corpus(cfg, datasets)
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _load_corpus(cfg: DataConfig, datasets):
+    """:func:`load_corpus` with ``datasets`` imported and quiet."""
     src = cfg.corpus
     if src == "default":
         root = DEFAULT_CORPUS_DIR
@@ -130,7 +154,7 @@ def _domains_from_files(datasets, kind: str, data_files: dict[str, list[str]], k
 
 
 def _normalize(dd, cfg: DataConfig, where: str):
-    import datasets
+    import datasets  # heavy; already loaded by load_corpus
 
     if "train" not in dd:
         raise CorpusError(f"corpus {where!r} has no 'train' split (it has {list(dd)})")
@@ -197,10 +221,16 @@ def get_tokenizer(cfg: DataConfig, corpus, corpus_hash: str):
     Raises:
         ModelError: the tokenizer directory does not exist or does not load.
     """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy: loaded only when a tokenizer is needed
 
-    hf_logging.set_verbosity_error()
+    with hf_quiet(hf_logging):
+        return _get_tokenizer(cfg, corpus, corpus_hash)
+
+
+def _get_tokenizer(cfg: DataConfig, corpus, corpus_hash: str):
+    """:func:`get_tokenizer` with transformers' logs quiet."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # heavy, see get_tokenizer
+
     if cfg.tokenizer is not None:
         p = Path(cfg.tokenizer)
         if not p.is_dir():
@@ -213,7 +243,7 @@ def get_tokenizer(cfg: DataConfig, corpus, corpus_hash: str):
             tok.add_special_tokens({"eos_token": EOS_TOKEN})
         return tok
 
-    import tokenizers
+    import tokenizers  # loaded only to train a BPE tokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     key = hashlib.sha256(f"{corpus_hash}|bpe|{cfg.vocab_size}|{tokenizers.__version__}".encode()).hexdigest()[:16]

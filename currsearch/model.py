@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
+from .data import hf_quiet
 from .errors import ModelError
 
 
@@ -30,9 +31,14 @@ def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
         ModelError: the path does not exist or does not hold a causal LM, or its vocabulary
             or context is smaller than the tokenizer's / ``seq_len``.
     """
-    import transformers
+    import transformers  # heavy (seconds): loaded only when a model is built
 
-    transformers.logging.set_verbosity_error()
+    with hf_quiet(transformers.logging):
+        return _build_model(cfg, vocab_size, transformers)
+
+
+def _build_model(cfg: Config, vocab_size: int, transformers) -> torch.nn.Module:
+    """:func:`build_model` with transformers imported and quiet."""
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
     if m.path is not None:

@@ -83,20 +83,10 @@ def _sequences(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n * seq_len], dtype=torch.int64).view(n, seq_len)
 
 
-def build_plan(cfg: Config, corpus, tokenizer) -> BatchPlan:
-    """Pack ``corpus`` (``load_corpus`` output) into a :class:`BatchPlan` for ``cfg.data``.
-
-    Raises:
-        CorpusError: a domain has too few train sequences for its share of the T batches,
-            too few validation sequences for its eval set, or nothing is left for the
-            warm-up pool when ``train.warmup_steps > 0``; the message gives the numbers and
-            which setting to lower.
-    """
-    d = cfg.data
-    T, B, S = d.num_batches, d.batch_size, d.seq_len
-    names = sorted(set(corpus["train"]["domain"]))
-    g = torch.Generator().manual_seed(d.plan_seed)
-
+def _domain_sequences(corpus, tokenizer, cfg: Config, names: list[str], g: torch.Generator):
+    """Per domain, the shuffled train sequences (int64 ``[n_d, S]``) and the eval set (the first
+    ``eval_seqs_per_domain`` validation sequences), plus the ``all`` eval set (their union)."""
+    d, S = cfg.data, cfg.data.seq_len
     train_seqs, eval_sets = {}, {}
     for name in names:
         texts = [t for t, dom in zip(corpus["train"]["text"], corpus["train"]["domain"]) if dom == name]
@@ -111,8 +101,14 @@ def build_plan(cfg: Config, corpus, tokenizer) -> BatchPlan:
             )
         eval_sets[name] = vseqs[: d.eval_seqs_per_domain]
     eval_sets["all"] = torch.cat([eval_sets[n] for n in names])
+    return train_seqs, eval_sets
 
-    D = len(names)
+
+def _pack_batches(train_seqs: dict, names: list[str], cfg: Config, g: torch.Generator):
+    """The T batches (int64 ``[T, B, S]``, shuffled), their domains and the train sequences each
+    domain used (``data.batching``: one domain per batch, or mixed)."""
+    d = cfg.data
+    T, B, S, D = d.num_batches, d.batch_size, d.seq_len, len(names)
     if d.batching == "domain":
         counts = {n: T // D + (1 if i < T % D else 0) for i, n in enumerate(names)}
         batches, domains, used = [], [], {}
@@ -141,11 +137,43 @@ def build_plan(cfg: Config, corpus, tokenizer) -> BatchPlan:
         batches_t = pool.view(T, B, S)
         domains = ["mixed"] * T
         used = {n: per for n in names}
-
     # Batch indices carry no order: shuffle them so the reference order 0..T-1 interleaves domains.
     shuffle = torch.randperm(T, generator=g)
-    batches_t = batches_t[shuffle]
-    domains = [domains[i] for i in shuffle.tolist()]
+    return batches_t[shuffle], [domains[i] for i in shuffle.tolist()], used
+
+
+def _difficulty_metadata(train_seqs: dict, batches: torch.Tensor, domains: list[str], tokenizer) -> list[dict]:
+    """Per batch: domain, token count, unigram NLL (nats/token, add-one smoothed over the train
+    text) and bytes per token."""
+    counts_all = Counter(torch.cat([s.reshape(-1) for s in train_seqs.values()]).tolist())
+    total = sum(counts_all.values())
+    V = max(len(tokenizer), 1)
+    logp = {tok: math.log((c + 1) / (total + V)) for tok, c in counts_all.items()}
+    metadata = []
+    for l in range(batches.shape[0]):
+        toks = batches[l].reshape(-1).tolist()
+        nll = -sum(logp.get(t, math.log(1 / (total + V))) for t in toks) / len(toks)
+        n_bytes = len(tokenizer.decode(toks).encode("utf-8"))
+        metadata.append(
+            {"domain": domains[l], "n_tokens": len(toks), "unigram_nll": nll, "bytes_per_token": n_bytes / len(toks)}
+        )
+    return metadata
+
+
+def build_plan(cfg: Config, corpus, tokenizer) -> BatchPlan:
+    """Pack ``corpus`` (``load_corpus`` output) into a :class:`BatchPlan` for ``cfg.data``.
+
+    Raises:
+        CorpusError: a domain has too few train sequences for its share of the T batches,
+            too few validation sequences for its eval set, or nothing is left for the
+            warm-up pool when ``train.warmup_steps > 0``; the message gives the numbers and
+            which setting to lower.
+    """
+    B, S = cfg.data.batch_size, cfg.data.seq_len
+    names = sorted(set(corpus["train"]["domain"]))
+    g = torch.Generator().manual_seed(cfg.data.plan_seed)
+    train_seqs, eval_sets = _domain_sequences(corpus, tokenizer, cfg, names, g)
+    batches_t, domains, used = _pack_batches(train_seqs, names, cfg, g)
 
     rest = [train_seqs[n][used[n] :] for n in names]
     m = min(r.shape[0] for r in rest)
@@ -155,24 +183,10 @@ def build_plan(cfg: Config, corpus, tokenizer) -> BatchPlan:
             f"no train text is left for the warm-up phase ({warm.shape[0]} sequences, need at least {B}); "
             "set train.warmup_steps = 0 or lower data.num_batches"
         )
-
-    # difficulty proxies
-    counts_all = Counter(torch.cat([s.reshape(-1) for s in train_seqs.values()]).tolist())
-    total = sum(counts_all.values())
-    V = max(len(tokenizer), 1)
-    logp = {tok: math.log((c + 1) / (total + V)) for tok, c in counts_all.items()}
-    metadata = []
-    for l in range(T):
-        toks = batches_t[l].reshape(-1).tolist()
-        nll = -sum(logp.get(t, math.log(1 / (total + V))) for t in toks) / len(toks)
-        n_bytes = len(tokenizer.decode(toks).encode("utf-8"))
-        metadata.append(
-            {"domain": domains[l], "n_tokens": len(toks), "unigram_nll": nll, "bytes_per_token": n_bytes / len(toks)}
-        )
     return BatchPlan(
         batches=batches_t.contiguous(),
         domains=domains,
-        metadata=metadata,
+        metadata=_difficulty_metadata(train_seqs, batches_t, domains, tokenizer),
         eval_names=names + ["all"],
         eval_sets=eval_sets,
         warmup_pool=warm.contiguous(),

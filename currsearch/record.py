@@ -87,6 +87,8 @@ class Term:
     compute: Callable[["AnchorContext"], dict[str, torch.Tensor]]
 
     def shapes(self, dims: Dims) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """``{tensor name: (shape, dtype)}`` per anchor with the dim symbols filled in from ``dims``
+        (``{"T", "P", "k", "E"}``)."""
         return {n: (tuple(dims[d] for d in shape), dt) for n, (shape, dt) in self.tensors.items()}
 
 

@@ -148,7 +148,7 @@ def test_calibrated_interactions_fits_three_families_caches_them_and_finds_a_swa
     partial = json.loads(cache.read_text())
     partial["losses"] = partial["losses"][:5]
     del partial["fit"]
-    cache.write_text(json.dumps(partial))
+    store.write_listed_bytes(cache.relative_to(store.path).as_posix(), json.dumps(partial).encode())  # as the fit's saves
     resumed = get_estimator("calibrated-interactions", n_runs=16).fit(store)
     assert resumed.runs == est.runs and torch.allclose(resumed.W, est.W)
     # a setting of the fit only (the clumped runs' weight) refits from the cached runs, no retraining

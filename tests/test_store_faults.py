@@ -128,3 +128,17 @@ def test_following_the_missing_file_message_repairs_the_store(store, fault_cfg, 
     assert _payload(repaired) == _payload(store)
     assert torch.equal(repaired.final()["theta"], store.final()["theta"])
     TrajectoryStore.open(d)
+
+
+def test_cli_record_repairs_as_the_message_says(store, fault_cfg, tiny_set_args, tmp_path):
+    from currsearch.cli import main
+
+    d = _copy(store, tmp_path)
+    (d / "pairs" / "pairs_00000.safetensors").unlink()
+    with pytest.raises(StoreError, match=f"currsearch record --out {d}"):
+        TrajectoryStore.open(d)
+    rec = fault_cfg.record
+    args = ["record", "--quiet", "--out", str(d), *tiny_set_args, "--set", f"record.projection_dim={rec.projection_dim}",
+            "--set", f"record.anchor_stride={rec.anchor_stride}", "--set", f"record.terms={json.dumps(list(rec.terms))}"]
+    assert main(args) == 0
+    assert _payload(TrajectoryStore.open(d)) == _payload(store)
