@@ -67,6 +67,7 @@ def _build_model(cfg: Config, vocab_size: int, transformers) -> torch.nn.Module:
         )
         model = transformers.GPT2LMHeadModel(conf)
         model.config._attn_implementation = "eager"
+        model.loss_type = "ForCausalLM"  # the loss it uses anyway; None makes transformers warn at the first step
     if model.get_input_embeddings().num_embeddings < vocab_size:
         raise ModelError(
             f"model vocabulary ({model.get_input_embeddings().num_embeddings}) is smaller than the "

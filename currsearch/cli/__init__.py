@@ -15,7 +15,7 @@ import sys
 
 from ..errors import CurrsearchError
 from . import ablate, analyze, benchmark, run, search, train
-from .common import csv_list, resolve_config  # noqa: F401  (public helpers, used by the benchmarks)
+from .common import csv_list, progress_logging, resolve_config  # noqa: F401  (csv_list, resolve_config: used by the benchmarks)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``currsearch`` command; returns the exit status (0, or 2 after one ``error:`` line)."""
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        with progress_logging(getattr(args, "quiet", False)):
+            return args.func(args)
     except CurrsearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

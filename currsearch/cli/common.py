@@ -8,7 +8,10 @@ handler returns an exit status. Errors on bad input print one ``error:`` line an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import sys
 
 from ..config import Config, config_from_dict, load_config
 from ..errors import ConfigError
@@ -67,3 +70,27 @@ def print_table(header: list[str], rows: list[list], widths: list[int] | None = 
     print(line(header))
     for r in cells:
         print(line(r))
+
+
+#: loggers of the project's packages (progress lines at INFO)
+LOGGERS = ("currsearch", "estimators", "search_spaces")
+
+
+@contextlib.contextmanager
+def progress_logging(quiet: bool):
+    """Show the project's INFO progress lines on stderr for one command (nothing with
+    ``quiet``); the loggers' levels and handlers are restored afterwards."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = []
+    for name in LOGGERS:
+        log = logging.getLogger(name)
+        saved.append((log, log.level))
+        log.setLevel(logging.WARNING if quiet else logging.INFO)
+        log.addHandler(handler)
+    try:
+        yield
+    finally:
+        for log, level in saved:
+            log.removeHandler(handler)
+            log.setLevel(level)
