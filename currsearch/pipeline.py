@@ -50,6 +50,11 @@ from .verify import VerificationResult, baseline_orders, verify
 logger = logging.getLogger(__name__)
 
 
+#: the main job's default budget in real-run equivalents: about 3 minutes on 2 CPU cores with
+#: the default config (README)
+DEFAULT_BUDGET = 256
+
+
 class VerifySettings(Settings):
     """What the pipeline retrains for real after the search.
 
@@ -97,15 +102,15 @@ class PipelineSettings(Settings):
             here and its storage is always ``OUT/study.journal``.
         verify: what is retrained after the search.
         refine: trust-region rounds after the verification.
-        budget: real-run equivalents the whole job may spend (None: no cap); the phases are
-            sized to it by :func:`size_to_budget`.
+        budget: real-run equivalents the whole job may spend (default :data:`DEFAULT_BUDGET`;
+            None: no cap); the phases are sized to it by :func:`size_to_budget`.
         baselines: searches with real training run at the same budget for comparison
             (``random-search``, ``optuna-real``; :mod:`currsearch.baselines`). Their runs are
             not part of the job's budget: they are what the job is compared with.
     """
 
     out: Path = Path("runs/main")
-    budget: Optional[int] = Field(None, ge=1)
+    budget: Optional[int] = Field(DEFAULT_BUDGET, ge=1)
     baselines: tuple[str, ...] = ()
     search: SearchSettings = Field(default_factory=lambda: SearchSettings(estimator="calibrated-interactions"))
     verify: VerifySettings = Field(default_factory=VerifySettings)

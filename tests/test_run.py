@@ -20,7 +20,7 @@ from currsearch.train import Trainer
 
 RECORD_ARGS = ["--set", "record.projection_dim=16", "--set", "record.anchor_stride=4"]
 RUN_ARGS = ["--trials", "16", "--top-k", "2", "--batch", "8", "--random", "3", "--rounds", "1", "--tr-trials", "4",
-            "--fit-runs", "16"]
+            "--fit-runs", "16", "--no-budget"]
 
 
 @pytest.fixture(scope="module")

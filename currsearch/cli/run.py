@@ -23,8 +23,9 @@ def settings_from_args(args) -> PipelineSettings:
     search = SearchSettings(**{"estimator": "calibrated-interactions", **given(args, *SEARCH_OPTIONS), **fit})
     verify = VerifySettings(**given(args, "top_k", "random"))
     refine = RefineSettings(**given(args, "rounds") | ({"trials": args.tr_trials} if args.tr_trials is not None else {}))
-    return PipelineSettings(out=Path(args.out), search=search, verify=verify, refine=refine,
-                            **given(args, "budget", "baselines"))
+    budget = {"budget": None} if args.no_budget else given(args, "budget")
+    return PipelineSettings(out=Path(args.out), search=search, verify=verify, refine=refine, **budget,
+                            **given(args, "baselines"))
 
 
 def _print_summary(res: PipelineResult, paths: list[Path]) -> None:
@@ -75,7 +76,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fit-runs", type=int, help="real runs that fit a calibrated estimator (default: the "
                    "estimator's own, 1024 for calibrated-interactions; with --budget: what the budget leaves)")
     p.add_argument("--budget", type=int, help="cap on the real-run equivalents the whole job spends (recording, "
-                   "fit, verification, rounds); the phases are sized to it (default: no cap)")
+                   "fit, verification, rounds); the phases are sized to it (default: 256)")
+    p.add_argument("--no-budget", action="store_true", help="no cap: the phases take their own settings "
+                   "(1024 fit runs for calibrated-interactions unless --fit-runs), and the reference, random and "
+                   "heuristic orders are verified too")
     p.add_argument("--baselines", type=csv_list, help="searches with real training run at the same budget for "
                    "comparison: random-search, optuna-real (default: none)")
     p.set_defaults(func=cmd_run)

@@ -1,0 +1,201 @@
+"""Best verified loss against budget: currsearch against search with real training.
+
+For each budget N (real-run equivalents, recording included) and seed, every currsearch
+strategy runs the main job under ``--budget N`` (:func:`currsearch.pipeline.run_pipeline`),
+and the two searches with real training (``random-search``, ``optuna-real``,
+:mod:`currsearch.baselines`) spend N real runs; their curves come from one run of
+``max(budgets)`` per seed (the best after the first N runs is what a budget of N would give).
+
+    python benchmarks/anytime.py [CONFIG] --budgets 64,128,256,512,1024 --seeds 0,1,2 --out runs/anytime
+
+Writes ``OUT/anytime.json`` (every point), ``OUT/anytime.md`` (mean and std per point, the
+compute multiplier) and ``OUT/anytime.png``. Resumable: every job keeps its own journal and
+store under ``OUT``, and finished points are cached in ``OUT/points.json``.
+
+The **compute multiplier** at budget N is the budget random search needs to match
+currsearch's mean result at N, interpolated (linearly in log N) on random search's mean
+curve, divided by N; "> M" when random search never reaches it within its longest run M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+from pathlib import Path
+
+from currsearch.baselines import BASELINES, real_search
+from currsearch.cli import csv_list, progress_logging, resolve_config
+from currsearch.errors import CurrsearchError
+from currsearch.manifest import atomic_write_bytes
+from currsearch.pipeline import PipelineSettings, RefineSettings, VerifySettings, run_pipeline
+from currsearch.reports.common import markdown_table, pyplot, save_figure
+from currsearch.search import SearchSettings
+from currsearch.train import Trainer
+
+logger = logging.getLogger("currsearch.anytime")
+
+#: currsearch strategies: name -> (estimator, trust-region rounds)
+STRATEGIES = {
+    "calibrated-interactions": ("calibrated-interactions", 0),
+    "calibrated-interactions+rounds": ("calibrated-interactions", 1),
+    "additive+rounds": ("additive", 1),
+}
+
+
+def _points(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save(path: Path, points: dict) -> None:
+    atomic_write_bytes(path, json.dumps(points, indent=1, sort_keys=True).encode())
+
+
+def run_strategy(cfg, name: str, budget: int, seed: int, out: Path, trials: int) -> dict:
+    """One currsearch job under ``budget``; its best verified loss (nats/token) and ledger, or why it does not fit."""
+    estimator, rounds = STRATEGIES[name]
+    s = PipelineSettings(out=out, budget=budget, search=SearchSettings(estimator=estimator, trials=trials, seed=seed),
+                         verify=VerifySettings(top_k=3), refine=RefineSettings(rounds=rounds))
+    try:
+        res = run_pipeline(cfg, s, progress=False)
+    except CurrsearchError as err:  # a budget below the strategy's minimum
+        return {"fits": False, "why": str(err)}
+    v = res.verification
+    best = v.best("all")
+    return {"fits": True, "best_loss": v.candidates[best].verified["all"], "best": best,
+            "real_runs": res.ledger.real_runs, "run_equivalents": res.ledger.run_equivalents, "seconds": res.ledger.seconds}
+
+
+def collect(cfg, budgets: list[int], seeds: list[int], strategies: list[str], out: Path, trials: int) -> dict:
+    """Run (or resume) every point; returns ``{"baselines": {name: {seed: [losses]}}, "currsearch": {strategy: {budget: {seed: point}}}}``."""
+    path = out / "points.json"
+    points = _points(path)
+    trainer = Trainer.from_config(cfg)
+    for name in BASELINES:
+        for seed in seeds:
+            key = f"baseline/{name}/{seed}"
+            have = points.get(key, [])
+            if len(have) < max(budgets):
+                res = real_search(trainer, name, max(budgets), seed=seed, storage=str(out / "baselines" / f"{name}-{seed}.journal"))
+                points[key] = res.losses
+                _save(path, points)
+            logger.info("%s seed %d: best %.4f after %d runs", name, seed, min(points[key]), len(points[key]))
+    for strategy in strategies:
+        for budget in budgets:
+            for seed in seeds:
+                key = f"currsearch/{strategy}/{budget}/{seed}"
+                if key not in points:
+                    points[key] = run_strategy(cfg, strategy, budget, seed, out / strategy / f"N{budget}" / f"seed{seed}", trials)
+                    _save(path, points)
+                p = points[key]
+                logger.info("%s N=%d seed %d: %s", strategy, budget, seed,
+                            f"{p['best_loss']:.4f} ({p['run_equivalents']:.1f} run eq.)" if p["fits"] else "does not fit")
+    return points
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def multiplier(curve: list[float], target: float, budget: int) -> float | None:
+    """Budget (interpolated linearly in log N) at which ``curve`` (mean best loss after k runs,
+    k = 1..M) first reaches ``target``, divided by ``budget``; None when it never does."""
+    for k in range(1, len(curve) + 1):
+        if curve[k - 1] <= target:
+            if k == 1:
+                return 1 / budget
+            lo, hi = curve[k - 2], curve[k - 1]  # lo > target >= hi
+            frac = (lo - target) / (lo - hi) if lo > hi else 1.0
+            return math.exp(math.log(k - 1) + frac * (math.log(k) - math.log(k - 1))) / budget
+    return None
+
+
+def summarize(points: dict, budgets: list[int], seeds: list[int], strategies: list[str]) -> dict:
+    """Mean and std per (strategy or baseline, budget), and the compute multiplier of each strategy."""
+    rows: dict = {}
+    curves = {}
+    for name in BASELINES:
+        runs = [points[f"baseline/{name}/{s}"] for s in seeds]
+        curves[name] = [statistics.fmean(min(r[:k]) for r in runs) for k in range(1, max(budgets) + 1)]
+        rows[name] = {N: _mean_std([min(r[:N]) for r in runs]) for N in budgets}
+    for st in strategies:
+        rows[st] = {}
+        for N in budgets:
+            ps = [points[f"currsearch/{st}/{N}/{s}"] for s in seeds]
+            if all(p["fits"] for p in ps):
+                rows[st][N] = _mean_std([p["best_loss"] for p in ps])
+    mult = {st: {N: multiplier(curves["random-search"], rows[st][N][0], N) for N in rows[st]} for st in strategies}
+    return {"budgets": budgets, "seeds": seeds, "rows": rows, "multiplier": mult, "random_curve": curves["random-search"]}
+
+
+def render(summary: dict) -> str:
+    """``anytime.md``: mean ± std best verified loss per budget, and the compute multiplier."""
+    budgets = summary["budgets"]
+    rows = []
+    for name, by_n in summary["rows"].items():
+        rows.append([name] + [f"{by_n[N][0]:.4f} ± {by_n[N][1]:.4f}" if N in by_n else "does not fit" for N in budgets])
+    mult = [[st] + [("n/a" if N not in m else f"> {len(summary['random_curve']) / N:.1f}" if m[N] is None else f"{m[N]:.2f}")
+                    for N in budgets] for st, m in summary["multiplier"].items()]
+    head = ["strategy"] + [f"N = {N}" for N in budgets]
+    return ("# Best verified loss against budget\n\nMean ± std over seeds "
+            f"{summary['seeds']} of the best verified final loss on `all` (nats/token; lower is better). N counts every "
+            "real-run equivalent a strategy spends, recording and calibration included.\n\n"
+            + "\n".join(markdown_table(head, rows))
+            + "\n\n## Compute multiplier\n\nThe budget random search needs (mean curve, interpolated in log N) to match "
+              "the strategy's mean at N, divided by N.\n\n" + "\n".join(markdown_table(head, mult)) + "\n")
+
+
+def plot(summary: dict, path: Path) -> Path:
+    """``anytime.png``: mean best verified loss against budget (log x), with std bars."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot(range(1, len(summary["random_curve"]) + 1), summary["random_curve"], color="0.7", lw=1,
+            label="random-search (every N)")
+    for name, by_n in summary["rows"].items():
+        ns = [N for N in summary["budgets"] if N in by_n]
+        if ns:
+            ax.errorbar(ns, [by_n[N][0] for N in ns], yerr=[by_n[N][1] for N in ns], marker="o", capsize=3, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="budget N (real-run equivalents)", ylabel="best verified loss, all (nats/token)",
+           title="best verified loss against budget")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("config", nargs="?", help="TOML or YAML config file (default: built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config value")
+    p.add_argument("--budgets", type=csv_list, default=["64", "128", "256", "512", "1024"])
+    p.add_argument("--seeds", type=csv_list, default=["0", "1", "2"])
+    p.add_argument("--strategies", type=csv_list, default=list(STRATEGIES))
+    p.add_argument("--trials", type=int, default=128, help="surrogate trials per currsearch job (default: 128)")
+    p.add_argument("--out", default="runs/anytime")
+    args = p.parse_args(argv)
+    try:
+        cfg = resolve_config(args.config, args.set)
+        budgets, seeds = sorted(int(x) for x in args.budgets), [int(x) for x in args.seeds]
+        unknown = [s for s in args.strategies if s not in STRATEGIES]
+        if unknown:
+            raise CurrsearchError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with progress_logging(quiet=False):
+            points = collect(cfg, budgets, seeds, args.strategies, out, args.trials)
+    except CurrsearchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    summary = summarize(points, budgets, seeds, args.strategies)
+    (out / "anytime.json").write_text(json.dumps({"summary": summary, "points": points}, indent=1))
+    (out / "anytime.md").write_text(render(summary))
+    plot(summary, out / "anytime.png")
+    print(render(summary))
+    print(f"wrote {out}/anytime.json, anytime.md, anytime.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
