@@ -9,8 +9,22 @@ import pytest
 # one tokenizer cache per test session, outside the user's home
 os.environ.setdefault("CURRSEARCH_CACHE", tempfile.mkdtemp(prefix="currsearch-test-cache-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Single-threaded BLAS (numpy/scipy's OpenBLAS reads these when it loads, so before any import
+# of numpy): the calibrated estimators' ridge fits solve ~750 600x600 systems, and a two-thread
+# OpenBLAS on a busy 2-core machine took 0.33 s per solve vs 0.017 s on one (measured, load 7).
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, os.environ.get("CURRSEARCH_TEST_THREADS", "1"))
+
+import torch  # noqa: E402
 
 from currsearch.config import Config  # noqa: E402
+
+# One intra-op thread for the whole session: the tiny models gain nothing from more, and on a
+# busy 2-core machine two threads cost ~10x (measured: one tiny training run 0.19 s wall /
+# 0.04 s CPU on 1 thread vs 1.9 s / 0.6 s on 2, load 7). Set once, before any Trainer exists,
+# so every in-process bit-identity check compares runs made under the same thread count
+# (Ray workers already run on one thread). CURRSEARCH_TEST_THREADS overrides it.
+torch.set_num_threads(int(os.environ.get("CURRSEARCH_TEST_THREADS", "1")))
 
 TINY = {
     "data": {"num_batches": 8, "batch_size": 4, "seq_len": 32, "eval_seqs_per_domain": 4, "vocab_size": 512},
