@@ -114,11 +114,25 @@ def _gen(seed: int, tag: str) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{tag}".encode()))
 
 
+def _fresh(draw, taken: set) -> torch.Tensor:
+    """``draw()`` until it gives an order not in ``taken`` (at most 1000 tries).
+
+    Raises:
+        ConfigError: every try gave a taken order (the space of such orders is exhausted).
+    """
+    for _ in range(1000):
+        o = draw()
+        if tuple(o.tolist()) not in taken:
+            return o
+    raise ConfigError("could not draw a held-out order outside the calibration orders in 1000 tries; use fewer "
+                      "held-out or calibration orders, or a larger T")
+
+
 def heldout_orders(
     T: int, domains: list[str], difficulty: torch.Tensor, n_random: int = 30,
-    near: tuple[int, ...] = (1, 2, 4, 8), n_near: int = 5, seed: int = 0,
+    near: tuple[int, ...] = (1, 2, 4, 8), n_near: int = 5, seed: int = 0, exclude=(),
 ) -> list[HeldoutOrder]:
-    """Build the held-out orders of the fidelity benchmark, deterministic given ``seed``.
+    """Build the held-out orders of the fidelity benchmark, deterministic given ``seed`` and ``exclude``.
 
     Args:
         T: number of window batches.
@@ -128,6 +142,10 @@ def heldout_orders(
         near: numbers k of random transpositions (of two arbitrary positions) applied to the reference.
         n_near: orders per k.
         seed: base seed (each kind draws from its own generator).
+        exclude: orders (sequences of T ints) that must not be held out, e.g. the orders a
+            calibrated estimator was fitted to: random and near orders are drawn again until
+            they are new, and a structured order (reference, domain blocks, easy/hard) among
+            them is left out. Held-out and calibration orders are disjoint by construction.
 
     Returns:
         Orders in the sequence reference, random, domain-block, easy-to-hard, hard-to-easy,
@@ -140,10 +158,29 @@ def heldout_orders(
         raise ConfigError(f"n_random ({n_random}) and n_near ({n_near}) must be >= 0 and every near k ({near}) >= 1")
     if len(domains) != T or torch.as_tensor(difficulty).numel() != T:
         raise ConfigError(f"domains ({len(domains)}) and difficulty ({torch.as_tensor(difficulty).numel()}) need T = {T} entries")
-    ref = torch.arange(T, dtype=torch.int64)
-    cands = [("reference", "reference", ref)]
+    taken = {tuple(int(i) for i in o) for o in exclude}
+    fixed = _structured_orders(T, domains, difficulty, seed)
+    ref = fixed[0][2]
     g = _gen(seed, "random")
-    cands += [(f"random-{i:02d}", "random", torch.randperm(T, generator=g)) for i in range(n_random)]
+    drawn = [(f"random-{i:02d}", "random", _fresh(lambda: torch.randperm(T, generator=g), taken)) for i in range(n_random)]
+    if T >= 2:
+        for k in near:
+            g = _gen(seed, f"near-{k}")
+            drawn += [(f"near-{k}-{j:02d}", f"near-{k}", _fresh(lambda: random_transpositions(ref, k, g), taken))
+                      for j in range(n_near)]
+    cands = [fixed[0]] + drawn[:n_random] + fixed[1:] + drawn[n_random:]
+    seen, out = set(taken), []
+    for name, kind, o in cands:
+        key = tuple(o.tolist())
+        if key not in seen:
+            seen.add(key)
+            out.append(HeldoutOrder(name, kind, o, kendall_distance(o, ref)))
+    return out
+
+
+def _structured_orders(T: int, domains: list[str], difficulty, seed: int) -> list[tuple[str, str, torch.Tensor]]:
+    """The reference, the domain-block orders and easy-to-hard / hard-to-easy (name, kind, order)."""
+    cands = [("reference", "reference", torch.arange(T, dtype=torch.int64))]
     names = sorted(set(domains))
     if "mixed" not in names and len(names) > 1:
         if math.factorial(len(names)) <= _MAX_BLOCK_ORDERS:
@@ -157,18 +194,20 @@ def heldout_orders(
     diff = torch.as_tensor(difficulty, dtype=torch.float64)
     cands.append(("easy-to-hard", "easy-to-hard", torch.argsort(diff, stable=True)))
     cands.append(("hard-to-easy", "hard-to-easy", torch.argsort(diff, descending=True, stable=True)))
-    if T >= 2:
-        for k in near:
-            g = _gen(seed, f"near-{k}")
-            for j in range(n_near):
-                cands.append((f"near-{k}-{j:02d}", f"near-{k}", random_transpositions(ref, k, g)))
-    seen, out = set(), []
-    for name, kind, o in cands:
-        key = tuple(o.tolist())
-        if key not in seen:
-            seen.add(key)
-            out.append(HeldoutOrder(name, kind, o, kendall_distance(o, ref)))
-    return out
+    return cands
+
+
+def check_disjoint(heldout: list[HeldoutOrder], calibration) -> None:
+    """Raise ConfigError when a held-out order is also a calibration order (sequences of T ints).
+
+    Raises:
+        ConfigError: naming the overlapping held-out orders.
+    """
+    cal = {tuple(int(i) for i in o) for o in calibration}
+    both = [h.name for h in heldout if tuple(h.order.tolist()) in cal]
+    if both:
+        raise ConfigError(f"held-out orders {both} are also calibration orders; a fitted estimator has seen them, so "
+                          "they cannot measure its fidelity (heldout_orders(..., exclude=calibration orders) avoids it)")
 
 
 def fidelity_metrics(est: torch.Tensor, true: torch.Tensor) -> dict:
@@ -335,16 +374,19 @@ def run_fidelity(cfg, estimator_names: list[str], out_dir, n_random: int = 30, n
     out = Path(out_dir)
     trainer = Trainer.from_config(cfg)
     difficulty = torch.tensor([m["unigram_nll"] for m in trainer.plan.metadata], dtype=torch.float64)
-    orders = heldout_orders(trainer.T, trainer.plan.domains, difficulty, n_random=n_random, n_near=n_near, seed=seed)
     store = record(cfg, Path(store_dir) if store_dir else out / "store", progress=progress, trainer=trainer)
     if store.T != trainer.T:
         raise StoreError(f"store at {str(store.path)!r} has T = {store.T} batches but the config gives T = {trainer.T}")
-    true, retrain_s = retrain_orders(trainer, orders, progress=progress)
     fitted, fit_s = {}, {}
     for name in estimator_names:
         t0 = time.perf_counter()
         fitted[name] = get_estimator(name).fit(store)
         fit_s[name] = time.perf_counter() - t0
+    calibration = [o for est in fitted.values() if est.needs_runs for o in est.fit_orders().tolist()]
+    orders = heldout_orders(trainer.T, trainer.plan.domains, difficulty, n_random=n_random, n_near=n_near, seed=seed,
+                            exclude=calibration)
+    check_disjoint(orders, calibration)
+    true, retrain_s = retrain_orders(trainer, orders, progress=progress)
     man = store.manifest
     info = {"path": str(store.path), "bytes": int(store.nbytes()), "formula_bytes": man.get("formula_bytes"),
             "terms": sorted(store.terms), "record_seconds": float(man.get("record_seconds", float("nan"))),

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from estimators.base import Estimator, get_estimator
+from estimators.base import get_estimator
 from estimators.hvp import window_batch_losses
 
 from .errors import ConfigError, OrderError
@@ -306,7 +306,7 @@ def summarize_positions(result: PositionResult) -> dict:
 def _fitted_estimator(store, estimator, progress: bool):
     """``estimator`` (a name or an estimator) fitted on ``store``, checked to give per-batch losses."""
     est = get_estimator(estimator) if isinstance(estimator, str) else estimator
-    if type(est).estimate_batch_losses is Estimator.estimate_batch_losses:
+    if not est.has_batch_losses:
         raise ConfigError(f"estimator {est.name!r} gives no per-batch losses, which the memorization analysis needs; "
                           "use --estimator fut1-hvp (or reference, the position-blind null model)")
     if est.store is None:

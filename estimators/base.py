@@ -50,21 +50,15 @@ class Estimator(ABC):
     needs_runs: ClassVar[bool] = False
     #: with ``needs_runs``: the fewest real runs ``fit`` can work with (its ``n_runs`` argument)
     min_runs: ClassVar[int] = 0
-    #: former name of :attr:`needs_runs` (kept equal to it; read-only alias)
-    fit_cached_in_store: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
-        """Keep ``fit_cached_in_store`` equal to ``needs_runs`` (a subclass may still set the old
-        name) and check the declared capabilities against the methods.
+        """Check the declared capabilities against the methods.
 
         Raises:
             TypeError: ``has_optimum`` without an ``assignment_optimum`` method, or
                 ``has_batch_losses`` without an override of ``estimate_batch_losses``.
         """
         super().__init_subclass__(**kwargs)
-        if "fit_cached_in_store" in cls.__dict__ and "needs_runs" not in cls.__dict__:
-            cls.needs_runs = cls.fit_cached_in_store
-        cls.fit_cached_in_store = cls.needs_runs
         if cls.has_optimum and not callable(getattr(cls, "assignment_optimum", None)):
             raise TypeError(f"{cls.__name__} declares has_optimum but defines no assignment_optimum(eval_set)")
         if cls.has_batch_losses and cls.estimate_batch_losses is Estimator.estimate_batch_losses:
@@ -137,6 +131,18 @@ class Estimator(ABC):
             OrderError: invalid orders. RuntimeError: ``fit`` was not called.
         """
         return self.estimate(orders), self.estimate_batch_losses(orders)
+
+    def fit_orders(self) -> torch.Tensor:
+        """The orders ``fit`` retrained for real, int64 ``[n_runs, T]`` (``needs_runs`` estimators,
+        after ``fit``; their ``runs["orders"]``): a fidelity benchmark keeps its held-out orders
+        disjoint from them.
+
+        Raises:
+            RuntimeError: the estimator performs no runs (``needs_runs`` False) or was not fitted.
+        """
+        if not self.needs_runs or self.store is None:
+            raise RuntimeError(f"{type(self).__name__} has no fit orders (needs_runs={self.needs_runs}, fitted={self.store is not None})")
+        return torch.tensor(self.runs["orders"], dtype=torch.int64)
 
     @abstractmethod
     def _fit(self, store) -> None: ...

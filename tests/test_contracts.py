@@ -35,14 +35,13 @@ def test_capabilities_are_declared_and_match_the_methods():
             assert caps == expected[name], name
         assert cls.has_optimum == callable(getattr(cls, "assignment_optimum", None)), name
         assert cls.has_batch_losses == (cls.estimate_batch_losses is not Estimator.estimate_batch_losses), name
-        assert cls.fit_cached_in_store == cls.needs_runs, name  # the former name stays an alias
 
 
 def test_a_wrong_capability_declaration_is_refused():
     with pytest.raises(TypeError, match="assignment_optimum"):
         type("Bad", (Estimator,), {"has_optimum": True, "_fit": lambda s, st: None, "_estimate": lambda s, o: o})
-    legacy = type("Legacy", (Estimator,), {"fit_cached_in_store": True, "_fit": lambda s, st: None, "_estimate": lambda s, o: o})
-    assert legacy.needs_runs
+    with pytest.raises(TypeError, match="estimate_batch_losses"):
+        type("Bad2", (Estimator,), {"has_batch_losses": True, "_fit": lambda s, st: None, "_estimate": lambda s, o: o})
 
 
 def test_projection_kinds_enum_validates_and_keeps_the_manifest_string():

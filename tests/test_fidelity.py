@@ -11,6 +11,7 @@ import torch
 from currsearch.errors import ConfigError
 from currsearch.fidelity import (
     DISTANCE_BINS,
+    check_disjoint,
     distance_bin,
     evaluate_estimators,
     fidelity_metrics,
@@ -180,3 +181,18 @@ def test_settings_validation(tiny_cfg, tmp_path):
         run_fidelity_settings(tiny_cfg, ["x"], tmp_path, settings=("fresh", "hot"))
     with pytest.raises(ConfigError):
         run_fidelity_settings(tiny_cfg, ["x"], tmp_path, settings=())
+
+
+def test_heldout_orders_are_disjoint_from_calibration_orders_by_construction():
+    """Calibration orders (here: every random and near order a first draw holds out, plus the
+    reference) are never held out again: random and near orders are redrawn, structured ones
+    left out; check_disjoint rejects any overlap."""
+    doms = ["a", "b"] * 4
+    first = heldout_orders(8, doms, torch.arange(8.0), n_random=5, n_near=3, seed=0)
+    calibration = [h.order.tolist() for h in first if h.kind == "random" or h.kind.startswith("near") or h.kind == "reference"]
+    again = heldout_orders(8, doms, torch.arange(8.0), n_random=5, n_near=3, seed=0, exclude=calibration)
+    check_disjoint(again, calibration)
+    assert not {tuple(h.order.tolist()) for h in again} & {tuple(o) for o in calibration}
+    assert sum(h.kind == "random" for h in again) == 5 and "reference" not in {h.name for h in again}
+    with pytest.raises(ConfigError, match="also calibration orders"):
+        check_disjoint(first, calibration)

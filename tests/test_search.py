@@ -99,8 +99,10 @@ def test_ray_backend_errors(store, ray_local):
         RayBackend(store.path, "nope")
     with pytest.raises(StoreError, match="readouts_checkpoint"):
         RayBackend(store.path, "additive", estimator_kwargs={"readout": "checkpoint"}, num_actors=1)
-    with pytest.raises(ConfigError, match="not ready within"):  # 3 one-CPU actors on 2 CPUs
-        RayBackend(store.path, "additive", num_actors=3, ready_timeout=2)
+    t0 = time.perf_counter()  # issue 16 item 20: 3 one-CPU actors on a 2-CPU cluster fail at once
+    with pytest.raises(ConfigError, match="3 Ray actors need 3 CPUs and 0 GPUs, the cluster has 2"):
+        RayBackend(store.path, "additive", num_actors=3)
+    assert time.perf_counter() - t0 < 30
 
 
 def test_short_search_beats_the_reference(store):
