@@ -185,10 +185,13 @@ class SearchResult:
     def top_record(self, k: int = 10) -> dict:
         """JSON-ready record of the study and its ``k`` best distinct orders (``search.json``,
         the ``search`` entry of a run report): study name, trial counts, seconds, eval sets,
-        objectives and per order its estimates (nats/token) and source."""
+        objectives, the trials a resume requeued or reused and where resumed calls began
+        (trials from there on may differ from an uninterrupted run's), and per order its
+        estimates (nats/token) and source."""
         return {
             "study": self.study.study_name, "n_trials": self.n_trials, "n_run": self.n_run, "seconds": self.seconds,
             "eval_names": self.eval_names, "objectives": self.objectives,
+            "requeued": self.requeued, "n_reused": self.n_reused, "resumed_at": self.resumed_at,
             "top": [{"order": o.tolist(), "estimates": dict(zip(self.eval_names, e.tolist())),
                      "source": self.sources[i] if i < len(self.sources) else ""}
                     for i, (o, e) in enumerate(self.top(k))],
@@ -214,6 +217,9 @@ class SearchResult:
             f"study {self.study.study_name!r}: {self.n_trials} completed trials ({self.n_run} run now, {self.seconds:.1f} s), "
             f"{self.orders.shape[0]} distinct orders, objectives {self.objectives}"
         ]
+        if self.resumed_at or self.requeued:
+            lines.append(f"  resumed: calls began at trials {self.resumed_at} (sampled trials from there on may differ from an "
+                         f"uninterrupted run's); requeued after a kill: {self.requeued}; values reused: {self.n_reused}")
         for i, (o, e) in enumerate(self.top(5)):
             v = ", ".join(f"{n} {x:.4f}" for n, x in zip(self.objectives, self.values[i].tolist()))
             src = f" [{self.sources[i]}]" if self.sources and self.sources[i] else ""

@@ -14,7 +14,8 @@ import optuna
 import torch
 
 from ..errors import ConfigError
-from ..search import ask_and_tell, check_resume, make_sampler, make_storage
+from ..search import ask_and_tell, check_resume, make_sampler
+from ..study import make_storage, optuna_warnings_only
 from .merge import MergeEstimator
 from .models import as_models
 from .partitions import PAPER
@@ -166,9 +167,7 @@ def search_subsets(estimator, n_trials: int = 64, sampler="tpe", weights: bool =
     j = ev.index(objective)
     sampler_obj = make_sampler(sampler, seed=seed) if isinstance(sampler, str) else sampler
     name = study_name or f"ablate-{'weights' if weights else 'subsets'}-{objective}"
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(max(verbosity, optuna.logging.WARNING))
-    try:
+    with optuna_warnings_only():  # Optuna logs every trial at INFO
         study = optuna.create_study(storage=make_storage(storage), sampler=sampler_obj, study_name=name,
                                     direction="minimize", load_if_exists=True)
         fresh = len(study.get_trials(deepcopy=False)) == 0
@@ -184,8 +183,6 @@ def search_subsets(estimator, n_trials: int = 64, sampler="tpe", weights: bool =
         n_finished = len(study.get_trials(deepcopy=False, states=done_states))
         return SubsetSearchResult(study, names, ev, objective, Wt, Et, Et[:, j], n_finished, n_run,
                                   time.perf_counter() - t0, [subset_label(w, names) for w in Wt])
-    finally:
-        optuna.logging.set_verbosity(verbosity)
 
 
 def verify_subsets(models, candidates: dict, estimator: MergeEstimator | None = None, progress: bool = False) -> dict:

@@ -1,0 +1,74 @@
+"""``currsearch search --backend ray --address`` against a real 2-node local Ray cluster
+(``ray start --head`` plus one worker node, both stopped by PID) gives the serial scores
+(issue 16). Ray 2.60 turns token authentication on by default: the nodes and the driver run
+with ``RAY_AUTH_MODE=disabled`` here, as on a trusted network (README, "Ray cluster")."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from currsearch.cli import main
+from currsearch.record import record
+
+pytestmark = pytest.mark.skipif(shutil.which("ray") is None, reason="the `ray` command is not installed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def cluster(tmp_path, monkeypatch):
+    """A head node and one worker node (1 CPU each) on 127.0.0.1; yields the address."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    common = ["--num-cpus", "1", "--disable-usage-stats", "--block"]
+    procs = [subprocess.Popen(["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                               "--include-dashboard", "false", "--temp-dir", str(tmp_path / "ray")] + common,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+    address = f"127.0.0.1:{port}"
+    for _ in range(120):  # the head accepts connections
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    procs.append(subprocess.Popen(["ray", "start", "--address", address, "--node-ip-address", "127.0.0.1"] + common,
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+    try:
+        yield address
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        for p in reversed(procs):  # stop each node's process group by PID
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_search_on_a_two_node_cluster_equals_serial(cluster, tiny_cfg, tiny_trainer, tmp_path):
+    store = record(tiny_cfg.replace(record={"projection_dim": 16, "anchor_stride": 4}), tmp_path / "s", progress=False,
+                   trainer=tiny_trainer)
+    args = ["search", "--quiet", "--store", str(store.path), "--trials", "8", "--batch", "4"]
+    assert main(args + ["--out", str(tmp_path / "serial")]) == 0
+    assert main(args + ["--out", str(tmp_path / "ray"), "--backend", "ray", "--actors", "2", "--address", cluster]) == 0
+    serial, ray_res = (json.loads((tmp_path / d / "search.json").read_text())["top"] for d in ("serial", "ray"))
+    assert ray_res == serial
