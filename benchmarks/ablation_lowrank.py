@@ -31,6 +31,7 @@ import torch
 
 from currsearch.cli import resolve_config
 from currsearch.fidelity import fidelity_metrics, heldout_orders, retrain_orders
+from currsearch.manifest import atomic_write_bytes
 from currsearch.record import record
 from estimators import get_estimator
 
@@ -49,6 +50,7 @@ def rollout(est, orders: torch.Tensor, basis: torch.Tensor | None = None, collec
 
 
 def main(argv=None) -> int:
+    """Steps 1-3 of the module docstring; writes OUT/ablation_lowrank.json."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config", nargs="?")
     ap.add_argument("--set", action="append", default=[])
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
         row = {**metrics(pred), "captured_energy": captured, "seconds_per_order": (time.perf_counter() - t0) / len(held)}
         report["variants"][f"lowrank_k{k}"] = row
         print(f"low-rank k={k}: {row}", flush=True)
-    (out / "ablation_lowrank.json").write_text(json.dumps(report, indent=1))
+    atomic_write_bytes(out / "ablation_lowrank.json", json.dumps(report, indent=1).encode())
     print(f"wrote {out / 'ablation_lowrank.json'}")
     return 0
 

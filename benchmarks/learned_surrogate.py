@@ -4,7 +4,8 @@ How many real runs would a plain learned model of the order need to rank orders 
 trajectory estimators? Features of an order: each batch's normalized position (T values) and
 its position quartile (one-hot, 4 T values); model: ridge regression (alpha by 5-fold cross-
 validation) of the final ``all`` eval loss, fitted on N seeded random orders retrained for
-real, scored on the held-out orders of the fidelity benchmark (same seed, retrained here). The
+real, scored on the held-out orders of the fidelity benchmark (same seed, drawn outside the N
+training orders as the fidelity benchmark draws them outside calibration orders; retrained here). The
 model is additive over positions, so its exact optimum over permutations is a linear
 assignment problem, like ``additive``'s. This is the model of ``estimators/calibrated.py``
 (``position_features``, ``fit_ridge``), measured here for several N at once.
@@ -26,12 +27,15 @@ from pathlib import Path
 import torch
 
 from currsearch.cli import csv_list, resolve_config
-from currsearch.fidelity import HeldoutOrder, fidelity_metrics, heldout_orders, retrain_orders
+from currsearch.fidelity import HeldoutOrder, check_disjoint, fidelity_metrics, heldout_orders, retrain_orders
+from currsearch.manifest import atomic_write_bytes
 from currsearch.train import Trainer
 from estimators.calibrated import fit_ridge, position_features
 
 
 def main(argv=None) -> int:
+    """Retrain the held-out and training orders, fit the ridge model per N, print and write
+    OUT/learned_surrogate.json (module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config", nargs="?")
     ap.add_argument("--set", action="append", default=[])
@@ -43,11 +47,13 @@ def main(argv=None) -> int:
     trainer = Trainer.from_config(cfg)
     T = trainer.T
     diff = torch.tensor([m["unigram_nll"] for m in trainer.plan.metadata], dtype=torch.float64)
-    held = heldout_orders(T, trainer.plan.domains, diff, seed=0)
-    e = list(trainer.plan.eval_names).index("all")
-    true, retrain_s = retrain_orders(trainer, held, progress=False)
     g = torch.Generator().manual_seed(12345)
     train = [HeldoutOrder(f"train-{i}", "random", torch.randperm(T, generator=g), 0) for i in range(max(ns))]
+    fit_orders = [h.order.tolist() for h in train]
+    held = heldout_orders(T, trainer.plan.domains, diff, seed=0, exclude=fit_orders)
+    check_disjoint(held, fit_orders)
+    e = list(trainer.plan.eval_names).index("all")
+    true, retrain_s = retrain_orders(trainer, held, progress=False)
     y_train, _ = retrain_orders(trainer, train, progress=True)
     X_held = position_features(torch.stack([h.order for h in held])).numpy()
     X_train = position_features(torch.stack([h.order for h in train])).numpy()
@@ -67,8 +73,7 @@ def main(argv=None) -> int:
         print(f"N = {n:>4} real runs: rho all {row['all']:.2f} / random {row['random']:.2f} / near {row['near']:.2f}; "
               f"estimate {row['speedup']:.0f}x faster than retraining per order", flush=True)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "learned_surrogate.json").write_text(json.dumps(report, indent=1))
+    atomic_write_bytes(out / "learned_surrogate.json", json.dumps(report, indent=1).encode())
     print(f"wrote {out / 'learned_surrogate.json'}")
     return 0
 

@@ -25,11 +25,15 @@ from pathlib import Path
 import torch
 
 from currsearch.cli import resolve_config
+from currsearch.manifest import atomic_write_bytes
 from currsearch.record import record
 from currsearch.train import Trainer
 
 
 def measure(cfg, workdir: Path) -> dict:
+    """One row: the best of 3 timed reference runs (window + final evaluation, seconds) and the
+    recording of ``cfg``'s store with the same Trainer (its warm-up phase shared and untimed),
+    with the store's bytes against the formula. The store is deleted afterwards."""
     trainer = Trainer.from_config(cfg)
     trainer.window_start()
     T = trainer.T
@@ -41,7 +45,7 @@ def measure(cfg, workdir: Path) -> dict:
     ref_s = min(ref)
     out = workdir / f"T{T}_s{cfg.record.anchor_stride}"
     shutil.rmtree(out, ignore_errors=True)
-    store = record(cfg, out, progress=False, check_budget=False)
+    store = record(cfg, out, progress=False, check_budget=False, trainer=trainer)
     rec_s = store.manifest["record_seconds"]
     row = {
         "T": T, "anchor_stride": cfg.record.anchor_stride, "anchors": len(store.anchors), "P": store.P,
@@ -54,6 +58,7 @@ def measure(cfg, workdir: Path) -> dict:
 
 
 def main(argv=None) -> int:
+    """Measure every (T, stride) row, check the targets (module docstring), write OUT/record_cost.json."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config", nargs="?")
     ap.add_argument("--set", action="append", default=[])
@@ -86,8 +91,7 @@ def main(argv=None) -> int:
             print(f"T={T:>3}: stride {args.stride} records {gain:.2f} x faster than stride 1")
             if gain < args.stride / 2:
                 failures.append(f"T={T}: stride {args.stride} speed-up {gain:.2f} < {args.stride / 2}")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "record_cost.json").write_text(json.dumps({"rows": rows, "failures": failures}, indent=1))
+    atomic_write_bytes(Path(args.out) / "record_cost.json", json.dumps({"rows": rows, "failures": failures}, indent=1).encode())
     print("\n".join(["FAIL: " + f for f in failures]) if failures else "all record-cost targets met")
     return 1 if failures else 0
 
