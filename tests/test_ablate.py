@@ -27,7 +27,8 @@ from currsearch.ablate import (
     validate_subsets,
 )
 from currsearch.errors import ConfigError, StoreError
-from currsearch.reports.ablate import write_search_report, write_validation_report
+from currsearch.ablate.results import SubsetSearchReport, SubsetValidation
+from currsearch.reports.ablate import render_validation_markdown, write_search_report, write_validation_report
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +170,7 @@ def test_tampered_partition_file_is_detected(tiny_cfg, tiny_trainer, models, tmp
 def test_validate_and_search_write_reports(models, est, tmp_path):
     v = validate_subsets(models)
     write_validation_report(v, tmp_path / "val")
-    assert v["exhaustive"] and len(v["subsets"]) == 15
+    assert v.exhaustive and len(v.subsets) == 15
     for name in ("validation.json", "validation.md", "validation_scatter.png"):
         assert (tmp_path / "val" / name).stat().st_size > 0
     saved = json.loads((tmp_path / "val" / "validation.json").read_text())
@@ -178,21 +179,28 @@ def test_validate_and_search_write_reports(models, est, tmp_path):
         m = saved["metrics"][ev]
         assert m["all"]["n"] == 15 and m["size>=2"]["n"] == 11 and -1 <= m["all"]["spearman"] <= 1
         assert -1 <= m["all"]["pearson_ppl"] <= 1 and m["by_size"]["2"]["n"] == 6
-    for r in v["subsets"]:  # singletons: the merged model is the real model
-        if r["size"] == 1:
-            assert r["merged"] == r["real"]
-        assert r["steps"] == r["size"] * models.steps
-    assert "Spearman rho" in (tmp_path / "val" / "validation.md").read_text()
+    for r in v.subsets:  # singletons: the merged model is the real model
+        if r.size == 1:
+            assert r.merged == r.real
+        assert r.steps == r.size * models.steps
+    assert v.metrics[models.eval_names[-1]].multi.n == 11  # attribute access to the "size>=2" entry
+    md = (tmp_path / "val" / "validation.md").read_text()
+    assert "Spearman rho" in md
+    # the JSON file reads back to an equal markdown (NaN written as null and read back as NaN)
+    assert render_validation_markdown(SubsetValidation.from_json(saved)) == md
 
     out = tmp_path / "search"
     res, study = run_subset_search(models, out, n_trials=10, top_k=2, batch_size=4)
     write_search_report(res, out, study)
     for name in ("search.json", "search.md", "optimization_history.png", "study.journal"):
         assert (out / name).stat().st_size > 0
-    s = res["summary"]
-    assert {"full", "search_1", "search_2"} <= set(res["candidates"]) and s["best_single"].startswith("single:")
-    assert res["candidates"]["full"]["steps"] == models.K * models.steps
-    assert s["merged_optimum"] is not None and isinstance(s["beats_full"], bool)
+    s = res.summary
+    assert {"full", "search_1", "search_2"} <= set(res.candidates) and s.best_single.startswith("single:")
+    assert res.candidates["full"].steps == models.K * models.steps
+    assert s.merged_optimum is not None and isinstance(s.beats_full, bool)
+    saved = json.loads((out / "search.json").read_text())
+    assert list(saved) == ["method", "models", "partitions", "eval_names", "search", "candidates", "summary"]
+    assert SubsetSearchReport.from_json(saved) == res  # search.json reads back to the same result
     # the study resumes from its journal: only the missing trials run
     res2 = search_subsets(est, n_trials=13, storage=str(out / "study.journal"), batch_size=4)
     assert res2.n_run == 3 and res2.n_trials == 13

@@ -23,7 +23,9 @@ Modules, by role:
   models for unions;
 * :mod:`~currsearch.ablate.merge`: the merged-model estimator (:class:`MergeEstimator`);
 * :mod:`~currsearch.ablate.validate`: merged vs real models (Spearman rho, Pearson r);
-* :mod:`~currsearch.ablate.search`: Optuna search over subsets and verification by real training.
+* :mod:`~currsearch.ablate.search`: Optuna search over subsets and verification by real training;
+* :mod:`~currsearch.ablate.results`: the typed results (:class:`SubsetValidation`,
+  :class:`SubsetSearchReport`) written as ``validation.json`` / ``search.json``.
 
 Reports: :mod:`currsearch.reports.ablate`.
 
@@ -43,6 +45,19 @@ from .partitions import (
     union_counts,
     union_stream,
 )
+from .results import (
+    CorrelationMetrics,
+    EvalSetMetrics,
+    MergedOptimum,
+    SearchedSubset,
+    SubsetCandidate,
+    SubsetSearchRecord,
+    SubsetSearchReport,
+    SubsetSearchSummary,
+    SubsetValidation,
+    ValidatedSubset,
+    ValidationCost,
+)
 from .search import SubsetSearchResult, run_subset_search, search_subsets, verify_subsets
 from .subsets import all_subsets, parse_subsets, sample_subsets, subset_label, subset_weights
 from .training import real_union, train_partitions, train_stream, train_union
@@ -50,7 +65,9 @@ from .validate import validate_subsets
 
 __all__ = [
     "FORMAT", "PAPER", "SCHEMA_VERSION",
-    "AblationModels", "MergeEstimator", "Partition", "SubsetSearchResult",
+    "AblationModels", "CorrelationMetrics", "EvalSetMetrics", "MergeEstimator", "MergedOptimum", "Partition",
+    "SearchedSubset", "SubsetCandidate", "SubsetSearchRecord", "SubsetSearchReport", "SubsetSearchResult",
+    "SubsetSearchSummary", "SubsetValidation", "ValidatedSubset", "ValidationCost",
     "all_subsets", "check_partitions", "default_partitions", "parse_subsets", "partition_stream",
     "real_union", "run_subset_search",
     "sample_subsets", "search_subsets", "steps_per_partition", "subset_label", "subset_weights",

@@ -19,6 +19,7 @@ from ..study import make_storage, optuna_warnings_only
 from .merge import MergeEstimator
 from .models import as_models
 from .partitions import PAPER
+from .results import MergedOptimum, SearchedSubset, SubsetCandidate, SubsetSearchRecord, SubsetSearchReport, SubsetSearchSummary
 from .subsets import all_subsets, subset_label, subset_weights
 from .training import real_union
 
@@ -185,7 +186,8 @@ def search_subsets(estimator, n_trials: int = 64, sampler="tpe", weights: bool =
                                   time.perf_counter() - t0, [subset_label(w, names) for w in Wt])
 
 
-def verify_subsets(models, candidates: dict, estimator: MergeEstimator | None = None, progress: bool = False) -> dict:
+def verify_subsets(models, candidates: dict, estimator: MergeEstimator | None = None,
+                   progress: bool = False) -> dict[str, SubsetCandidate]:
     """Train each candidate subset/mixture for real (:func:`real_union`) next to its merged estimate.
 
     Args:
@@ -199,8 +201,8 @@ def verify_subsets(models, candidates: dict, estimator: MergeEstimator | None = 
         ConfigError: an invalid subset (empty, unknown name, negative weight).
 
     Returns:
-        ``{name: {"label", "weights", "estimated", "verified" ({eval set: nats/token}), "steps",
-        "seconds", "reused_partition_model"}}``; identical subsets are trained once.
+        ``{name: SubsetCandidate}`` in the order given (merged and real losses in nats/token,
+        steps, seconds); identical subsets are trained once.
     """
     models = as_models(models)
     est = estimator or MergeEstimator(models)
@@ -218,15 +220,54 @@ def verify_subsets(models, candidates: dict, estimator: MergeEstimator | None = 
                 logger.info("verified %s (%s): %s = %.4f nats/token real, %.4f merged (%.2f s)", name,
                             subset_label(w, models.names), ev[-1], float(r["eval_loss"][-1]), float(e[-1]), r["seconds"])
         r, e = done[key]
-        out[name] = {"label": subset_label(w, models.names), "weights": w.tolist(),
-                     "estimated": dict(zip(ev, e.tolist())), "verified": dict(zip(ev, r["eval_loss"].tolist())),
-                     "steps": r["steps"], "seconds": r["seconds"], "reused_partition_model": r["reused"]}
+        out[name] = SubsetCandidate(label=subset_label(w, models.names), weights=w.tolist(),
+                                    estimated=dict(zip(ev, e.tolist())), verified=dict(zip(ev, r["eval_loss"].tolist())),
+                                    steps=r["steps"], seconds=r["seconds"], reused_partition_model=r["reused"])
     return out
+
+
+def _merged_optimum(est: MergeEstimator, res: SubsetSearchResult, objective: str) -> MergedOptimum:
+    """The exhaustive optimum of the merged estimate on ``objective`` over all ``2^K - 1`` subsets."""
+    subs = all_subsets(len(res.names))
+    allest = est.estimate(subs)[:, res.eval_names.index(objective)]
+    i = int(torch.argmin(allest))
+    return MergedOptimum(label=subset_label(subs[i], res.names), estimated=float(allest[i]))
+
+
+def _summarize(verified: dict[str, SubsetCandidate], objective: str, optimum: MergedOptimum | None,
+               searched_labels: list[str]) -> SubsetSearchSummary:
+    """The best verified ``search_*`` candidate against ``full`` and the ``single:*`` candidates;
+    ``searched_labels``: the search's labels, best estimate first."""
+    loss = {n: v.verified[objective] for n, v in verified.items()}
+    searched = [n for n in verified if n.startswith("search_")]
+    singles = [n for n in verified if n.startswith("single:")]
+    best = min(searched, key=lambda n: (loss[n], n)) if searched else None
+    best_single = min(singles, key=lambda n: (loss[n], n))
+    return SubsetSearchSummary(
+        objective=objective,
+        best_searched=best, best_searched_label=verified[best].label if best else None,
+        best_searched_loss=loss[best] if best else None,
+        full_loss=loss["full"], best_single=best_single, best_single_loss=loss[best_single],
+        beats_full=(loss[best] < loss["full"]) if best else None,
+        best_is_full=(verified[best].label == verified["full"].label) if best else None,
+        beats_best_single=(loss[best] < loss[best_single]) if best else None,
+        merged_optimum=optimum,
+        search_found_merged_optimum=None if optimum is None else bool(searched_labels) and searched_labels[0] == optimum.label,
+    )
+
+
+def _search_record(res: SubsetSearchResult, storage, sampler, weights: bool, top_k: int) -> SubsetSearchRecord:
+    return SubsetSearchRecord(
+        study=res.study.study_name, storage=str(storage) if storage else None, n_trials=res.n_trials, n_run=res.n_run,
+        seconds=res.seconds, weights=weights, sampler=sampler if isinstance(sampler, str) else type(sampler).__name__,
+        distinct=int(res.weights.shape[0]),
+        top=[SearchedSubset(label=l, weights=w.tolist(), estimates=dict(zip(res.eval_names, e.tolist())))
+             for l, w, e in res.top(max(top_k, 10))])
 
 
 def run_subset_search(models, out=None, n_trials: int = 64, sampler="tpe", weights: bool = False, objective: str = "all",
                       top_k: int = 3, seed: int = 0, batch_size: int = 8, storage=None, progress: bool = False,
-                      ) -> tuple[dict, object]:
+                      ) -> tuple[SubsetSearchReport, object]:
     """Search subsets with :func:`search_subsets`, verify the top-k by real training, and report
     them against the full set and the best single partition (both also trained for real).
 
@@ -239,11 +280,10 @@ def run_subset_search(models, out=None, n_trials: int = 64, sampler="tpe", weigh
         Others: as :func:`search_subsets`.
 
     Returns:
-        ``(result, study)``: the Optuna study and the JSON-ready result
-        ``{"search": {...top subsets...}, "candidates": {name: verify_subsets entry}, "summary":
-        {"best_searched", "full", "best_single", losses on the objective, "beats_full", "best_is_full",
-        "beats_best_single", "merged_optimum" (exhaustive merged optimum when K is small and
-        no weights), "search_found_merged_optimum"}}``.
+        ``(report, study)``: the :class:`SubsetSearchReport` (search record with the top
+        subsets, ``{name: SubsetCandidate}`` for ``search_1..k``, ``full`` and
+        ``single:<partition>``, and the :class:`SubsetSearchSummary`, whose ``merged_optimum``
+        is the exhaustive merged optimum when K <= 10 and no weights) and the Optuna study.
 
     Raises:
         ConfigError: ``top_k < 1``, ``batch_size < 1`` or ``n_trials < 0`` (before anything is written).
@@ -260,41 +300,14 @@ def run_subset_search(models, out=None, n_trials: int = 64, sampler="tpe", weigh
         storage = storage or str(out / "study.journal")
     res = search_subsets(est, n_trials=n_trials, sampler=sampler, weights=weights, objective=objective, storage=storage,
                          seed=seed, batch_size=batch_size, progress=progress)
-    names = models.names
     cands = {f"search_{i + 1}": w for i, (_, w, _) in enumerate(res.top(top_k))}
     cands["full"] = torch.ones(models.K, dtype=torch.float64)
-    for k, n in enumerate(names):
+    for k, n in enumerate(models.names):
         cands[f"single:{n}"] = torch.nn.functional.one_hot(torch.tensor(k), models.K).double()
     verified = verify_subsets(models, cands, est, progress=progress)
-    loss = {n: v["verified"][objective] for n, v in verified.items()}
-    searched = [n for n in verified if n.startswith("search_")]
-    singles = [n for n in verified if n.startswith("single:")]
-    best = min(searched, key=lambda n: (loss[n], n)) if searched else None
-    best_single = min(singles, key=lambda n: (loss[n], n))
-    summary = {
-        "objective": objective,
-        "best_searched": best, "best_searched_label": verified[best]["label"] if best else None,
-        "best_searched_loss": loss[best] if best else None,
-        "full_loss": loss["full"], "best_single": best_single, "best_single_loss": loss[best_single],
-        "beats_full": (loss[best] < loss["full"]) if best else None,
-        "best_is_full": (verified[best]["label"] == verified["full"]["label"]) if best else None,
-        "beats_best_single": (loss[best] < loss[best_single]) if best else None,
-        "merged_optimum": None, "search_found_merged_optimum": None,
-    }
-    if not weights and models.K <= 10:
-        subs = all_subsets(models.K)
-        allest = est.estimate(subs)[:, res.eval_names.index(objective)]
-        i = int(torch.argmin(allest))
-        summary["merged_optimum"] = {"label": subset_label(subs[i], names), "estimated": float(allest[i])}
-        summary["search_found_merged_optimum"] = bool(res.labels) and res.labels[0] == summary["merged_optimum"]["label"]
-    result = {
-        "method": PAPER, "models": str(models.path), "partitions": names, "eval_names": res.eval_names,
-        "search": {"study": res.study.study_name, "storage": str(storage) if storage else None, "n_trials": res.n_trials,
-                   "n_run": res.n_run, "seconds": res.seconds, "weights": weights, "sampler": sampler if isinstance(sampler, str) else type(sampler).__name__,
-                   "distinct": int(res.weights.shape[0]),
-                   "top": [{"label": l, "weights": w.tolist(), "estimates": dict(zip(res.eval_names, e.tolist()))}
-                           for l, w, e in res.top(max(top_k, 10))]},
-        "candidates": verified,
-        "summary": summary,
-    }
-    return result, res.study
+    optimum = _merged_optimum(est, res, objective) if not weights and models.K <= 10 else None
+    report = SubsetSearchReport(
+        method=PAPER, models=str(models.path), partitions=list(models.names), eval_names=list(res.eval_names),
+        search=_search_record(res, storage, sampler, weights, top_k), candidates=verified,
+        summary=_summarize(verified, objective, optimum, res.labels))
+    return report, res.study

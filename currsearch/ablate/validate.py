@@ -12,26 +12,40 @@ from tqdm.auto import tqdm
 from .merge import MergeEstimator
 from .models import as_models
 from .partitions import PAPER
+from .results import CorrelationMetrics, EvalSetMetrics, SubsetValidation, ValidatedSubset, ValidationCost
 from .subsets import all_subsets, sample_subsets, subset_label
 from .training import real_union
 
 
-def _corr(est: np.ndarray, true: np.ndarray) -> dict:
+def _corr(est: np.ndarray, true: np.ndarray) -> CorrelationMetrics:
     n = int(est.size)
     ok = n >= 3 and np.ptp(est) > 0 and np.ptp(true) > 0
     nan = float("nan")
     pe, pt = np.exp(est), np.exp(true)
-    return {
-        "n": n,
-        "spearman": float(stats.spearmanr(est, true).statistic) if ok else nan,
-        "pearson_ppl": float(stats.pearsonr(pe, pt).statistic) if ok else nan,
-        "pearson_loss": float(stats.pearsonr(est, true).statistic) if ok else nan,
-        "absdiff": float(np.mean(np.abs(est - true))) if n else nan,
-        "spread": float(np.ptp(true)) if n else nan,
-    }
+    return CorrelationMetrics(
+        n=n,
+        spearman=float(stats.spearmanr(est, true).statistic) if ok else nan,
+        pearson_ppl=float(stats.pearsonr(pe, pt).statistic) if ok else nan,
+        pearson_loss=float(stats.pearsonr(est, true).statistic) if ok else nan,
+        absdiff=float(np.mean(np.abs(est - true))) if n else nan,
+        spread=float(np.ptp(true)) if n else nan,
+    )
 
 
-def validate_subsets(models, max_subsets: int = 16, seed: int = 0, progress: bool = False) -> dict:
+def _metrics(ev: list[str], merged: torch.Tensor, real: torch.Tensor, sizes: torch.Tensor) -> dict[str, EvalSetMetrics]:
+    """``{eval set: EvalSetMetrics}`` of merged vs real losses (float64 ``[n, E]``, nats/token);
+    ``sizes``: int ``[n]`` partitions per subset."""
+    metrics = {}
+    multi = (sizes >= 2).numpy()
+    for j, name in enumerate(ev):
+        e, t = merged[:, j].numpy(), real[:, j].numpy()
+        by_size = {str(k): _corr(e[(sizes == k).numpy()], t[(sizes == k).numpy()])
+                   for k in sorted(set(sizes.tolist())) if int((sizes == k).sum()) >= 3 and 1 < k}
+        metrics[name] = EvalSetMetrics(_corr(e, t), _corr(e[multi], t[multi]), by_size)
+    return metrics
+
+
+def validate_subsets(models, max_subsets: int = 16, seed: int = 0, progress: bool = False) -> SubsetValidation:
     """Merged-model estimates vs real union training, per eval set.
 
     The subsets are all non-empty subsets when there are at most ``max_subsets`` of them
@@ -54,11 +68,10 @@ def validate_subsets(models, max_subsets: int = 16, seed: int = 0, progress: boo
         seed: seed of the sample.
 
     Returns:
-        ``{"partitions", "eval_names", "subsets": [{"label", "size", "weights", "merged",
-        "real" (nats/token per eval set), "steps", "seconds"}], "metrics": {eval set: {"all":
-        {...}, "size>=2": {...}, "by_size": {size: {...}}}}, "cost": {...}, "exhaustive"}``; each
-        metrics entry is ``{"n", "spearman", "pearson_ppl", "pearson_loss", "absdiff", "spread"}``
-        (NaN when n < 3 or constant).
+        :class:`SubsetValidation`: one :class:`ValidatedSubset` per subset (merged and real
+        losses, nats/token; steps; seconds), ``{eval set: EvalSetMetrics}`` (each
+        :class:`CorrelationMetrics` NaN where n < 3 or constant) and the :class:`ValidationCost`
+        (seconds per subset).
     """
     models = as_models(models)
     est = MergeEstimator(models)
@@ -72,32 +85,16 @@ def validate_subsets(models, max_subsets: int = 16, seed: int = 0, progress: boo
     for i in tqdm(range(subs.shape[0]), desc="real union models", unit="subset", disable=not progress):
         r = real_union(models, subs[i])
         real.append(r["eval_loss"])
-        rows.append({"label": subset_label(subs[i], names), "size": int(subs[i].sum()), "weights": subs[i].double().tolist(),
-                     "merged": dict(zip(ev, merged[i].tolist())), "real": dict(zip(ev, r["eval_loss"].tolist())),
-                     "steps": r["steps"], "seconds": r["seconds"], "reused_partition_model": r["reused"]})
-    real_t = torch.stack(real)
-    sizes = subs.sum(1)
-    metrics = {}
-    for j, name in enumerate(ev):
-        e, t = merged[:, j].numpy(), real_t[:, j].numpy()
-        multi = (sizes >= 2).numpy()
-        by_size = {str(k): _corr(e[(sizes == k).numpy()], t[(sizes == k).numpy()])
-                   for k in sorted(set(sizes.tolist())) if int((sizes == k).sum()) >= 3 and 1 < k}
-        metrics[name] = {"all": _corr(e, t), "size>=2": _corr(e[multi], t[multi]), "by_size": by_size}
-    real_seconds = sum(r["seconds"] for r in rows)
+        rows.append(ValidatedSubset(
+            label=subset_label(subs[i], names), size=int(subs[i].sum()), weights=subs[i].double().tolist(),
+            merged=dict(zip(ev, merged[i].tolist())), real=dict(zip(ev, r["eval_loss"].tolist())),
+            steps=r["steps"], seconds=r["seconds"], reused_partition_model=r["reused"]))
+    metrics = _metrics(ev, merged, torch.stack(real), subs.sum(1))
+    real_seconds = sum(r.seconds for r in rows)
     n = subs.shape[0]
-    result = {
-        "method": PAPER,
-        "models": str(models.path),
-        "partitions": [p.to_dict() for p in models.partitions],
-        "eval_names": ev,
-        "steps_per_partition": models.steps,
-        "exhaustive": exhaustive,
-        "seed": seed,
-        "subsets": rows,
-        "metrics": metrics,
-        "cost": {"estimate_seconds_per_subset": est_seconds / n, "real_seconds_per_subset": real_seconds / n,
-                 "speedup": (real_seconds / n) / max(est_seconds / n, 1e-12),
-                 "partition_training_seconds": models.manifest["train_seconds"]},
-    }
-    return result
+    cost = ValidationCost(estimate_seconds_per_subset=est_seconds / n, real_seconds_per_subset=real_seconds / n,
+                          speedup=(real_seconds / n) / max(est_seconds / n, 1e-12),
+                          partition_training_seconds=models.manifest["train_seconds"])
+    return SubsetValidation(method=PAPER, models=str(models.path), partitions=list(models.partitions), eval_names=list(ev),
+                            steps_per_partition=models.steps, exhaustive=exhaustive, seed=seed, subsets=rows,
+                            metrics=metrics, cost=cost)

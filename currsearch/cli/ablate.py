@@ -41,12 +41,11 @@ def _validate(args) -> int:
     out = args.out or str(Path(args.models) / "validate")
     res = validate_subsets(args.models, max_subsets=args.max_subsets, seed=args.seed, progress=not args.quiet)
     write_validation_report(res, out)
-    print(f"{len(res['subsets'])} subsets ({'all' if res['exhaustive'] else 'sample'}), merged vs real perplexity:")
-    rows = [[name, m["all"]["spearman"], m["all"]["pearson_ppl"], m["size>=2"]["spearman"], m["size>=2"]["pearson_ppl"]]
-            for name, m in res["metrics"].items()]
+    print(f"{len(res.subsets)} subsets ({'all' if res.exhaustive else 'sample'}), merged vs real perplexity:")
+    rows = [[name, m.all.spearman, m.all.pearson_ppl, m.multi.spearman, m.multi.pearson_ppl] for name, m in res.metrics.items()]
     print_table(["eval set", "rho", "r(ppl)", "rho|S|>=2", "r|S|>=2"], [[r[0]] + [_num(x) for x in r[1:]] for r in rows])
-    c = res["cost"]
-    print(f"estimate {c['estimate_seconds_per_subset']:.3g} s/subset, real training {c['real_seconds_per_subset']:.3g} s/subset")
+    c = res.cost
+    print(f"estimate {c.estimate_seconds_per_subset:.3g} s/subset, real training {c.real_seconds_per_subset:.3g} s/subset")
     print(f"wrote {out}/validation.json, validation.md, validation_scatter.png")
     return 0
 
@@ -61,16 +60,16 @@ def _search(args) -> int:
                                    objective=args.objective, top_k=args.top_k, seed=args.seed, batch_size=args.batch,
                                    storage=args.storage, progress=not args.quiet)
     write_search_report(res, out, study)
-    s, obj, sr = res["summary"], res["summary"]["objective"], res["search"]
-    print(f"study {sr['study']!r}: {sr['n_trials']} trials ({sr['n_run']} run now), {sr['distinct']} distinct candidates")
-    rows = sorted(res["candidates"].items(), key=lambda kv: kv[1]["verified"][obj])
+    s, obj, sr = res.summary, res.summary.objective, res.search
+    print(f"study {sr.study!r}: {sr.n_trials} trials ({sr.n_run} run now), {sr.distinct} distinct candidates")
+    rows = sorted(res.candidates.items(), key=lambda kv: kv[1].verified[obj])
     print_table(["candidate", "subset", f"merged {obj}", f"real {obj}"],
-                [[n, v["label"], v["estimated"][obj], v["verified"][obj]] for n, v in rows])
-    if s["best_searched"]:
-        print(f"best searched {s['best_searched_label']!r} ({s['best_searched_loss']:.4f}) "
-              f"{'is' if s['best_is_full'] else 'beats' if s['beats_full'] else 'does not beat'} the full set "
-              f"({s['full_loss']:.4f}) and {'beats' if s['beats_best_single'] else 'does not beat'} the best single "
-              f"partition {s['best_single']!r} ({s['best_single_loss']:.4f})")
+                [[n, v.label, v.estimated[obj], v.verified[obj]] for n, v in rows])
+    if s.best_searched:
+        print(f"best searched {s.best_searched_label!r} ({s.best_searched_loss:.4f}) "
+              f"{'is' if s.best_is_full else 'beats' if s.beats_full else 'does not beat'} the full set "
+              f"({s.full_loss:.4f}) and {'beats' if s.beats_best_single else 'does not beat'} the best single "
+              f"partition {s.best_single!r} ({s.best_single_loss:.4f})")
     print(f"wrote {out}/search.json, search.md")
     return 0
 
