@@ -57,8 +57,9 @@ def _save(path: Path, points: dict) -> None:
 def run_strategy(cfg, name: str, budget: int, seed: int, out: Path, trials: int) -> dict:
     """One currsearch job under ``budget``; its best verified loss (nats/token) and ledger, or why it does not fit."""
     estimator, rounds = STRATEGIES[name]
-    s = PipelineSettings(out=out, budget=budget, search=SearchSettings(estimator=estimator, trials=trials, seed=seed),
-                         verify=VerifySettings(top_k=3), refine=RefineSettings(rounds=rounds))
+    fit_seed = {"seed": seed} if estimator.startswith("calibrated") else {}  # the seed varies the fit's runs too
+    s = PipelineSettings(out=out, budget=budget, refine=RefineSettings(rounds=rounds), verify=VerifySettings(top_k=3),
+                         search=SearchSettings(estimator=estimator, trials=trials, seed=seed, estimator_kwargs=fit_seed))
     try:
         res = run_pipeline(cfg, s, progress=False)
     except CurrsearchError as err:  # a budget below the strategy's minimum

@@ -9,7 +9,8 @@ Phases (each resumes when rerun on the same ``out``):
 2. **fit** the surrogate estimator (a calibrated estimator's real runs are cached in the store);
 3. **search** orders with Optuna on the surrogate (journal ``OUT/study.journal``);
 4. **verify** the ``top_k`` searched orders and the baselines (reference, random orders,
-   heuristic curricula) by real training;
+   heuristic curricula) by real training; a calibrated estimator's best fit run joins them
+   as ``fit_best`` (a real run already paid for);
 5. **refine** the best verified order with trust-region rounds (``fut1-hvp``, re-recording
    at each incumbent; ``OUT/trust_region``).
 
@@ -45,7 +46,7 @@ from .settings import Settings
 from .store import TrajectoryStore
 from .train import Trainer
 from .trust_region import TrustRegionResult, TrustRegionSettings, record_config, refine_verified
-from .verify import VerificationResult, baseline_orders, verify
+from .verify import VerificationResult, VerifiedCandidate, baseline_orders, verify
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +151,8 @@ class PipelineSettings(Settings):
         """Checks that need the config (before anything is created).
 
         Raises:
-            ConfigError: an objective that is not an eval set of ``cfg``'s plan, or refinement
-                rounds with several objectives, or ``out`` naming an existing file.
+            ConfigError: refinement rounds with several objectives, or ``out`` naming an
+                existing file.
         """
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"output directory {str(self.out)!r} is an existing file; pass another --out")
@@ -286,7 +287,22 @@ def _verify(store: TrajectoryStore, est: Estimator, res: SearchResult, s: Pipeli
     with ledger.phase("verify") as counts:
         result = verify(trainer, candidates, dict(zip(candidates, est_rows)), progress=progress)
         counts["real_runs"] = counts["equivalents"] = len({tuple(c.order) for c in result.candidates.values()})
-    return result.with_search(res.top_record(s.verify.top_k))
+    result = result.with_search(res.top_record(s.verify.top_k))
+    return _with_best_fit_run(result, est) if est.needs_runs else result
+
+
+def _with_best_fit_run(result: VerificationResult, est: Estimator) -> VerificationResult:
+    """Add the best of the orders the estimator's fit trained for real as ``fit_best`` (kind
+    ``fit``): those runs are real, already paid for, and their final eval losses are what
+    :func:`~currsearch.verify.verify` would measure (same Trainer, deterministic), so the job
+    keeps the best order it has actually trained, whether the surrogate found it or not."""
+    e = result.eval_names.index("all") if "all" in result.eval_names else 0
+    losses = torch.tensor(est.runs["losses"], dtype=torch.float64)  # [n_runs, E], nats/token
+    i = int(losses[:, e].argmin())
+    order = est.fit_orders()[i]
+    cand = VerifiedCandidate("fit", order.tolist(), dict(zip(result.eval_names, losses[i].tolist())),
+                             dict(zip(result.eval_names, est.estimate(order).tolist())), 0.0)
+    return result.with_candidate("fit_best", cand)
 
 
 def _refine(cfg: Config, store: TrajectoryStore, est: Estimator, result: VerificationResult, s: PipelineSettings,
@@ -333,6 +349,9 @@ def run_pipeline(cfg: Config, settings: PipelineSettings | None = None, progress
     s.check(cfg)
     rcfg = record_config(cfg, type(get_estimator(s.search.estimator, **s.search.estimator_kwargs)))
     trainer = Trainer.from_config(rcfg)
+    unknown = [o for o in s.search.objectives if o not in trainer.plan.eval_names]
+    if unknown:  # before anything is written (the search would find it only after the recording)
+        raise ConfigError(f"unknown objective eval set(s) {unknown}; the plan has {list(trainer.plan.eval_names)}")
     s, plan = size_to_budget(s, trainer, rcfg, type(get_estimator(s.search.estimator)))
     ledger = ComputeLedger()
     store = _record(rcfg, s.out, trainer, ledger, progress)

@@ -522,6 +522,7 @@ def _open_study(store: TrajectoryStore, s: SearchSettings, sp: SearchSpace, back
         "estimator": backend.estimator_name,
         "space": s.space,
         "space_options": json.dumps(sp.options, sort_keys=True, default=str),
+        "estimator_kwargs": json.dumps(s.estimator_kwargs, sort_keys=True, default=str),  # e.g. a fit's n_runs, seed
         "objectives": objectives,
         "T": store.T,
     }

@@ -92,13 +92,17 @@ def test_bad_storage(tmp_path, capsys, storage, small_store):
     (["run", "--random", "-1", "--rounds", "0", "--estimator", "additive"], "random"),  # 16
     (["run", "--top-k", "0"], "top_k"),                                              # 19
     (["run", "--rounds", "-1"], "rounds"),
+    (["run", "--objectives", "klingon", "--budget", "40"], "klingon"),
+    (["run", "--budget", "5"], "below the minimum"),
     (["ablate", "search", "--top-k", "-1"], "top_k"),                               # 19
     (["search", "--estimator", "bogus", "--trials", "2"], "bogus"),                 # 21
     (["search", "--space", "bogus", "--trials", "2"], "bogus"),                     # 21
 ])
-def test_bad_search_and_run_options(tmp_path, capsys, small_store, argv, fragment):
+def test_bad_search_and_run_options(tmp_path, capsys, small_store, tiny_set_args, argv, fragment):
     out = tmp_path / "out"
     extra = ["--store", str(small_store.path)] if argv[0] == "search" else []
+    if argv[0] == "run":
+        extra = tiny_set_args
     if argv[0] == "ablate":
         extra = ["--models", str(tmp_path / "models")]
     rc, _, err = _run(argv + extra + ["--out", str(out)], capsys)

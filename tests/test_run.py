@@ -39,7 +39,7 @@ def test_run_writes_the_report_and_verified_losses_are_real(run_dir, tiny_cfg, t
     report = json.loads((rep / "report.json").read_text())
     cands = report["candidates"]
     kinds = {v["kind"] for v in cands.values()}
-    assert kinds == {"searched", "reference", "random", "heuristic"}
+    assert kinds == {"searched", "reference", "random", "heuristic", "fit"}  # fit: the best calibration run
     assert sum(v["kind"] == "searched" for v in cands.values()) == 3  # search_1, search_2, search_trust_region
     # the trust-region rounds start from the best verified candidate and move only on verified gains
     tr = report["trust_region"]
@@ -53,14 +53,15 @@ def test_run_writes_the_report_and_verified_losses_are_real(run_dir, tiny_cfg, t
     led = {e["phase"]: e for e in report["ledger"]["entries"]}
     assert list(led) == ["record", "fit", "search", "verify", "trust_region"]
     assert led["fit"]["real_runs"] == 16 and led["record"]["real_runs"] == 1
-    assert led["verify"]["real_runs"] == len({tuple(v["order"]) for n, v in cands.items() if n != "search_trust_region"})
+    assert led["verify"]["real_runs"] == len({tuple(v["order"]) for n, v in cands.items()
+                                              if n not in ("search_trust_region", "fit_best")})
     trainer = Trainer.from_config(Config_from(tiny_cfg))
     T = trainer.T
     for name, v in cands.items():
         assert sorted(v["order"]) == list(range(T)), name
         assert v["estimated"] is not None and set(v["verified"]) == set(report["eval_names"])
     # verified losses equal a fresh real training of the same order (searched + one baseline)
-    for name in ["search_1", "search_2", "search_trust_region", "reference"]:
+    for name in ["search_1", "search_2", "search_trust_region", "reference", "fit_best"]:
         res = trainer.train(torch.tensor(cands[name]["order"]))
         assert res.eval_losses.tolist() == [cands[name]["verified"][n] for n in res.eval_names], name
     best = parse_order(str(rep / "best_order.json"), T)
@@ -110,10 +111,13 @@ def test_budget_is_respected_and_baselines_reproduce(tiny_cfg, tmp_path, capsys)
     assert plan.record == 1.0 and plan.verify == 2 and plan.fit_runs == 27 and plan.total == 30
     assert [e.phase for e in led.entries] == ["record", "fit", "search", "verify"]
     assert led.real_runs == 30 and led.run_equivalents == 30  # the search's sampler/surrogate time: seconds only
-    assert set(res.verification.candidates) == {"search_1", "search_2"}  # no baseline orders under a budget
+    # no baseline orders under a budget; the best of the fit's real runs is kept (no retraining)
+    assert set(res.verification.candidates) == {"search_1", "search_2", "fit_best"}
+    trainer = Trainer.from_config(cfg)
+    best_fit = res.verification.candidates["fit_best"]
+    assert best_fit.verified["all"] == float(trainer.train(torch.tensor(best_fit.order)).eval_losses[-1])
     for name, b in res.baselines.items():
         assert b.n_runs == 30 and b.best_loss == min(b.losses), name
-    trainer = Trainer.from_config(cfg)
     for name, n in (("random-search", 4), ("optuna-real", 12)):  # the same seed reproduces the same runs
         assert real_search(trainer, name, n, seed=0, progress=False).losses == res.baselines[name].losses[:n], name
     # an impossible budget is refused, naming the minimum, before anything is written

@@ -26,11 +26,12 @@ def render_ledger(ledger: LedgerSummary) -> str:
 
 
 def comparison(result: PipelineResult, eval_set: str = "all") -> dict:
-    """The equal-compute verdict: currsearch's best verified loss against each baseline's best
+    """The equal-compute verdict: the best loss currsearch verified (searched, refined or its
+    best fit run) against each baseline's best
     at ``result.baseline_runs`` runs (``{"runs", "currsearch": (name, loss), "baselines": {name:
     loss}, "beats": {name: bool}}``; losses in nats/token)."""
     v = result.verification
-    best = v.best(eval_set, kind="searched") or v.best(eval_set)
+    best = v.best(eval_set)  # the best order the job trained for real, whichever phase found it
     loss = v.candidates[best].verified[eval_set]
     base = {n: b.best_loss for n, b in result.baselines.items()}
     return {"runs": result.baseline_runs, "run_equivalents": result.ledger.run_equivalents, "currsearch": [best, loss],
