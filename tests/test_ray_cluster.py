@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -41,12 +42,16 @@ def cluster(tmp_path, monkeypatch):
     port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's AF_UNIX socket paths must stay under 108 bytes
+    log = open(tmp_path / "ray_head.log", "w")
     common = ["--num-cpus", "1", "--disable-usage-stats", "--block"]
     procs = [subprocess.Popen(["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                               "--include-dashboard", "false", "--temp-dir", str(tmp_path / "ray")] + common,
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+                               "--include-dashboard", "false", "--temp-dir", temp] + common,
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)]
     address = f"127.0.0.1:{port}"
     for _ in range(360):  # the head accepts connections (slow on a loaded machine)
+        if procs[0].poll() is not None:
+            pytest.fail(f"ray start --head exited with {procs[0].returncode}: {(tmp_path / 'ray_head.log').read_text()[-2000:]}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             break
@@ -54,6 +59,12 @@ def cluster(tmp_path, monkeypatch):
             time.sleep(0.5)
     procs.append(subprocess.Popen(["ray", "start", "--address", address, "--node-ip-address", "127.0.0.1"] + common,
                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)  # wait until the worker node has joined
+    for _ in range(240):
+        if sum(n["Alive"] for n in ray.nodes()) == 2:
+            break
+        time.sleep(0.5)
+    ray.shutdown()  # the command under test connects on its own, through --address
     try:
         yield address
     finally:
@@ -69,6 +80,8 @@ def cluster(tmp_path, monkeypatch):
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_search_on_a_two_node_cluster_equals_serial(cluster, tiny_cfg, tiny_trainer, tmp_path):
