@@ -29,7 +29,7 @@ from pathlib import Path
 
 from currsearch.baselines import BASELINES, real_search
 from currsearch.cli import csv_list, progress_logging, resolve_config
-from currsearch.errors import CurrsearchError
+from currsearch.errors import BudgetTooSmallError, CurrsearchError
 from currsearch.manifest import atomic_write_bytes
 from currsearch.pipeline import PipelineSettings, RefineSettings, VerifySettings, run_pipeline
 from currsearch.reports.common import markdown_table, pyplot, save_figure
@@ -62,7 +62,7 @@ def run_strategy(cfg, name: str, budget: int, seed: int, out: Path, trials: int)
                          search=SearchSettings(estimator=estimator, trials=trials, seed=seed, estimator_kwargs=fit_seed))
     try:
         res = run_pipeline(cfg, s, progress=False)
-    except CurrsearchError as err:  # a budget below the strategy's minimum
+    except BudgetTooSmallError as err:  # the strategy does not fit this budget (other errors propagate)
         return {"fits": False, "why": str(err)}
     v = res.verification
     best = v.best("all")

@@ -31,3 +31,8 @@ class StoreError(CurrsearchError):
 
 class BudgetError(CurrsearchError):
     """A job whose estimated time, memory or disk exceeds the configured budget."""
+
+
+class BudgetTooSmallError(ConfigError):
+    """A job's budget (``--budget``, real-run equivalents) is below what its settings need; the
+    message names the minimum and its parts."""

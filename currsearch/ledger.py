@@ -3,8 +3,8 @@
 The unit is one **real run**: one training of the T-step window from the window start
 (the cached warm-up phase excluded, since every strategy shares it). A phase records
 
-* ``real_runs``: how many window trainings it performed (recording's reference run,
-  calibration runs, verification, trust-region re-recordings, baseline runs). Work reused
+* ``real_runs``: how many window trainings it performed (recording's reference run, a
+  calibrated estimator's fit runs, verification, trust-region re-recordings). Work reused
   from an earlier job (a recorded store, cached calibration runs) still counts: it is part
   of what the result cost;
 * ``seconds``: its wall time;
@@ -36,8 +36,7 @@ class LedgerEntry:
     """One phase of a job.
 
     Attributes:
-        phase: the phase's name (``record``, ``calibration``, ``search``, ``verify``,
-            ``trust_region``, ``baseline:random-search``, ...).
+        phase: the phase's name (``record``, ``fit``, ``search``, ``verify``, ``trust_region``).
         real_runs: window trainings performed (count).
         seconds: wall time, seconds.
         run_equivalents: compute in real runs (see the module docstring).

@@ -38,7 +38,7 @@ from estimators.base import Estimator
 from .backends import SerialBackend
 from .baselines import BASELINES, RealSearchResult, real_search
 from .config import Config
-from .errors import ConfigError
+from .errors import BudgetTooSmallError, ConfigError
 from .ledger import ComputeLedger, LedgerSummary
 from .record import record, record_run_equivalents
 from .search import SearchResult, SearchSettings, run_search
@@ -190,7 +190,8 @@ class BudgetPlan:
 
     @property
     def total(self) -> float:
-        """Planned run equivalents of all phases (<= budget)."""
+        """Planned run equivalents of all phases (<= budget; the rounds' time-counted
+        ``fut1-hvp`` estimates can exceed their plan, the ledger says by how much)."""
         return self.record + self.fit_runs + self.verify + self.refine
 
 
@@ -205,17 +206,21 @@ def size_to_budget(s: PipelineSettings, trainer: Trainer, rcfg: Config, est_cls:
     heuristic orders are not retrained (the comparison is ``PipelineSettings.baselines``).
 
     Raises:
-        ConfigError: the budget is below the minimum, which the message names (with its parts).
+        BudgetTooSmallError: the budget is below the minimum, which the message names (with its parts).
+        ConfigError: ``n_runs`` given for a calibrated fit (the budget sizes it).
     """
     if s.budget is None:
         return s, None
+    if est_cls.needs_runs and "n_runs" in s.search.estimator_kwargs:
+        raise ConfigError("under a budget the fit's real runs are what the budget leaves; drop --fit-runs "
+                          "(estimator_kwargs n_runs) or use --no-budget")
     record_eq = record_run_equivalents(trainer, rcfg)
     r = s.refine
     refine_eq = r.rounds * (1 + r.top_k + r.trials * HVP_RUNS_PER_ESTIMATE) + 1 if r.rounds else 0.0
     left = s.budget - record_eq - s.verify.top_k - refine_eq
     need = est_cls.min_runs if est_cls.needs_runs else 0
     if left < need:
-        raise ConfigError(
+        raise BudgetTooSmallError(
             f"budget {s.budget} is below the minimum {math.ceil(s.budget - left + need)} real-run equivalents for these "
             f"settings: recording {record_eq:.1f}, verifying {s.verify.top_k}, trust-region rounds {refine_eq:.0f}"
             + (f", and {need} runs to fit {est_cls.name}" if need else "") + "; raise --budget or use --rounds 0 / a smaller --top-k")
@@ -347,12 +352,13 @@ def run_pipeline(cfg: Config, settings: PipelineSettings | None = None, progress
     """
     s = settings or PipelineSettings()
     s.check(cfg)
-    rcfg = record_config(cfg, type(get_estimator(s.search.estimator, **s.search.estimator_kwargs)))
+    est_cls = type(get_estimator(s.search.estimator, **s.search.estimator_kwargs))
+    rcfg = record_config(cfg, est_cls)
     trainer = Trainer.from_config(rcfg)
     unknown = [o for o in s.search.objectives if o not in trainer.plan.eval_names]
     if unknown:  # before anything is written (the search would find it only after the recording)
         raise ConfigError(f"unknown objective eval set(s) {unknown}; the plan has {list(trainer.plan.eval_names)}")
-    s, plan = size_to_budget(s, trainer, rcfg, type(get_estimator(s.search.estimator)))
+    s, plan = size_to_budget(s, trainer, rcfg, est_cls)
     ledger = ComputeLedger()
     store = _record(rcfg, s.out, trainer, ledger, progress)
     est = _fit(store, s.search, ledger)
@@ -362,6 +368,7 @@ def run_pipeline(cfg: Config, settings: PipelineSettings | None = None, progress
         res = run_search(store, search, backend=SerialBackend(est), progress=progress)
     result = _verify(store, est, res, s, ledger, progress)
     result, tr = _refine(rcfg, store, est, result, s, ledger, progress)
-    run_seconds = float(torch.tensor([c.seconds for c in result.candidates.values()]).median())
+    trained = [c.seconds for c in result.candidates.values() if c.kind != "fit"]  # fit_best was not retrained
+    run_seconds = float(torch.tensor(trained).median())
     out = PipelineResult(s, Path(store.path), res, result, tr, ledger.summary(run_seconds), plan)
     return dataclasses.replace(out, baselines=_baselines(trainer, s, out.baseline_runs, progress))

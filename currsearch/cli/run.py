@@ -74,11 +74,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: 0 under a budget, 2 with --no-budget; their estimates count by time, so under a "
                    "budget they can overshoot the plan, which the ledger shows)")
     p.add_argument("--tr-trials", type=int, help="orders estimated per trust-region round (default: 16)")
-    p.add_argument("--fit-runs", type=int, help="real runs that fit a calibrated estimator (default: the "
-                   "estimator's own, 1024 for calibrated-interactions; with --budget: what the budget leaves)")
-    p.add_argument("--budget", type=int, help="cap on the real-run equivalents the whole job spends (recording, "
+    p.add_argument("--fit-runs", type=int, help="with --no-budget: real runs that fit a calibrated estimator "
+                   "(default: the estimator's own, 1024 for calibrated-interactions); under a budget the fit gets "
+                   "what the budget leaves")
+    cap = p.add_mutually_exclusive_group()
+    cap.add_argument("--budget", type=int, help="cap on the real-run equivalents the whole job spends (recording, "
                    "fit, verification, rounds); the phases are sized to it (default: 256)")
-    p.add_argument("--no-budget", action="store_true", help="no cap: the phases take their own settings "
+    cap.add_argument("--no-budget", action="store_true", help="no cap: the phases take their own settings "
                    "(1024 fit runs for calibrated-interactions unless --fit-runs), and the reference, random and "
                    "heuristic orders are verified too")
     p.add_argument("--baselines", type=csv_list, help="searches with real training run at the same budget for "

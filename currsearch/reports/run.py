@@ -21,7 +21,7 @@ def render_ledger(ledger: LedgerSummary) -> str:
     return ("## Compute ledger\n\nOne run equivalent = one real training of the window "
             f"({ledger.run_seconds:.3f} s here). Training and recording count their runs and gradients; other work "
             "(surrogate estimates, fut1-hvp's Hessian-vector products) counts by its time. Work reused from an earlier "
-            "job (the recorded store, cached calibration runs) counts too.\n\n"
+            "job (the recorded store, a fit's cached runs) counts too.\n\n"
             + "\n".join(markdown_table(["phase", "real runs", "run equivalents", "seconds"], rows)) + "\n")
 
 
