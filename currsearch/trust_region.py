@@ -23,7 +23,6 @@ verified loss per round.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time

@@ -61,10 +61,10 @@ def given(args: argparse.Namespace, *names: str) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def print_table(header: list[str], rows: list[list], widths: list[int] | None = None) -> None:
+def print_table(header: list[str], rows: list[list]) -> None:
     """Print an aligned plain-text table: strings left-aligned, numbers right-aligned with 4 decimals."""
     cells = [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    widths = widths or [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
     num = [bool(rows) and isinstance(rows[0][i], float) for i in range(len(header))]
     line = lambda r: " ".join(f"{c:>{w}}" if n else f"{c:<{w}}" for c, w, n in zip(r, widths, num))  # noqa: E731
     print(line(header))

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..backends import RayBackend, SerialBackend
+from ..backends import RayBackend
 from ..errors import ConfigError
 from ..export import export_order
 from ..orders import parse_order

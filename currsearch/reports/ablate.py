@@ -29,27 +29,22 @@ def render_validation_markdown(result: SubsetValidation) -> str:
         f"for real on the union (|S| x {result.steps_per_partition} steps from the same base). "
         f"{n} subsets of K = {K} partitions ({'all of them' if result.exhaustive else 'a seeded sample'}). "
         f"Estimate {c.estimate_seconds_per_subset:.3g} s/subset vs real training {c.real_seconds_per_subset:.3g} s/subset.", "",
-        "| eval set | Spearman rho | Pearson r (ppl) | rho, size>=2 | r (ppl), size>=2 | mean abs diff (nats/token) | real spread |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for name in ev:
-        a, b = result.metrics[name].all, result.metrics[name].multi
-        lines.append(f"| {name} | {_fmt(a.spearman)} | {_fmt(a.pearson_ppl)} | {_fmt(b.spearman)} | "
-                     f"{_fmt(b.pearson_ppl)} | {_fmt(a.absdiff, '.4f')} | {_fmt(a.spread, '.4f')} |")
+    lines += markdown_table(
+        ["eval set", "Spearman rho", "Pearson r (ppl)", "rho, size>=2", "r (ppl), size>=2", "mean abs diff (nats/token)",
+         "real spread"],
+        [[name, _fmt(m.all.spearman), _fmt(m.all.pearson_ppl), _fmt(m.multi.spearman), _fmt(m.multi.pearson_ppl),
+          _fmt(m.all.absdiff, '.4f'), _fmt(m.all.spread, '.4f')] for name, m in ((n, result.metrics[n]) for n in ev)])
     sizes = sorted({k for name in ev for k in result.metrics[name].by_size}, key=int)
     if sizes:
-        lines += ["", "Within one subset size (equal real token budget): Spearman rho / Pearson r (ppl), n subsets:", "",
-                  "| eval set | " + " | ".join(f"size {k}" for k in sizes) + " |", "|---|" + "---|" * len(sizes)]
-        for name in ev:
-            bs = result.metrics[name].by_size
-            lines.append(f"| {name} | " + " | ".join(
-                f"{_fmt(bs[k].spearman, '.2f')} / {_fmt(bs[k].pearson_ppl, '.2f')} (n={bs[k].n})" if k in bs else "n/a"
-                for k in sizes) + " |")
-    lines += ["", "Perplexity per subset (merged / real):", "",
-              "| subset | size | " + " | ".join(ev) + " |", "|---|---|" + "---|" * len(ev)]
-    for r in sorted(result.subsets, key=lambda r: r.real[ev[-1]]):
-        lines.append(f"| {r.label} | {r.size} | " + " | ".join(
-            f"{math.exp(r.merged[e]):.2f} / {math.exp(r.real[e]):.2f}" for e in ev) + " |")
+        lines += ["", "Within one subset size (equal real token budget): Spearman rho / Pearson r (ppl), n subsets:", ""]
+        lines += markdown_table(["eval set"] + [f"size {k}" for k in sizes], [
+            [name] + [f"{_fmt(bs[k].spearman, '.2f')} / {_fmt(bs[k].pearson_ppl, '.2f')} (n={bs[k].n})" if k in bs else "n/a"
+                      for k in sizes] for name, bs in ((n, result.metrics[n].by_size) for n in ev)])
+    lines += ["", "Perplexity per subset (merged / real):", ""]
+    lines += markdown_table(["subset", "size"] + list(ev), [
+        [r.label, str(r.size)] + [f"{math.exp(r.merged[e]):.2f} / {math.exp(r.real[e]):.2f}" for e in ev]
+        for r in sorted(result.subsets, key=lambda r: r.real[ev[-1]])])
     return "\n".join(lines) + "\n"
 
 
@@ -91,12 +86,12 @@ def render_search_markdown(result: SubsetSearchReport) -> str:
         f"Optuna study `{se.study}` ({se.sampler}, {'subsets and mixture weights' if se.weights else 'subsets'}): "
         f"{se.n_trials} trials, {se.distinct} distinct candidates, objective = merged eval loss on `{obj}` "
         f"({PAPER} proxy). Verified candidates were trained for real from the same base with matched budget.", "",
-        f"| candidate | subset | merged {obj} | real {obj} | " + " | ".join(f"real {e}" for e in ev if e != obj) + " | steps |",
-        "|---|---|---|---|" + "---|" * (len(ev) - 1) + "---|",
     ]
-    for name, v in sorted(result.candidates.items(), key=lambda kv: kv[1].verified[obj]):
-        lines.append(f"| {name} | {v.label} | {v.estimated[obj]:.4f} | {v.verified[obj]:.4f} | "
-                     + " | ".join(f"{v.verified[e]:.4f}" for e in ev if e != obj) + f" | {v.steps} |")
+    others = [e for e in ev if e != obj]
+    lines += markdown_table(
+        ["candidate", "subset", f"merged {obj}", f"real {obj}"] + [f"real {e}" for e in others] + ["steps"],
+        [[name, v.label, f"{v.estimated[obj]:.4f}", f"{v.verified[obj]:.4f}"] + [f"{v.verified[e]:.4f}" for e in others]
+         + [str(v.steps)] for name, v in sorted(result.candidates.items(), key=lambda kv: kv[1].verified[obj])])
     if s.best_searched:
         vs_full = "is the full set" if s.best_is_full else f"{'beats' if s.beats_full else 'does not beat'} the full set"
         lines += ["", f"Best verified searched subset `{s.best_searched_label}`: {s.best_searched_loss:.4f} nats/token "
