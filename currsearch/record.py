@@ -25,6 +25,14 @@ Terms (``TERMS``; an estimator declares the ones it needs):
   (``readout_update``, ``readout_grad``); costs E eval-set gradients per anchor.
 * ``eval_grads`` (opt-in): ``eval_grad_proj`` [E, k] float32, projected eval-set gradients
   at theta_t; costs the same.
+* ``response`` (opt-in; anchor stride 1): the linear response of the final eval losses to the
+  batch at each step (``currsearch.adjoint``): ``response_readout``, ``transport_readout`` and
+  ``transport_v_readout`` [T, E] float64, R_e[t, l] of each :data:`~currsearch.adjoint.RECORDED_VARIANTS`.
+  The pair phase then runs backward (t = T-1 .. 0) and carries the adjoint (one Hessian-vector
+  product of the recorded batch per step, vmapped over the E eval sets).
+* ``precedence`` (opt-in): ``precedence`` [T, T, E] float64, the curvature-precedence matrix
+  C_e[a, b] at the middle anchor only (``currsearch.adjoint.precedence_matrix``; T HVPs vmapped
+  over E).
 
 ``record.checkpoint_eval`` also evaluates the reference model at every anchor (the
 reference eval-loss curve, ``TrajectoryStore.reference_eval_losses``).
@@ -52,6 +60,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adam import AdamState, adam_direction
+from .adjoint import RECORDED_VARIANTS, AdjointState, adjoint_step, clipped_hvp, precedence_matrix, readouts
 from .config import Config
 from .errors import BudgetError, ConfigError, StoreError
 from .gradients import batch_gradients, eval_gradients
@@ -79,12 +88,16 @@ class Term:
         doc: one line on what it holds.
         tensors: per anchor, ``{tensor name: (shape as dim symbols, dtype)}``.
         compute: ``AnchorContext -> {tensor name: tensor}`` for one anchor.
+        once: computed at one anchor only (:func:`once_anchor`, the middle one) instead of every anchor.
+        hvps: Hessian-vector products per anchor where computed, in units of E tangents (cost model).
     """
 
     name: str
     doc: str
     tensors: dict[str, tuple[tuple[str, ...], torch.dtype]]
     compute: Callable[["AnchorContext"], dict[str, torch.Tensor]]
+    once: bool = False
+    hvps: str = ""
 
     def shapes(self, dims: Dims) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """``{tensor name: (shape, dtype)}`` per anchor with the dim symbols filled in from ``dims``
@@ -93,6 +106,11 @@ class Term:
 
 
 TERMS: dict[str, Term] = {}
+
+
+def once_anchor(anchors: list[int]) -> int:
+    """The anchor where ``once`` terms are computed: the middle one (``anchors[len // 2]``)."""
+    return anchors[len(anchors) // 2]
 
 
 def register_term(term: Term) -> Term:
@@ -106,12 +124,16 @@ class AnchorContext:
 
     Attributes (lazy): ``grads`` float32 [T, P] clipped g(theta_t, B_l); ``batch_losses``
     float64 [T]; ``updates`` float32 [T, P] Gamma(theta_t, B_l); ``eval_grads`` float32 [E, P]
-    at theta_t; ``eval_grads_final`` float32 [E, P] at theta_T; ``projector``.
+    at theta_t; ``eval_grads_final`` float32 [E, P] at theta_T; ``projector``. Set by the
+    recorder: ``lr`` (eta_t) and, with the ``response`` term, ``adjoint`` (lambda_{t+1} per
+    recorded variant) and ``variants`` (the recorded :class:`~currsearch.adjoint.Variant` s).
     """
 
-    def __init__(self, trainer: Trainer, theta: torch.Tensor, adam: AdamState, eval_grads_final, projector, chunk: int):
+    def __init__(self, trainer: Trainer, theta: torch.Tensor, adam: AdamState, eval_grads_final, projector, chunk: int,
+                 lr: float = 0.0, adjoint: list[AdjointState] | None = None, variants=RECORDED_VARIANTS):
         self.trainer, self.theta, self.adam = trainer, theta, adam
         self.eval_grads_final, self.projector, self.chunk = eval_grads_final, projector, chunk
+        self.lr, self.adjoint, self.variants = lr, adjoint, variants
 
     @functools.cached_property
     def _grads_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,6 +179,22 @@ register_term(Term("readouts_checkpoint", "exact inner products of the eval grad
                    lambda c: _readouts(c.eval_grads, c, "")))
 
 
+def _response(c: AnchorContext) -> dict[str, torch.Tensor]:
+    cfg = c.trainer.cfg.optim
+    return {f"{v.name}_readout": readouts(lam, v, c.updates, c.grads, c.lr, cfg) for lam, v in zip(c.adjoint, c.variants)}
+
+
+def _precedence(c: AnchorContext) -> dict[str, torch.Tensor]:
+    tr = c.trainer
+    return {"precedence": precedence_matrix(tr.model.loss, c.theta, c.adam, tr.plan.batches, c.grads, c.eval_grads_final, tr.cfg.optim)}
+
+
+register_term(Term("response", "linear response of the final eval losses to the batch at each step (adjoint read-outs)",
+                   {f"{v.name}_readout": (("T", "E"), torch.float64) for v in RECORDED_VARIANTS}, _response, hvps="1"))
+register_term(Term("precedence", "curvature-precedence matrix C_e[a, b] at the middle anchor",
+                   {"precedence": (("T", "T", "E"), torch.float64)}, _precedence, once=True, hvps="T"))
+
+
 # ---------------------------------------------------------------------------- planning
 def _dims(trainer: Trainer, cfg: Config) -> Dims:
     return {"T": trainer.T, "P": trainer.model.num_params, "k": cfg.record.projection_dim, "E": len(trainer.plan.eval_names)}
@@ -176,24 +214,31 @@ def store_formula(trainer: Trainer, cfg: Config) -> dict[str, int]:
     dims = _dims(trainer, cfg)
     P, E = dims["P"], dims["E"]
     A = len(range(0, trainer.T, cfg.record.anchor_stride))
-    pa = sum(_safetensors_bytes(TERMS[t].shapes(dims)) for t in cfg.record.terms)
+    pa = sum(_safetensors_bytes(TERMS[t].shapes(dims)) for t in cfg.record.terms if not TERMS[t].once)
+    once = sum(_safetensors_bytes(TERMS[t].shapes(dims)) for t in cfg.record.terms if TERMS[t].once)
     psize = {torch.float32: 4, torch.float64: 8}[trainer.model.dtype]
     ckpt = A * (3 * P * psize + 8 + (E * 8 if cfg.record.checkpoint_eval else 0))
     final = P * psize + E * 8 + E * dims["k"] * 4
-    return {"checkpoints": ckpt, "pairs": A * pa, "final": final, "total": ckpt + A * pa + final}
+    return {"checkpoints": ckpt, "pairs": A * pa + once, "final": final, "total": ckpt + A * pa + once + final}
 
 
 def _steps(trainer: Trainer, cfg: Config) -> tuple[int, int]:
     """``(steps of one run, steps of the recording)`` in units of one batch gradient: a run is
     T training steps plus the final evaluation's batches; the recording adds, when
     ``record.terms`` names any pair term, ``T + E'`` gradients at each of the A anchors
-    (E' = eval batches when a term needs eval gradients at every anchor)."""
+    (E' = eval batches when a term needs eval gradients at every anchor), and ``1 + E``
+    gradients per Hessian-vector product call of E tangents (``response``: one per anchor;
+    ``precedence``: T at one anchor), the cost measured for a vmapped forward-over-reverse HVP
+    (``benchmarks/record_cost.py``)."""
     T, d = trainer.T, cfg.data
     A = len(range(0, T, cfg.record.anchor_stride))
     eval_batches = sum(math.ceil(trainer.plan.eval_sets[n].shape[0] * 1.0 / d.batch_size) for n in trainer.plan.domain_names)
     per_anchor_eval = eval_batches if {"eval_grads", "readouts_checkpoint"} & set(cfg.record.terms) else 0
     pair_steps = A * (T + per_anchor_eval) if cfg.record.terms else 0  # no pair terms: checkpoints only
-    return T + eval_batches, T + eval_batches + pair_steps
+    E = len(trainer.plan.eval_names)
+    hvp_calls = sum((A if not TERMS[t].once else 1) * (T if TERMS[t].hvps == "T" else 1)
+                    for t in cfg.record.terms if TERMS[t].hvps)
+    return T + eval_batches, T + eval_batches + pair_steps + hvp_calls * (1 + E)  # an HVP of E tangents ~ 1 + E gradients
 
 
 def record_run_equivalents(trainer: Trainer, cfg: Config) -> float:
@@ -262,10 +307,14 @@ def _forget_damaged(out: Path, m: dict, damaged: list[str]) -> None:
 
 
 class _Recorder:
-    def __init__(self, cfg: Config, out: Path, progress: bool, trainer: Trainer | None, reference_order=None):
+    def __init__(self, cfg: Config, out: Path, progress: bool, trainer: Trainer | None, reference_order=None,
+                 response_variants=RECORDED_VARIANTS):
         unknown = [t for t in cfg.record.terms if t not in TERMS]
         if unknown:
             raise ConfigError(f"unknown record.terms {unknown}; known terms: {sorted(TERMS)}")
+        if {"response"} & set(cfg.record.terms) and cfg.record.anchor_stride != 1:
+            raise ConfigError(f"record.terms 'response' needs a checkpoint at every step; set record.anchor_stride = 1 "
+                              f"(got {cfg.record.anchor_stride})")
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         if trainer is not None and config_diff(trainer.cfg.to_dict(), cfg.to_dict()):
             raise ConfigError("record(): the given trainer was built from another config (other data/model/optim/train "
@@ -277,6 +326,7 @@ class _Recorder:
         self.reference_order = validate_orders(ref, self.T).view(-1).tolist()
         self.anchors = list(range(0, self.T, cfg.record.anchor_stride))
         self.projector = Projector(cfg.record.projection, self.P, cfg.record.projection_dim, cfg.record.projection_seed)
+        self.variants = tuple(response_variants)
 
     # -- manifest
     def _new_manifest(self) -> dict:
@@ -286,6 +336,13 @@ class _Recorder:
         for t in cfg.record.terms:
             for n, (s, dt) in TERMS[t].shapes(dims).items():
                 shapes[n] = {"shape": list(s), "dtype": str(dt).replace("torch.", ""), "term": t}
+                if TERMS[t].once:
+                    shapes[n]["anchor"] = once_anchor(self.anchors)
+            if t == "response":  # the read-outs of the variants this recorder was given
+                for n in TERMS[t].tensors:
+                    shapes.pop(n)
+                for v in self.variants:
+                    shapes[f"{v.name}_readout"] = {"shape": [dims["T"], dims["E"]], "dtype": "float64", "term": t}
         return {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,
@@ -321,6 +378,10 @@ class _Recorder:
                 f"store {str(self.out)!r} was recorded with other record settings {changed}; use the same settings to resume, or another --out"
             )
         store.check_trainer(self.trainer)
+        have = sorted(n for n, e in m["tensors"].items() if e["term"] == "response")
+        if "response" in self.cfg.record.terms and have != sorted(f"{v.name}_readout" for v in self.variants):
+            raise StoreError(f"store {str(self.out)!r} holds the response read-outs {have}, not those of the given "
+                             "response_variants; record them into another directory")
         if store.reference_order.tolist() != self.reference_order:
             raise StoreError(
                 f"store {str(self.out)!r} was recorded along another reference order (manifest reference_order); "
@@ -394,30 +455,79 @@ class _Recorder:
         self._commit(m)
 
     def _pairs(self, m: dict) -> None:
+        """Pair terms at every anchor; with ``response``, backward from the last anchor, carrying the adjoint."""
         tr = self.trainer
         store = TrajectoryStore(self.out, m)
         theta_T = store.final()["theta"].to(tr.device)
         eg_final = eval_gradients(tr, theta_T)
         if "final_eval_grads.safetensors" not in m["files"]:
             self._save(m, "final_eval_grads.safetensors", {"eval_grad_proj": self.projector.project(eg_final)})
+        backward = "response" in self.cfg.record.terms
+        lams = self._adjoint_resume(m, eg_final) if backward else None
         done = m["pairs_done"]
+        once_t = once_anchor(self.anchors)
         bar = self._bar(len(self.anchors), len(done), "pairs (T batches per checkpoint)")
-        for t in self.anchors:
+        for t in (reversed(self.anchors) if backward else self.anchors):
             if t in done:
                 continue
             c = store.checkpoint(t, device=tr.device)
-            ctx = AnchorContext(tr, c["theta"], AdamState(c["adam_m"], c["adam_v"], int(c["adam_step"])),
-                                eg_final, self.projector, self.cfg.record.vmap_chunk)
+            adam = AdamState(c["adam_m"], c["adam_v"], int(c["adam_step"]))
+            ctx = AnchorContext(tr, c["theta"], adam, eg_final, self.projector, self.cfg.record.vmap_chunk, tr.lr(t), lams,
+                                self.variants)
             tensors: dict[str, torch.Tensor] = {}
             for name in self.cfg.record.terms:
-                tensors.update(TERMS[name].compute(ctx))
+                if not TERMS[name].once or t == once_t:
+                    tensors.update(TERMS[name].compute(ctx))
+            if backward:
+                lams = self._adjoint_back(m, ctx, t)
             self._save(m, pairs_file(t), tensors, done, t)
+            if backward:
+                self._drop_adjoint(m, keep=t)
             bar.update(1)
         bar.close()
+        if backward:
+            self._drop_adjoint(m, keep=None)
+
+    # -- the adjoint sweep of the ``response`` term (backward pair phase)
+    @staticmethod
+    def _adjoint_file(t: int) -> str:
+        return f"adjoint/lambda_{t:05d}.safetensors"
+
+    def _adjoint_resume(self, m: dict, eg_final: torch.Tensor) -> list[AdjointState]:
+        """lambda at the first anchor still to do: lambda_T, or the saved one of the last anchor
+        done; when that file is gone (a damaged store), the sweep restarts from the end."""
+        at = m.get("adjoint_at")
+        rel = self._adjoint_file(at) if at is not None else None
+        if rel is not None and rel in m["files"] and m["pairs_done"] and min(m["pairs_done"]) == at:
+            d = TrajectoryStore(self.out, m)._read(rel, None, self.trainer.device)
+            return [AdjointState.from_tensors(d, f"{v.name}_") for v in self.variants]
+        m["pairs_done"] = []
+        return [AdjointState.final(eg_final) for _ in self.variants]
+
+    def _adjoint_back(self, m: dict, ctx: AnchorContext, t: int) -> list[AdjointState]:
+        """lambda_t from lambda_{t+1} through the recorded step t; saved (listed) before the pairs file marks t done."""
+        tr = self.trainer
+        b = self.reference_order[t]
+        hvp = clipped_hvp(tr.model.loss, ctx.theta, tr.batch(b), tr.cfg.optim.grad_clip)
+        lams = adjoint_step(ctx.adjoint, self.variants, hvp, ctx.grads[b], ctx.adam, ctx.lr, tr.model.decay_mask, tr.cfg.optim)
+        save_listed_tensors(self.out, m, self._adjoint_file(t), {k: x for lam, v in zip(lams, self.variants)
+                                                                  for k, x in lam.tensors(f"{v.name}_").items()})
+        m["adjoint_at"] = t
+        return lams
+
+    def _drop_adjoint(self, m: dict, keep: int | None) -> None:
+        """Delete the saved adjoints other than ``keep``'s (all of them once the sweep is complete)."""
+        stale = [rel for rel in m["files"] if rel.startswith("adjoint/") and (keep is None or rel != self._adjoint_file(keep))]
+        for rel in stale:
+            m["files"].pop(rel)
+        if stale:
+            self._commit(m)
+            for rel in stale:
+                (self.out / rel).unlink(missing_ok=True)
 
 
 def record(cfg: Config, out: str | Path, progress: bool = True, check_budget: bool = True,
-           trainer: Trainer | None = None, reference_order=None) -> TrajectoryStore:
+           trainer: Trainer | None = None, reference_order=None, response_variants=RECORDED_VARIANTS) -> TrajectoryStore:
     """Record (or resume, or repair, or reuse) the trajectory store of ``cfg`` in ``out``.
 
     Logs the estimated time, memory and disk before starting (``logging`` INFO, with ``progress``).
@@ -438,6 +548,9 @@ def record(cfg: Config, out: str | Path, progress: bool = True, check_budget: bo
         reference_order: the order (int64 ``[T]``) of the recorded reference run, e.g. the
             incumbent of a trust-region round; default ``0..T-1``. Estimators expand around
             this run, so they are most accurate for orders near it.
+        response_variants: the :class:`~currsearch.adjoint.Variant` s whose read-outs the
+            ``response`` term records (default :data:`~currsearch.adjoint.RECORDED_VARIANTS`, what
+            the estimators read; ablation studies add others, e.g. ``benchmarks/response_ablation.py``).
 
     Returns:
         the opened, verified :class:`TrajectoryStore`; its ``trainer()`` is the one recorded with.
@@ -449,7 +562,7 @@ def record(cfg: Config, out: str | Path, progress: bool = True, check_budget: bo
     """
     if Path(out).exists() and not Path(out).is_dir():
         raise ConfigError(f"store directory {str(out)!r} is an existing file, not a directory; pass another --out")
-    rec = _Recorder(cfg, Path(out), progress, trainer, reference_order)
+    rec = _Recorder(cfg, Path(out), progress, trainer, reference_order, response_variants)
     if not (Path(out) / "manifest.json").exists():
         est = estimate_cost(rec.trainer, cfg)
         r = cfg.record

@@ -63,6 +63,7 @@ class TensorEntry(_Strict):
     dtype: StrictStr
     shape: list[StrictInt]
     term: StrictStr
+    anchor: StrictInt = None  # set for a term recorded at one anchor only
 
 
 class Versions(_Strict):
@@ -202,7 +203,8 @@ class TrajectoryStore(ManifestDirectory):
         return self._read("final_eval_grads.safetensors", None, device)["eval_grad_proj"]
 
     def get(self, name: str, device="cpu") -> torch.Tensor:
-        """A recorded pair tensor stacked over anchors: ``[A, ...]`` (see ``currsearch.record.TERMS``).
+        """A recorded pair tensor stacked over anchors: ``[A, ...]`` (see ``currsearch.record.TERMS``);
+        a term recorded at one anchor only (its manifest entry names the ``anchor``) gives its one tensor.
 
         Raises:
             StoreError: no recorded term provides ``name``.
@@ -212,6 +214,8 @@ class TrajectoryStore(ManifestDirectory):
             raise StoreError(
                 f"store {str(self.path)!r} has no tensor {name!r}; recorded tensors: {sorted(self.manifest['tensors'])}"
             )
+        if "anchor" in owner:
+            return self._read(pairs_file(owner["anchor"]), [name], device)[name]
         return torch.stack([self._read(pairs_file(t), [name], device)[name] for t in self.anchors])
 
     def reference_eval_losses(self) -> torch.Tensor:

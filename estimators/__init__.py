@@ -4,5 +4,5 @@ Use ``get_estimator(name).fit(store).estimate(orders)``; ``available()`` lists t
 See ``estimators/base.py`` for the contract and each module for its math and source.
 """
 
-from . import calibrated, fut, hvp, simple  # noqa: F401  (register the built-in estimators)
+from . import calibrated, fut, hvp, hybrid, response, simple  # noqa: F401  (register the built-in estimators)
 from .base import Estimator, available, get_estimator, register  # noqa: F401

@@ -44,6 +44,7 @@ from currsearch.errors import ConfigError
 from currsearch.orders import random_transpositions
 
 from .base import Estimator, register
+from .common import swap_descent
 from .simple import AdditiveEstimator, assignment_order
 
 logger = logging.getLogger(__name__)
@@ -270,6 +271,33 @@ def interaction_features(orders: torch.Tensor, groups: torch.Tensor, n_groups: i
     return torch.cat([H, Q, adj, last, a, a * a, a * p], 1)
 
 
+def calibration_orders(T: int, reference: torch.Tensor, groups: torch.Tensor, n_runs: int, seed: int,
+                       near_k=(1, 2, 3, 4, 6, 8, 12, 16)) -> tuple[torch.Tensor, list[str]]:
+    """Orders of three families to retrain for a fit: int64 ``[n_runs, T]`` and their family names.
+
+    Half (the rest) uniformly random, ``n_runs // 4`` near ``reference`` (k = ``near_k`` random
+    transpositions, cycled) and ``n_runs // 4`` "clumped" (batches sorted by a random rank of
+    their group, ``groups`` int64 ``[T]``, plus Gaussian noise of standard deviation sigma G, sigma
+    log-uniform in 0.03-10: from fully blocked to random), drawn in that order from one generator
+    seeded with ``seed``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n_near = n_clumped = n_runs // 4
+    orders, kinds = [], []
+    for _ in range(n_runs - n_near - n_clumped):
+        orders.append(torch.randperm(T, generator=g)), kinds.append("random")
+    for i in range(n_near):
+        k = near_k[i % len(near_k)]
+        orders.append(random_transpositions(reference, k, g)), kinds.append(f"near-{k}")
+    G = int(groups.max()) + 1
+    for _ in range(n_clumped):
+        sigma = 10 ** (float(torch.rand(1, generator=g)) * 2.5 - 1.5)  # noise std sigma G, sigma in 0.03 .. 10
+        rank = torch.randperm(G, generator=g).double()
+        orders.append(torch.argsort(rank[groups] + sigma * G * torch.randn(T, generator=g, dtype=torch.float64)))
+        kinds.append("clumped")
+    return torch.stack(orders), kinds
+
+
 @register
 class CalibratedInteractions(Estimator):
     """Position model with group interactions fitted to real runs of three families of orders.
@@ -323,23 +351,8 @@ class CalibratedInteractions(Estimator):
         self.n_runs, self.seed, self.clumped_weight = n_runs, seed, float(clumped_weight)
 
     def calibration_orders(self, T: int, reference: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-        """The ``n_runs`` orders to retrain: int64 ``[n_runs, T]`` and their family names."""
-        g = torch.Generator().manual_seed(self.seed)
-        n_near = n_clumped = self.n_runs // 4
-        orders, kinds = [], []
-        for _ in range(self.n_runs - n_near - n_clumped):
-            orders.append(torch.randperm(T, generator=g)), kinds.append("random")
-        for i in range(n_near):
-            k = self.NEAR_K[i % len(self.NEAR_K)]
-            orders.append(random_transpositions(reference, k, g)), kinds.append(f"near-{k}")
-        groups = self.groups.cpu()
-        G = int(groups.max()) + 1
-        for _ in range(n_clumped):
-            sigma = 10 ** (float(torch.rand(1, generator=g)) * 2.5 - 1.5)  # noise std sigma G, sigma in 0.03 .. 10
-            rank = torch.randperm(G, generator=g).double()
-            orders.append(torch.argsort(rank[groups] + sigma * G * torch.randn(T, generator=g, dtype=torch.float64)))
-            kinds.append("clumped")
-        return torch.stack(orders), kinds
+        """The ``n_runs`` orders to retrain: int64 ``[n_runs, T]`` and their family names (:func:`calibration_orders`)."""
+        return calibration_orders(T, reference, self.groups.cpu(), self.n_runs, self.seed, self.NEAR_K)
 
     def _features(self, orders: torch.Tensor) -> torch.Tensor:
         return torch.cat([position_features(orders), interaction_features(orders, self.groups, self.n_groups)], 1)
@@ -379,21 +392,4 @@ class CalibratedInteractions(Estimator):
         """
         e, T = self.eval_names.index(eval_set), self.T
         order = assignment_order(position_cost(self.W[:, e].cpu().numpy(), T))
-        iu = torch.triu_indices(T, T, 1)
-        best, swaps = float(self.estimate(order)[e]), 0
-        while max_swaps is None or swaps < max_swaps:
-            vals = []
-            for c in torch.split(torch.arange(iu.shape[1]), chunk):
-                cand = order.expand(len(c), -1).clone()
-                r = torch.arange(len(c))
-                cand[r, iu[0, c]], cand[r, iu[1, c]] = order[iu[1, c]], order[iu[0, c]]
-                vals.append(self.estimate(cand)[:, e].cpu())
-            vals = torch.cat(vals)
-            i = int(vals.argmin())
-            if float(vals[i]) >= best:
-                break
-            a, b = iu[0, i], iu[1, i]
-            order = order.clone()
-            order[a], order[b] = order[b].clone(), order[a].clone()
-            best, swaps = float(vals[i]), swaps + 1
-        return order
+        return swap_descent(lambda o: self.estimate(o)[:, e], order, max_swaps, chunk)

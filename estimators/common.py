@@ -1,4 +1,4 @@
-"""Helpers shared by estimators: learning rates, anchor maps, gathers over orders."""
+"""Helpers shared by estimators: learning rates, anchor maps, gathers over orders, swap descent."""
 
 from __future__ import annotations
 
@@ -30,3 +30,35 @@ def gather_positions(x: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
     T = x.shape[0]
     t_idx = torch.arange(T, device=orders.device).expand_as(orders)
     return x[t_idx, orders]
+
+
+def swap_descent(score, order: torch.Tensor, max_swaps: int | None = None, chunk: int = 4096) -> torch.Tensor:
+    """A swap-local minimum of ``score`` from ``order``: int64 ``[T]``.
+
+    Applies the best improving transposition (all T (T - 1) / 2 scored, ``chunk`` orders per
+    call) until none improves (the score strictly decreases, so this terminates) or
+    ``max_swaps`` swaps were made.
+
+    Args:
+        score: ``orders int64 [n, T] -> float [n]`` (lower is better).
+        order: int64 ``[T]`` start.
+    """
+    T = order.shape[0]
+    iu = torch.triu_indices(T, T, 1)
+    best, swaps = float(score(order[None])[0]), 0
+    while max_swaps is None or swaps < max_swaps:
+        vals = []
+        for c in torch.split(torch.arange(iu.shape[1]), chunk):
+            cand = order.expand(len(c), -1).clone()
+            r = torch.arange(len(c))
+            cand[r, iu[0, c]], cand[r, iu[1, c]] = order[iu[1, c]], order[iu[0, c]]
+            vals.append(score(cand).cpu())
+        vals = torch.cat(vals)
+        i = int(vals.argmin())
+        if float(vals[i]) >= best:
+            break
+        a, b = iu[0, i], iu[1, i]
+        order = order.clone()
+        order[a], order[b] = order[b].clone(), order[a].clone()
+        best, swaps = float(vals[i]), swaps + 1
+    return order

@@ -1,0 +1,120 @@
+"""``hybrid`` (ours): a few-shot regression on the retraining-free estimators' terms.
+
+The retraining-free estimators (``estimators/response.py``) give the right kind of signal with
+the wrong scale and mix: each term is exact to first (or second) order around the recorded run,
+but the default regime is far from linear. ``hybrid`` keeps their terms as a handful of
+features and fits only how much each counts, per eval set e, to ``n_runs`` (default 32) real
+runs::
+
+    L_e(pi) ~ b_e + a_1 LR_e(pi) + a_2 TR_e(pi) + a_3 PR_e(pi) + sum_d c_d LR_e,d(pi)
+              + r ADJ(pi) + sum_d z_d POS_d(pi)
+
+with LR, TR, PR the ``linear-response``, ``transported`` and ``precedence`` estimates,
+``LR_e,d`` the part of the linear-response sum over the steps that hold a batch of group d,
+``ADJ`` the number of adjacent same-group pairs and ``POS_d`` the mean normalized position of
+group d's batches (G groups: the batch domains, see ``calibrated.batch_groups``): 4 + 2 G
+features (12 at G = 4), weighted ridge regression with alpha by cross-validation
+(``calibrated.fit_ridge``). The runs are drawn from the three families of
+``calibrated-interactions`` (``calibrated.calibration_orders``: random, near the reference,
+clumped by group; clumped runs weighted ``clumped_weight``) and cached in ``STORE/calibration/``.
+
+Exact: nothing (a regression). Cost: ``n_runs`` real runs plus the recording of the
+``response`` and ``precedence`` terms, then O(T^2 E) per order (the precedence term). Its
+optimum is swap-local (:func:`~estimators.common.swap_descent` from the linear-response
+assignment optimum).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from currsearch.errors import ConfigError
+
+from .base import Estimator, register
+from .calibrated import batch_groups, calibration_orders, fit_ridge, load_or_fit_runs
+from .common import gather_positions, swap_descent
+from .response import LinearResponse, Precedence, Transported
+from .simple import assignment_order
+
+
+@register
+class FewShotHybrid(Estimator):
+    """Few-shot regression on the retraining-free estimators' terms (module docstring).
+
+    Args:
+        n_runs: orders retrained for real to fit (>= 8; default 32).
+        seed: seed of those orders.
+        clumped_weight: weight of the clumped runs in the fit (> 0).
+
+    Raises:
+        ConfigError: ``n_runs < 8`` or ``clumped_weight <= 0``.
+
+    Attributes (after fit): ``runs`` (``orders``, ``kinds``, ``losses`` nats/token), ``fit_seconds``.
+    """
+
+    name = "hybrid"
+    required_terms = ("response", "precedence")
+    has_optimum = True
+    needs_runs = True
+    min_runs = 8
+    NEAR_K = (1, 2, 3, 4, 6, 8, 12, 16)
+    FEATURES_VERSION = 1  # part of the fit key: bump when the features or the fit change
+
+    def __init__(self, device="cpu", n_runs: int = 32, seed: int = 0, clumped_weight: float = 0.1):
+        super().__init__(device)
+        if n_runs < self.min_runs:
+            raise ConfigError(f"{self.name} needs n_runs >= {self.min_runs} real runs to fit, got {n_runs}")
+        if not clumped_weight > 0:
+            raise ConfigError(f"clumped_weight must be > 0, got {clumped_weight}")
+        self.n_runs, self.seed, self.clumped_weight = n_runs, seed, float(clumped_weight)
+
+    def features(self, orders: torch.Tensor) -> torch.Tensor:
+        """Features of orders int64 ``[n, T]``: float64 ``[n, F, E]``, F = 4 + 2 G (module docstring)."""
+        n, T = orders.shape
+        E = len(self.eval_names)
+        lr_terms = gather_positions(self.parts[0].cost, orders)  # [n, T, E]
+        est = [p.estimate(orders) for p in self.parts]  # 3 x [n, E]
+        g = self.groups[orders]  # [n, T] group at each step
+        onehot = torch.nn.functional.one_hot(g, self.n_groups).double()  # [n, T, G]
+        by_group = torch.einsum("nte,ntg->nge", lr_terms, onehot)  # [n, G, E]
+        adj = (g[:, 1:] == g[:, :-1]).double().sum(1)  # [n]
+        pos = torch.arange(T, dtype=torch.float64, device=orders.device) / max(T - 1, 1)
+        mean_pos = torch.einsum("t,ntg->ng", pos, onehot) / onehot.sum(1).clamp(min=1)  # [n, G]
+        shared = torch.cat([adj[:, None], mean_pos], 1)[:, :, None].expand(-1, -1, E)
+        return torch.cat([torch.stack(est, 1), by_group, shared], 1)
+
+    def _fit(self, store) -> None:
+        t0 = time.perf_counter()
+        self.parts = [LinearResponse(self.device).fit(store), Transported(self.device).fit(store),
+                      Precedence(self.device).fit(store)]
+        self.groups, _ = batch_groups(store)
+        self.groups = self.groups.to(self.device)
+        self.n_groups = int(self.groups.max()) + 1
+
+        def regress(runs):
+            X = self.features(torch.tensor(runs["orders"], device=self.device)).cpu().numpy()  # [n, F, E]
+            sw = np.where(np.asarray(runs["kinds"]) == "clumped", self.clumped_weight, 1.0)
+            fits = [fit_ridge(X[:, :, e], y, sample_weight=sw) for e, y in enumerate(np.asarray(runs["losses"]).T)]
+            return {"w": np.stack([w for w, _ in fits], 1).tolist(), "b": [b for _, b in fits]}
+
+        data = load_or_fit_runs(store, "hybrid", [self.n_runs, self.seed, list(self.NEAR_K), 1],
+                                lambda: calibration_orders(store.T, store.reference_order, self.groups.cpu(), self.n_runs,
+                                                           self.seed, self.NEAR_K),
+                                regress, fit_settings=[self.clumped_weight, self.FEATURES_VERSION])
+        self.runs = {k: data[k] for k in ("orders", "kinds", "losses")}
+        self.W = torch.tensor(data["fit"]["w"], dtype=torch.float64, device=self.device)  # [F, E]
+        self.b = torch.tensor(data["fit"]["b"], dtype=torch.float64, device=self.device)  # [E]
+        self.fit_seconds = time.perf_counter() - t0
+
+    def _estimate(self, orders: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("nfe,fe->ne", self.features(orders), self.W) + self.b
+
+    def assignment_optimum(self, eval_set: str = "all", max_swaps: int | None = None) -> torch.Tensor:
+        """A swap-local optimum of the estimate of ``eval_set``: int64 ``[T]``. Approximate: from
+        the linear-response assignment optimum, best improving transpositions until none improves."""
+        e = self.eval_names.index(eval_set)
+        order = assignment_order(self.parts[0].cost[:, :, e].cpu().numpy()).to(self.device)
+        return swap_descent(lambda o: self._estimate(o)[:, e], order, max_swaps).cpu()
