@@ -35,6 +35,7 @@ from currsearch.pipeline import PipelineSettings, RefineSettings, VerifySettings
 from currsearch.reports.common import markdown_table, pyplot, save_figure
 from currsearch.search import SearchSettings
 from currsearch.train import Trainer
+from estimators import get_estimator
 
 logger = logging.getLogger("currsearch.anytime")
 
@@ -43,6 +44,10 @@ STRATEGIES = {
     "calibrated-interactions": ("calibrated-interactions", 0),
     "calibrated-interactions+rounds": ("calibrated-interactions", 1),
     "additive+rounds": ("additive", 1),
+    "transported": ("transported", 0),
+    "linear-response": ("linear-response", 0),
+    "precedence": ("precedence", 0),
+    "hybrid": ("hybrid", 0),
 }
 
 
@@ -57,7 +62,7 @@ def _save(path: Path, points: dict) -> None:
 def run_strategy(cfg, name: str, budget: int, seed: int, out: Path, trials: int) -> dict:
     """One currsearch job under ``budget``; its best verified loss (nats/token) and ledger, or why it does not fit."""
     estimator, rounds = STRATEGIES[name]
-    fit_seed = {"seed": seed} if estimator.startswith("calibrated") else {}  # the seed varies the fit's runs too
+    fit_seed = {"seed": seed} if get_estimator(estimator).needs_runs else {}  # the seed varies the fit's runs too
     s = PipelineSettings(out=out, budget=budget, refine=RefineSettings(rounds=rounds), verify=VerifySettings(top_k=3),
                          search=SearchSettings(estimator=estimator, trials=trials, seed=seed, estimator_kwargs=fit_seed))
     try:

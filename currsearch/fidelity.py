@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from estimators.base import get_estimator
 
+from .adjoint import clipped_hvp
 from .errors import ConfigError, StoreError
 from .orders import random_transpositions
 from .record import record
@@ -254,6 +255,36 @@ def fidelity_metrics(est: torch.Tensor, true: torch.Tensor) -> dict:
 def distance_bin(dnorm: float) -> int:
     """Index of the :data:`DISTANCE_BINS` bin holding a normalized distance in ``[0, 1]``."""
     return min(int(np.searchsorted(DISTANCE_BINS, dnorm, side="right")) - 1, len(DISTANCE_BINS) - 2)
+
+
+def nonlinearity_index(store) -> dict:
+    """How far the recorded window is from the linear regime, from the store alone (T HVPs).
+
+    * ``curvature_drift`` (the index): ``sum_a ||H(theta_a; B_a) (theta_a - theta_a')|| / mean_a ||g(theta_a; B_a)||``
+      over consecutive anchors a < a' (theta_T after the last): how much the window's own steps
+      change the gradient, relative to its size. Near 0, every first-order expansion around the
+      recorded run is nearly exact; of order 1 or more, the order effects are strongly nonlinear.
+    * ``second_moment_drift``: ``||v_T - v_0|| / ||v_T||`` of Adam's second moment over the window
+      (about 1 with a fresh state, whose normalization is set by the first batches of each order).
+    * ``adam_step0``: the optimizer step count at the window start (0: fresh state).
+
+    Returns:
+        ``{"index", "curvature_drift", "second_moment_drift", "adam_step0"}`` (floats; int step).
+    """
+    tr = store.trainer()
+    fm, ref = tr.model, store.reference_order.tolist()
+    thetas = [store.checkpoint(a)["theta"].to(fm.device) for a in store.anchors] + [store.final()["theta"].to(fm.device)]
+    drift, gnorm = 0.0, []
+    for i, a in enumerate(store.anchors):
+        batch = tr.batch(ref[a])
+        hvp = clipped_hvp(fm.loss, thetas[i], batch, None)
+        drift += float(torch.linalg.vector_norm(hvp((thetas[i] - thetas[i + 1])[None])))
+        gnorm.append(float(torch.linalg.vector_norm(fm.grad(thetas[i], batch)[1])))
+    c0 = store.checkpoint(store.anchors[0])
+    last = store.checkpoint(store.anchors[-1])  # v before the last anchor's step (v_T is not stored)
+    vd = float(torch.linalg.vector_norm(last["adam_v"] - c0["adam_v"]) / (torch.linalg.vector_norm(last["adam_v"]) + 1e-30))
+    kappa = drift / max(sum(gnorm) / len(gnorm), 1e-30)
+    return {"index": kappa, "curvature_drift": kappa, "second_moment_drift": vd, "adam_step0": int(c0["adam_step"])}
 
 
 def retrain_orders(trainer, orders: list[HeldoutOrder], progress: bool = True) -> tuple[torch.Tensor, float]:

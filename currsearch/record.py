@@ -524,6 +524,8 @@ class _Recorder:
             self._commit(m)
             for rel in stale:
                 (self.out / rel).unlink(missing_ok=True)
+        if keep is None and (self.out / "adjoint").is_dir() and not any((self.out / "adjoint").iterdir()):
+            (self.out / "adjoint").rmdir()
 
 
 def record(cfg: Config, out: str | Path, progress: bool = True, check_budget: bool = True,

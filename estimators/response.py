@@ -47,14 +47,22 @@ from .common import gather_positions, swap_descent, window_lrs
 from .simple import AdditiveEstimator, assignment_order
 
 
-class _ResponseCost(AdditiveEstimator):
-    """An additive cost ``cost[t, l, e]`` read from a recorded response variant (``VARIANT``)."""
+class ResponseCost(AdditiveEstimator):
+    """An additive cost ``cost[t, l, e]``: the read-outs ``R_e[t, l]`` of one recorded response
+    variant (``currsearch.adjoint.Variant``; e.g. an ablation recorded with
+    ``record(..., response_variants=...)``).
+
+    Args:
+        variant: the variant's name (its tensor ``<variant>_readout``); default the class's ``VARIANT``.
+    """
 
     VARIANT = "response"
     required_terms = ("response",)
 
-    def __init__(self, device="cpu"):
+    def __init__(self, device="cpu", variant: str | None = None):
         Estimator.__init__(self, device)
+        if variant is not None:
+            self.VARIANT = variant
 
     def _fit(self, store) -> None:
         self.cost = store.get(f"{self.VARIANT}_readout").to(self.device, torch.float64)  # [T, T, E]
@@ -63,7 +71,7 @@ class _ResponseCost(AdditiveEstimator):
 
 
 @register
-class LinearResponse(_ResponseCost):
+class LinearResponse(ResponseCost):
     """Exact first order of the window map around the recorded run (module docstring)."""
 
     name = "linear-response"
@@ -71,7 +79,7 @@ class LinearResponse(_ResponseCost):
 
 
 @register
-class Transported(_ResponseCost):
+class Transported(ResponseCost):
     """Momentum transport along the reference, no curvature (module docstring).
 
     Args:
@@ -82,8 +90,7 @@ class Transported(_ResponseCost):
     name = "transported"
 
     def __init__(self, device="cpu", second_moment: bool = True):
-        super().__init__(device)
-        self.VARIANT = "transport_v" if second_moment else "transport"
+        super().__init__(device, "transport_v" if second_moment else "transport")
 
 
 def transport_weights(eta: torch.Tensor, b1: float, step0: int) -> torch.Tensor:

@@ -1,0 +1,180 @@
+"""Fidelity of the retraining-free estimators across regimes, with the term-by-term ablation.
+
+For each optimizer-state setting of CONFIG: record one store with the ``response`` and
+``precedence`` terms (and, with ``--ablation``, the read-outs of every adjoint variant below),
+retrain the held-out orders of the fidelity benchmark (``currsearch.fidelity.heldout_orders``,
+disjoint from the hybrid's fit runs by construction; true losses cached in OUT), and score the
+estimators with the fidelity benchmark's metrics. Adds the rho of the domain-block and
+non-block orders, the order spread (random-order std, structured range) and the regime's
+nonlinearity index (``currsearch.fidelity.nonlinearity_index``).
+
+    python benchmarks/response_fidelity.py [CONFIG] --settings fresh,warm --seed 2 [--ablation] \
+        [--estimators reference,additive,transported,linear-response,precedence,hybrid,fut1-hvp] --out runs/response
+
+Writes ``OUT/<setting>/fidelity.json`` (the fidelity benchmark's result dict plus ``extra``) and
+``OUT/summary.md`` (rho all / random / near / block / non-block on the ``all`` eval set, AbsDiff,
+per-order speed-up with the recording amortized over 1,000 orders and the fit runs included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from currsearch.adjoint import RECORDED_VARIANTS, Variant
+from currsearch.cli import csv_list, progress_logging, resolve_config
+from currsearch.errors import CurrsearchError
+from currsearch.fidelity import (SETTINGS, check_disjoint, evaluate_estimators, fidelity_metrics, heldout_orders,
+                                 nonlinearity_index, retrain_orders)
+from currsearch.manifest import atomic_write_bytes
+from currsearch.record import record
+from currsearch.reports.common import markdown_table
+from currsearch.train import Trainer
+from estimators import get_estimator
+from estimators.response import ResponseCost
+
+logger = logging.getLogger("currsearch.response_fidelity")
+
+#: the ablation, one term at a time (names of ``Variant`` read-outs): none (= additive), + momentum,
+#: + second moment, + curvature (= linear-response); and curvature alone (the earlier "adjoint")
+ABLATION = (
+    Variant("plain", curvature=False, momentum=False, second_moment=False),
+    Variant("curvature_only", momentum=False, second_moment=False),
+    Variant("response_no_v", second_moment=False),
+)
+TERMS = ["batch_losses", "updates", "grads", "readouts", "response", "precedence"]
+
+
+def true_losses(trainer, orders, path: Path) -> tuple[torch.Tensor, float]:
+    """Retrained final losses of ``orders`` (float64 ``[n, E]``) and seconds per run, cached in ``path``."""
+    key = [h.order.tolist() for h in orders]
+    if path.is_file():
+        d = json.loads(path.read_text())
+        if d["orders"] == key:
+            return torch.tensor(d["losses"], dtype=torch.float64), d["seconds_per_run"]
+    losses, sec = retrain_orders(trainer, orders)
+    atomic_write_bytes(path, json.dumps({"orders": key, "losses": losses.tolist(), "seconds_per_run": sec}).encode())
+    return losses, sec
+
+
+def subset_rho(result: dict, name: str, eval_set: str = "all") -> dict:
+    """Spearman rho and AbsDiff of one estimator on the subsets all / random / near / block / non-block."""
+    j = result["eval_names"].index(eval_set)
+    est = torch.tensor(result["estimators"][name]["estimates"])[:, j]
+    true = torch.tensor(result["true_losses"])[:, j]
+    kinds = [o["kind"] for o in result["orders"]]
+    masks = {"all": [True] * len(kinds), "random": [k == "random" for k in kinds],
+             "near": [k == "reference" or k.startswith("near") for k in kinds],
+             "block": [k == "domain-block" for k in kinds], "non-block": [k != "domain-block" for k in kinds]}
+    out = {}
+    for s, m in masks.items():
+        m = torch.tensor(m)
+        met = fidelity_metrics(est[m], true[m])
+        out[s] = met["spearman"]
+        if s == "all":
+            out["absdiff"] = met["absdiff"]
+    return out
+
+
+def spread(result: dict, eval_set: str = "all") -> dict:
+    """Random-order std and structured-order range of the true losses (nats/token)."""
+    j = result["eval_names"].index(eval_set)
+    true = torch.tensor(result["true_losses"])[:, j]
+    kinds = [o["kind"] for o in result["orders"]]
+    rnd = true[torch.tensor([k == "random" for k in kinds])]
+    st = true[torch.tensor([k in ("domain-block", "easy-to-hard", "hard-to-easy") for k in kinds])]
+    return {"random_std": float(rnd.std()) if len(rnd) > 1 else float("nan"),
+            "structured_range": [float(st.min()), float(st.max())] if len(st) else None,
+            "all_range": [float(true.min()), float(true.max())]}
+
+
+def run_setting(cfg, setting: str, names: list[str], seed: int, ablation: bool, out: Path) -> dict:
+    """One optimizer-state setting: record, retrain, score; the result dict with ``extra``."""
+    cfg = cfg.replace(train={"carry_optimizer_state": SETTINGS[setting]}, record={"terms": TERMS, "anchor_stride": 1})
+    trainer = Trainer.from_config(cfg)
+    variants = RECORDED_VARIANTS + (ABLATION if ablation else ())
+    store = record(cfg, out / "store", trainer=trainer, check_budget=False, response_variants=variants)
+    fitted, fit_s = {}, {}
+    for name in names:
+        t0 = time.perf_counter()
+        fitted[name] = get_estimator(name).fit(store)
+        fit_s[name] = time.perf_counter() - t0
+    if ablation:
+        for v in ABLATION:
+            fitted[f"R:{v.name}"] = ResponseCost(variant=v.name).fit(store)
+    calibration = [o for est in fitted.values() if est.needs_runs for o in est.fit_orders().tolist()]
+    difficulty = torch.tensor([m["unigram_nll"] for m in trainer.plan.metadata], dtype=torch.float64)
+    orders = heldout_orders(trainer.T, trainer.plan.domains, difficulty, seed=seed, exclude=calibration)
+    check_disjoint(orders, calibration)
+    true, retrain_s = true_losses(trainer, orders, out / f"true_seed{seed}.json")
+    man = store.manifest
+    info = {"bytes": int(store.nbytes()), "record_seconds": float(man["record_seconds"]),
+            "reference_seconds": float(man["reference_seconds"]), "nonlinearity": nonlinearity_index(store)}
+    res = evaluate_estimators(orders, true, list(trainer.plan.eval_names), fitted, retrain_s, fit_s, info)
+    res["extra"] = {"rho": {n: subset_rho(res, n) for n in fitted}, "spread": spread(res), "setting": setting, "seed": seed,
+                    "fit_runs": {n: len(e.fit_orders()) for n, e in fitted.items() if e.needs_runs}}
+    atomic_write_bytes(out / "fidelity.json", json.dumps(res, indent=1, default=float).encode())
+    return res
+
+
+def amortized_speedup(res: dict, name: str, orders: int = 1000) -> float:
+    """Retrain seconds per order / (estimate seconds per order + (recording + fit) / ``orders``)."""
+    c = res["estimators"][name]["cost"]
+    retrain = res["retrain_seconds_per_order"]
+    rec = 0.0 if name == "reference" else res["store"]["record_seconds"]
+    fit = c["fit_seconds"] if c["fit_seconds"] == c["fit_seconds"] else 0.0
+    return retrain / (c["estimate_seconds_per_order"] + (rec + fit) / orders)
+
+
+def render(results: dict) -> str:
+    """Markdown summary of every setting (rendered from the result dicts)."""
+    lines = []
+    for setting, res in results.items():
+        sp, nl = res["extra"]["spread"], res["store"]["nonlinearity"]
+        lines += [f"## {setting} (seed {res['extra']['seed']})", "",
+                  f"True `all` loss range {sp['all_range'][0]:.4f}-{sp['all_range'][1]:.4f} nats/token, random-order std "
+                  f"{sp['random_std']:.4f}; nonlinearity index {nl['index']:.3f} (curvature drift {nl['curvature_drift']:.3f}, "
+                  f"Adam step count at the window start {nl['adam_step0']}); recording {res['store']['record_seconds']:.1f} s "
+                  f"= {res['store']['record_seconds'] / res['store']['reference_seconds']:.1f} reference runs.", ""]
+        head = ["estimator", "rho all", "random", "near", "block", "non-block", "AbsDiff", "speed-up (1,000 orders)"]
+        rows = []
+        for name, r in res["extra"]["rho"].items():
+            rows.append([name] + [f"{r[k]:.2f}" if r[k] == r[k] else "-" for k in ("all", "random", "near", "block", "non-block")]
+                        + [f"{r['absdiff']:.4f}", f"{amortized_speedup(res, name):,.0f}x"])
+        lines += markdown_table(head, rows) + [""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("config", nargs="?", help="TOML config (default: the built-in default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    p.add_argument("--settings", type=csv_list, default=["fresh", "warm"])
+    p.add_argument("--seed", type=int, default=2, help="held-out draw (0 and 1 were used for development)")
+    p.add_argument("--estimators", type=csv_list,
+                   default=["reference", "additive", "transported", "linear-response", "precedence", "hybrid"])
+    p.add_argument("--ablation", action="store_true", help="also record and score the adjoint variants of ABLATION")
+    p.add_argument("--out", default="runs/response")
+    args = p.parse_args(argv)
+    try:
+        cfg = resolve_config(args.config, args.set)
+        out = Path(args.out)
+        with progress_logging(True):
+            results = {s: run_setting(cfg, s, args.estimators, args.seed, args.ablation, out / s) for s in args.settings}
+    except CurrsearchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    text = render(results)
+    atomic_write_bytes(out / "summary.md", text.encode())
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
