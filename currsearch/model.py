@@ -125,8 +125,14 @@ class FlatModel:
     def loss(self, theta: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (nats/token) of ``input_ids`` ([b, S] int64).
 
-        Differentiable in ``theta`` (twice: HVPs work).
+        Differentiable in ``theta`` (twice: HVPs work). A float64 ``theta`` gives a float64 loss:
+        transformers' causal-LM loss casts the logits with ``.float()`` (float32, so a float64
+        model's loss and gradients had float32 precision), so here the same mean over the
+        b (S - 1) predicted tokens is taken from the float64 logits; float32 keeps transformers' loss.
         """
+        if theta.dtype == torch.float64:
+            logits = torch.func.functional_call(self.module, self.unflatten(theta), (), {"input_ids": input_ids}).logits
+            return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
         out = torch.func.functional_call(self.module, self.unflatten(theta), (), {"input_ids": input_ids, "labels": input_ids})
         return out.loss
 

@@ -495,7 +495,11 @@ class _Recorder:
 
     def _adjoint_resume(self, m: dict, eg_final: torch.Tensor) -> list[AdjointState]:
         """lambda at the first anchor still to do: lambda_T, or the saved one of the last anchor
-        done; when that file is gone (a damaged store), the sweep restarts from the end."""
+        done; when that file is gone (a damaged store), the sweep restarts from the end. A sweep that is
+        complete (killed after its last adjoint was dropped, before the store was marked complete)
+        carries nothing: no anchor is left to do."""
+        if set(self.anchors) <= set(m["pairs_done"]):
+            return []
         at = m.get("adjoint_at")
         rel = self._adjoint_file(at) if at is not None else None
         if rel is not None and rel in m["files"] and m["pairs_done"] and min(m["pairs_done"]) == at:
@@ -516,14 +520,18 @@ class _Recorder:
         return lams
 
     def _drop_adjoint(self, m: dict, keep: int | None) -> None:
-        """Delete the saved adjoints other than ``keep``'s (all of them once the sweep is complete)."""
-        stale = [rel for rel in m["files"] if rel.startswith("adjoint/") and (keep is None or rel != self._adjoint_file(keep))]
+        """Delete the saved adjoints other than ``keep``'s (all of them once the sweep is complete):
+        unlist them, then delete every such file in ``adjoint/``, also those a kill between the two
+        left on disk unlisted (a complete store may hold no unlisted data file)."""
+        kept = None if keep is None else self._adjoint_file(keep)
+        stale = [rel for rel in m["files"] if rel.startswith("adjoint/") and rel != kept]
         for rel in stale:
             m["files"].pop(rel)
         if stale:
             self._commit(m)
-            for rel in stale:
-                (self.out / rel).unlink(missing_ok=True)
+        for f in (self.out / "adjoint").glob("*.safetensors"):
+            if f.relative_to(self.out).as_posix() != kept:
+                f.unlink()
         if keep is None and (self.out / "adjoint").is_dir() and not any((self.out / "adjoint").iterdir()):
             (self.out / "adjoint").rmdir()
 
