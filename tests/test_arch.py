@@ -15,6 +15,7 @@ from currsearch.config import Config
 from currsearch.errors import ConfigError, ModelError, StoreError
 from currsearch.model import FlatModel, build_model
 from currsearch.record import record
+from currsearch.search import run_search
 from currsearch.store import TrajectoryStore
 from currsearch.train import Trainer
 from estimators import get_estimator
@@ -42,8 +43,8 @@ def arch_cfg(request, tiny_cfg):
 
 @pytest.fixture(scope="module")
 def arch_store(arch_cfg, tmp_path_factory):
-    """A checkpoints-only store (fut1-hvp needs no pair terms) of ``arch_cfg``."""
-    return record(arch_cfg.replace(record={"terms": []}), tmp_path_factory.mktemp("arch") / "s", progress=False)
+    """A store of ``arch_cfg`` with the default record terms (every trajectory estimator fits)."""
+    return record(arch_cfg.replace(record={"projection_dim": 32}), tmp_path_factory.mktemp("arch") / "s", progress=False)
 
 
 def test_built_model_is_the_arch_with_eager_attention_and_masks(arch_cfg, arch_store):
@@ -110,10 +111,16 @@ def test_adamw_update_matches_torch_adamw(arch_store):
         torch.testing.assert_close(theta, torch.cat([ref[n].detach().reshape(-1) for n in fm.names]), rtol=1e-6, atol=1e-8)
 
 
-def test_fut1_hvp_reproduces_the_reference_order(arch_store):
-    est = get_estimator("fut1-hvp").fit(arch_store)
+@pytest.mark.parametrize("name", ["fut1-hvp", "additive", "fut1", "fut2"])
+def test_estimators_reproduce_the_reference_order(arch_store, name):
+    est = get_estimator(name).fit(arch_store)
     ref = arch_store.final()["eval_loss"]
     torch.testing.assert_close(est.estimate(torch.arange(arch_store.T)), ref, rtol=0, atol=1e-5)
+
+
+def test_search_runs_on_the_arch_store(arch_store):
+    res = run_search(arch_store, n_trials=8, batch_size=4, progress=False)
+    assert res.n_trials == 8 and all(sorted(o) == list(range(arch_store.T)) for o in res.orders.tolist())
 
 
 def test_hvp_matches_central_finite_differences(arch_cfg, arch_store):
