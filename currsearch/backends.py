@@ -23,8 +23,14 @@ store's arrays through the object store (``ray.put``) would avoid that requireme
 price of one copy per node; it is not done here because the estimators fit from a
 :class:`~currsearch.store.TrajectoryStore` and the files are memory-mapped anyway.
 
-Both backends give identical numbers for the same orders and chunk size: the same
-estimator code runs on the same (CPU, float64) device.
+GPUs: for a store recorded with ``train.device=cuda`` each actor requests a share of a GPU
+(``num_gpus_per_actor``, by default :func:`gpus_per_actor`: the cluster's GPUs split evenly
+among the actors) and holds its own copy of the model and the store there.
+
+Both backends give identical numbers for the same orders and chunk size when the estimator
+runs on the same device: the same estimator code runs on the same float64 data (a CPU
+store's actors estimate on the CPU, a CUDA store's on their GPU, ``device="cuda"``; give
+the serial estimator the same ``device`` to compare).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from estimators import available, get_estimator
 from .errors import ConfigError, CurrsearchError, StoreError
 from .orders import validate_orders
 from .store import TrajectoryStore
+from .train import Trainer
 
 
 def _as_batch(orders, T: int) -> torch.Tensor:
@@ -159,6 +166,11 @@ class _ScoringWorker:
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
         store = TrajectoryStore.open(self.store_path, verify=False)
+        cfg = store.config()
+        if cfg.train.device.startswith("cuda") and ray.get_gpu_ids():
+            # Ray shows the actor only its assigned GPU(s) (CUDA_VISIBLE_DEVICES), so the recorded
+            # cuda:N is this actor's first visible GPU: the model goes there, same initial weights
+            store.use_trainer(Trainer.from_config(cfg.replace(train={"device": "cuda"})))
         self.est = get_estimator(self.estimator_name, **self.estimator_kwargs).fit(store)
         return self.est.T, list(self.est.eval_names), ray.get_runtime_context().get_actor_id()
 
@@ -172,6 +184,35 @@ class _ScoringWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def gpus_per_actor(device: str, num_actors: int, cluster_gpus: float) -> float:
+    """The GPUs each of ``num_actors`` Ray actors requests by default (``RayBackend``'s
+    ``num_gpus_per_actor=None``) for a store recorded on ``device`` (its ``train.device``).
+
+    Every actor holds its own copy of the model and the store on its GPU (the design of the
+    Ray backend: one GPU copy of the store per actor). Off CUDA: 0. On CUDA with G GPUs in the
+    cluster: 1 each when G >= num_actors, else ``1 / ceil(num_actors / G)``, i.e. the actors
+    share the GPUs evenly, at most ``ceil(num_actors / G)`` per GPU (a fraction Ray can pack:
+    e.g. 4 actors on 1 GPU request 0.25 each, 3 actors on 2 GPUs 0.5 each).
+
+    Args:
+        device: the store's ``train.device`` (``"cpu"``, ``"mps"``, ``"cuda"``, ``"cuda:N"``).
+        num_actors: number of actors (>= 1).
+        cluster_gpus: GPUs in the Ray cluster (``ray.cluster_resources()["GPU"]``, 0 when none).
+
+    Raises:
+        ConfigError: a CUDA store and a cluster without GPUs.
+    """
+    if not device.startswith("cuda"):
+        return 0.0
+    gpus = int(cluster_gpus)
+    if gpus < 1:
+        raise ConfigError(
+            f"the store was recorded with train.device={device!r}, so its model runs on a GPU in every Ray actor, but "
+            "the Ray cluster has no GPU; run on a machine or cluster with GPUs, or record the store with train.device=cpu"
+        )
+    return 1.0 if gpus >= num_actors else 1.0 / -(-num_actors // gpus)
 
 
 def _check_address(address: str, timeout: float) -> None:
@@ -193,6 +234,28 @@ def _check_address(address: str, timeout: float) -> None:
         ) from None
 
 
+def _init_ray(address: str | None, cpus_needed: float, init_kwargs: dict[str, Any] | None) -> bool:
+    """Start a local Ray instance (``address`` None, with at least ``cpus_needed`` logical CPUs)
+    or join ``address``, unless Ray is already initialized here; return whether it started one.
+
+    Raises:
+        ConfigError: Ray could not start or join.
+    """
+    if ray.is_initialized():
+        return False
+    init = {"include_dashboard": False, "log_to_driver": True}
+    if address is None:
+        init["num_cpus"] = max(os.cpu_count() or 1, int(-(-cpus_needed // 1)))
+    else:
+        init["address"] = address
+    init.update(init_kwargs or {})
+    try:
+        ray.init(**init)
+    except (ConnectionError, TimeoutError, RuntimeError) as err:
+        raise ConfigError(f"could not start or join Ray (address={address!r}): {err}") from None
+    return True
+
+
 class RayBackend(Backend):
     """Score orders on a pool of Ray actors, one estimator copy per actor.
 
@@ -204,7 +267,8 @@ class RayBackend(Backend):
             which retrain orders for real) is fitted once here before the actors start, so
             the actors read the cache instead of each repeating the real runs.
         estimator_kwargs: keyword arguments of the estimator (e.g. ``{"readout": "checkpoint"}``);
-            ``device`` defaults to ``"cuda"`` when ``num_gpus_per_actor > 0``, else ``"cpu"``.
+            ``device`` defaults to ``"cuda"`` when the actors get GPUs (``num_gpus_per_actor > 0``,
+            given or by default), else ``"cpu"``.
         num_actors: number of actors (workers).
         chunk: orders per actor call.
         address: ``None`` starts (or reuses) a local Ray instance; ``"auto"``, ``"host:port"`` or
@@ -212,7 +276,11 @@ class RayBackend(Backend):
             When Ray is already initialized in this process, that instance is reused and
             :meth:`close` leaves it running.
         num_cpus_per_actor: logical CPUs reserved per actor (also its torch thread count).
-        num_gpus_per_actor: GPUs per actor, fractional allowed (e.g. 0.25 puts 4 actors on one GPU).
+        num_gpus_per_actor: GPUs per actor, fractional allowed (e.g. 0.25 puts 4 actors on one GPU);
+            ``None`` (default) follows the store's ``train.device``: 0 for a CPU store, for a
+            CUDA store the even share of the cluster's GPUs of :func:`gpus_per_actor`. An
+            actor with GPUs runs the store's model on its own GPU (a recorded ``cuda:N`` maps
+            to the actor's assigned GPU).
         max_retries: how often one chunk may be retried after its actor failed.
         connect_timeout: seconds to wait for a TCP connection to ``address``.
         ready_timeout: seconds to wait for an actor to be scheduled and fitted.
@@ -237,7 +305,7 @@ class RayBackend(Backend):
         chunk: int = 64,
         address: str | None = None,
         num_cpus_per_actor: float = 1,
-        num_gpus_per_actor: float = 0,
+        num_gpus_per_actor: float | None = None,
         max_retries: int = 3,
         connect_timeout: float = 5.0,
         ready_timeout: float = 300.0,
@@ -247,7 +315,7 @@ class RayBackend(Backend):
             raise ConfigError(f"RayBackend: num_actors must be >= 1, got {num_actors}")
         if chunk < 1:
             raise ConfigError(f"RayBackend: chunk must be >= 1, got {chunk}")
-        if num_cpus_per_actor < 0 or num_gpus_per_actor < 0:
+        if num_cpus_per_actor < 0 or (num_gpus_per_actor is not None and num_gpus_per_actor < 0):
             raise ConfigError("RayBackend: num_cpus_per_actor and num_gpus_per_actor must be >= 0")
         self.actors: list = []
         self.actor_ids: list[str] = []
@@ -258,42 +326,32 @@ class RayBackend(Backend):
         self.T = store.T
         self.eval_names = list(store.eval_names)
         self.estimator_name = estimator_name
-        kwargs = dict(estimator_kwargs or {})
-        kwargs.setdefault("device", "cuda" if num_gpus_per_actor > 0 else "cpu")
-        self.estimator_kwargs = kwargs
         if estimator_name not in available():
             raise ConfigError(f"unknown estimator {estimator_name!r}; choose one of {available()}")
+        kwargs = dict(estimator_kwargs or {})
         probe = get_estimator(estimator_name, **{**kwargs, "device": "cpu"})
         if probe.needs_runs:  # fit once here (real runs, cached in the store); the actors read the cache
             probe.fit(store)
         self.num_actors, self.chunk, self.max_retries = int(num_actors), int(chunk), int(max_retries)
         self.n_replaced = 0
         self.ready_timeout = float(ready_timeout)
-        self._resources = {"num_cpus": num_cpus_per_actor, "num_gpus": num_gpus_per_actor}
-
         if address is not None:
             _check_address(address, connect_timeout)
-        if not ray.is_initialized():
-            init = {"include_dashboard": False, "log_to_driver": True}
-            if address is None:
-                need = int(-(-num_actors * num_cpus_per_actor // 1))
-                init["num_cpus"] = max(os.cpu_count() or 1, need)
-            else:
-                init["address"] = address
-            init.update(init_kwargs or {})
-            try:
-                ray.init(**init)
-            except (ConnectionError, TimeoutError, RuntimeError) as err:
-                raise ConfigError(f"could not start or join Ray (address={address!r}): {err}") from None
-            self.started_ray = True
-        self._check_resources()
-        self._remote_cls = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor)(_ScoringWorker)
-        self._threads = max(1, int(num_cpus_per_actor)) if num_cpus_per_actor else None
+        self.started_ray = _init_ray(address, num_actors * num_cpus_per_actor, init_kwargs)
         try:
+            if num_gpus_per_actor is None:
+                num_gpus_per_actor = gpus_per_actor(store.config().train.device, self.num_actors,
+                                                    ray.cluster_resources().get("GPU", 0))
+            kwargs.setdefault("device", "cuda" if num_gpus_per_actor > 0 else "cpu")
+            self.estimator_kwargs = kwargs
+            self._resources = {"num_cpus": num_cpus_per_actor, "num_gpus": num_gpus_per_actor}
+            self._check_resources()
+            self._remote_cls = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor)(_ScoringWorker)
+            self._threads = max(1, int(num_cpus_per_actor)) if num_cpus_per_actor else None
             started = [self._start_actor() for _ in range(self.num_actors)]
             self.actors = [a for a, _ in started]
             self.actor_ids = self._wait_ready([r for _, r in started])
-        except BaseException:
+        except BaseException:  # a Ray instance started here does not outlive a failed start
             self.close()
             raise
         self._reset_pool()

@@ -57,18 +57,69 @@ class DataConfig(_Section):
     plan_seed: int = Field(0, ge=0, le=SEED_MAX)
 
 
-class ModelConfig(_Section):
-    """A GPT-2-style causal LM built from a small config, or a local model directory."""
+#: arch-specific ``model`` keys (transformers' own config field names) and the archs whose
+#: transformers config has them; ``None`` (the default) keeps the arch's own default
+_ARCH_KEYS = {"attention_bias": ("llama", "gpt_neox"), "mlp_bias": ("llama",)}
 
-    path: Optional[str] = Field(None, description="local transformers model dir; None builds GPT-2 from the sizes below")
+
+class ModelConfig(_Section):
+    """A causal LM built from a small config of a transformers architecture, or a local model directory.
+
+    ``arch`` picks the transformers config and model class (``gpt2``: ``GPT2Config``/
+    ``GPT2LMHeadModel``; ``llama``: ``LlamaConfig``/``LlamaForCausalLM``; ``gpt_neox``:
+    ``GPTNeoXConfig``/``GPTNeoXForCausalLM``; ``qwen2``: ``Qwen2Config``/``Qwen2ForCausalLM``),
+    built at ``n_layer`` layers, width ``n_embd`` (``hidden_size``) and ``n_head`` heads
+    (``num_attention_heads``; no grouped-query attention) with ``max_position_embeddings =
+    data.seq_len``, the tokenizer's vocabulary and dropout 0. The other keys are transformers'
+    own config field names; ``None`` keeps the arch's default:
+
+    * ``intermediate_size``: MLP width; default 4 n_embd (gpt2, gpt_neox), or the SwiGLU
+      width 8 n_embd / 3 rounded up to a multiple of 8 (llama, qwen2: three MLP matrices of
+      that width have about the parameters of two of 4 n_embd).
+    * ``tie_word_embeddings``: output layer shares the input embedding; default tied for
+      gpt2, untied for llama, gpt_neox and qwen2.
+    * ``attention_bias`` (llama: default off; gpt_neox: default on) and ``mlp_bias`` (llama:
+      default off): biases of the attention and MLP projections. gpt2 always has biases,
+      gpt_neox's MLP always has biases, qwen2 always has q/k/v biases and none elsewhere.
+
+    ``path`` loads a directory saved with ``save_pretrained`` instead (any causal LM); the
+    arch keys above must then stay unset.
+    """
+
+    path: Optional[str] = Field(None, description="local transformers model dir; None builds model.arch from the sizes below")
+    arch: Literal["gpt2", "llama", "gpt_neox", "qwen2"] = Field("gpt2", description="transformers architecture built when path is None")
     n_layer: int = Field(2, ge=1, le=48)
     n_embd: int = Field(64, ge=8, le=4096)
     n_head: int = Field(4, ge=1, le=64)
+    intermediate_size: Optional[int] = Field(None, ge=1, le=65536, description="MLP width; None: the arch's usual ratio")
+    tie_word_embeddings: Optional[bool] = Field(None, description="tie the output layer to the input embedding; None: arch default")
+    attention_bias: Optional[bool] = Field(None, description="llama, gpt_neox: biases of the attention projections; None: arch default")
+    mlp_bias: Optional[bool] = Field(None, description="llama: biases of the MLP projections; None: arch default")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+    @model_validator(mode="after")
+    def _arch_keys(self) -> "ModelConfig":
+        built = {k: getattr(self, k) for k in ("intermediate_size", "tie_word_embeddings", *_ARCH_KEYS)}
+        if self.path is not None and (self.arch != "gpt2" or any(v is not None for v in built.values())):
+            set_keys = [k for k, v in built.items() if v is not None] + (["arch"] if self.arch != "gpt2" else [])
+            raise ValueError(f"model.path loads a saved model, so {set_keys} (which build a model from sizes) must stay unset; "
+                             "unset model.path or those keys")
+        for key, archs in _ARCH_KEYS.items():
+            if getattr(self, key) is not None and self.arch not in archs:
+                raise ValueError(f"{key} is a setting of arch {' and '.join(archs)} only (transformers' {key}); arch "
+                                 f"{self.arch!r} has fixed biases: unset {key} or choose arch='llama'")
+        head_dim = self.n_embd // self.n_head
+        rotary = {"llama": head_dim, "qwen2": head_dim, "gpt_neox": int(head_dim * 0.25)}.get(self.arch)
+        if rotary is not None and (rotary < 2 or rotary % 2):
+            what = "a quarter of each head (rotary_pct 0.25)" if self.arch == "gpt_neox" else "each head"
+            raise ValueError(f"arch {self.arch!r} rotates {what} with RoPE, which needs an even number >= 2 of rotary dims; "
+                             f"n_embd / n_head = {head_dim} gives {rotary}: choose n_embd / n_head "
+                             f"{'a multiple of 8' if self.arch == 'gpt_neox' else 'even'}")
         return self
 
 

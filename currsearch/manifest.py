@@ -321,8 +321,11 @@ class ManifestDirectory:
 
     def check_config(self, cfg: Config) -> None:
         """Raise StoreError if ``cfg`` differs from the recorded config in data/model/optim/train
-        (:data:`TRAJECTORY_SECTIONS`), naming the differing keys."""
-        diff = config_diff(self.manifest["config"], cfg.to_dict(), TRAJECTORY_SECTIONS)
+        (:data:`TRAJECTORY_SECTIONS`), naming the differing keys. A key the recorded config lacks
+        (written before the key existed) counts as its default value."""
+        rec, defaults = self.manifest["config"], Config().to_dict()
+        rec = {s: {**defaults[s], **rec[s]} if isinstance(rec.get(s), dict) else rec.get(s) for s in TRAJECTORY_SECTIONS}
+        diff = config_diff(rec, cfg.to_dict(), TRAJECTORY_SECTIONS)
         if diff:
             raise StoreError(self._message("config", path=str(self.path), diff=", ".join(diff)))
 

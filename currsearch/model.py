@@ -4,7 +4,8 @@ Estimators work on flat vectors theta (``[P]`` float tensors): Taylor expansions
 Hessian-vector products (HVPs) and projections are plain tensor algebra on them.
 :class:`FlatModel` maps such a vector back onto the model with
 ``torch.func.functional_call``. The attention implementation is ``eager``, which supports
-double backward (needed for HVPs).
+double backward (needed for HVPs); :func:`build_model` builds GPT-2, Llama, GPT-NeoX or
+Qwen2 models from sizes (``model.arch``) or loads any local causal LM (``model.path``).
 """
 
 from __future__ import annotations
@@ -18,18 +19,35 @@ from .data import hf_quiet
 from .errors import ModelError
 
 
+#: ``model.arch`` -> (transformers config class, causal-LM class)
+ARCH_CLASSES = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+}
+
+
 def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
     """Build (seeded by ``cfg.train.seed``) or load the causal LM of ``cfg.model``.
 
     Args:
         cfg: the experiment config; ``cfg.model.path`` loads a local transformers model
-            directory, otherwise a GPT-2 of ``n_layer``/``n_embd``/``n_head`` is built with
-            ``n_positions = cfg.data.seq_len`` and dropout 0 (training stays deterministic).
+            directory, otherwise a model of ``cfg.model.arch`` (:data:`ARCH_CLASSES`) is built
+            from its transformers config at ``n_layer``/``n_embd``/``n_head`` with a context
+            of ``cfg.data.seq_len`` and dropout 0 (training stays deterministic); nothing is
+            downloaded. The weights are initialized on the CPU, then moved to ``train.device``
+            in ``train.dtype`` (the same initial weights on every device).
         vocab_size: tokenizer vocabulary size; the model's must be at least this.
 
+    Every model uses transformers' ``eager`` attention (plain matmul and softmax): it supports
+    double backward, which the HVPs of ``fut1-hvp`` need (``torch.func.jvp`` of
+    ``torch.func.grad``); fused SDPA/flash kernels on CUDA do not.
+
     Raises:
-        ModelError: the path does not exist or does not hold a causal LM, or its vocabulary
-            or context is smaller than the tokenizer's / ``seq_len``.
+        ModelError: the path does not exist or does not hold a causal LM, the model cannot use
+            eager attention, or its vocabulary or context is smaller than the tokenizer's /
+            ``seq_len``.
     """
     import transformers  # heavy (seconds): loaded only when a model is built
 
@@ -37,36 +55,69 @@ def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
         return _build_model(cfg, vocab_size, transformers)
 
 
+def _arch_kwargs(cfg: Config, vocab_size: int) -> dict:
+    """Keyword arguments of the transformers config class of ``cfg.model.arch`` (see
+    :class:`~currsearch.config.ModelConfig` for the defaults of the unset keys)."""
+    m = cfg.model
+    if m.arch == "gpt2":  # GPT-2's own key names; the unset optional keys are left out (GPT2Config's defaults)
+        kw = {"vocab_size": vocab_size, "n_positions": cfg.data.seq_len, "n_embd": m.n_embd, "n_layer": m.n_layer,
+              "n_head": m.n_head, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+        if m.intermediate_size is not None:
+            kw["n_inner"] = m.intermediate_size
+    else:
+        swiglu = 8 * -(-8 * m.n_embd // 24)  # 8 n_embd / 3 rounded up to a multiple of 8
+        kw = {"vocab_size": vocab_size, "max_position_embeddings": cfg.data.seq_len, "hidden_size": m.n_embd,
+              "num_hidden_layers": m.n_layer, "num_attention_heads": m.n_head, "attention_dropout": 0.0,
+              "intermediate_size": m.intermediate_size or (4 * m.n_embd if m.arch == "gpt_neox" else swiglu)}
+        if m.arch in ("llama", "qwen2"):
+            kw["num_key_value_heads"] = m.n_head
+        if m.arch == "gpt_neox":
+            kw["hidden_dropout"] = 0.0
+    for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+        if getattr(m, key) is not None:
+            kw[key] = getattr(m, key)
+    return {**kw, "bos_token_id": 0, "eos_token_id": 0}
+
+
+def _check_eager(model: torch.nn.Module, what: str) -> None:
+    """Raise ModelError unless ``model`` runs transformers' eager attention."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl != "eager":
+        raise ModelError(
+            f"{what} uses attention implementation {impl!r}, not 'eager'; currsearch needs eager attention because its "
+            "Hessian-vector products differentiate the loss twice, which fused SDPA/flash kernels do not support. Use a "
+            "model whose transformers class supports attn_implementation='eager' (every built-in causal LM does; a "
+            "custom-code model must honour config._attn_implementation), or build one with model.arch"
+        )
+
+
+def _load_model(path: str, transformers) -> torch.nn.Module:
+    """The causal LM saved in the local directory ``path``, with eager attention."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ModelError(
+            f"model path {path!r} is not a local transformers model directory (no config.json); "
+            "pass a directory saved with model.save_pretrained(), or unset model.path to build model.arch from sizes"
+        )
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(p), attn_implementation="eager")
+    except Exception as err:
+        hint = " (it cannot use eager attention, which currsearch needs for double backward)" if "attn_implementation" in str(err) else ""
+        raise ModelError(f"could not load a causal LM from {path!r}{hint}: {err}") from None
+    _check_eager(model, f"the model in {path!r}")
+    return model
+
+
 def _build_model(cfg: Config, vocab_size: int, transformers) -> torch.nn.Module:
     """:func:`build_model` with transformers imported and quiet."""
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
     if m.path is not None:
-        p = Path(m.path)
-        if not (p / "config.json").is_file():
-            raise ModelError(
-                f"model path {m.path!r} is not a local transformers model directory (no config.json); "
-                "pass a directory saved with model.save_pretrained(), or unset model.path to build a small GPT-2"
-            )
-        try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(p), attn_implementation="eager")
-        except Exception as err:
-            raise ModelError(f"could not load a causal LM from {m.path!r}: {err}") from None
+        model = _load_model(m.path, transformers)
     else:
-        conf = transformers.GPT2Config(
-            vocab_size=vocab_size,
-            n_positions=cfg.data.seq_len,
-            n_embd=m.n_embd,
-            n_layer=m.n_layer,
-            n_head=m.n_head,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        model = transformers.GPT2LMHeadModel(conf)
-        model.config._attn_implementation = "eager"
+        conf_cls, model_cls = (getattr(transformers, name) for name in ARCH_CLASSES[m.arch])
+        model = model_cls(conf_cls(**_arch_kwargs(cfg, vocab_size), attn_implementation="eager"))
+        _check_eager(model, f"model.arch={m.arch!r}")
         model.loss_type = "ForCausalLM"  # the loss it uses anyway; None makes transformers warn at the first step
     if model.get_input_embeddings().num_embeddings < vocab_size:
         raise ModelError(
@@ -89,7 +140,11 @@ class FlatModel:
             weights appear once).
         num_params: P.
         decay_mask: ``[P]`` float tensor, 1.0 on weight matrices (ndim >= 2, embeddings
-            included) and 0.0 on biases and LayerNorm parameters.
+            included) and 0.0 on biases and norm parameters (LayerNorm, RMSNorm: 1-D).
+
+    Tied weights (a ``tie_word_embeddings`` output layer sharing the input embedding) are
+    one parameter: ``named_parameters()`` lists them once, and ``torch.func.functional_call``
+    (``tie_weights=True``) substitutes the flat vector's slice for both uses.
     """
 
     def __init__(self, module: torch.nn.Module):

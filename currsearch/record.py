@@ -431,7 +431,7 @@ class _Recorder:
         tr = self.trainer
         done = m["checkpoints_done"]
         if done:
-            c = TrajectoryStore(self.out, m).checkpoint(done[-1])
+            c = TrajectoryStore(self.out, m).checkpoint(done[-1], device=tr.device)
             theta, adam, t0 = c["theta"], AdamState(c["adam_m"], c["adam_v"], int(c["adam_step"])), done[-1]
             m["reference_train_loss"] = m["reference_train_loss"][:t0]
         else:

@@ -15,6 +15,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, os.environ.get("CURRSEARCH_TEST_THREADS", "1"))
 
+#: device of the device-agnostic tests (every test built on ``tiny_cfg``/``tiny_trainer``/
+#: ``tiny_set_args``): ``CURRSEARCH_TEST_DEVICE=cuda`` runs them on the GPU (benchmarks/gpu_check.sh)
+DEVICE = os.environ.get("CURRSEARCH_TEST_DEVICE", "cpu")
+if DEVICE.startswith("cuda"):  # cuBLAS reproducibility (read when CUDA initializes, so before torch loads it)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 import torch  # noqa: E402
 
 from currsearch.config import Config  # noqa: E402
@@ -25,12 +31,16 @@ from currsearch.config import Config  # noqa: E402
 # so every in-process bit-identity check compares runs made under the same thread count
 # (Ray workers already run on one thread). CURRSEARCH_TEST_THREADS overrides it.
 torch.set_num_threads(int(os.environ.get("CURRSEARCH_TEST_THREADS", "1")))
+if DEVICE.startswith("cuda"):
+    # the bit-identity tests compare two GPU runs: deterministic kernels where CUDA has them
+    # (embedding backward, scatter-add), a warning where it has none
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 TINY = {
     "data": {"num_batches": 8, "batch_size": 4, "seq_len": 32, "eval_seqs_per_domain": 4, "vocab_size": 512},
     "model": {"n_layer": 1, "n_embd": 32, "n_head": 2},
     "optim": {"lr": 3e-3},
-    "train": {"warmup_steps": 10},
+    "train": {"warmup_steps": 10, "device": DEVICE},
 }
 
 

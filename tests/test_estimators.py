@@ -51,7 +51,7 @@ def _direct_reversed_order(store):
     """gamma_2 for the order (1, 0) by hand: exact first step, first-order second step."""
     tr = store.trainer()
     fm, oc = tr.model, tr.cfg.optim
-    c0, c1 = store.checkpoint(0), store.checkpoint(1)
+    c0, c1 = store.checkpoint(0, device=tr.device), store.checkpoint(1, device=tr.device)
     st = AdamState(c0["adam_m"], c0["adam_v"], int(c0["adam_step"]))
     _, g = fm.grad(c0["theta"], tr.batch(1))
     step, st = adam_direction(clip_grad(g, oc.grad_clip), st, c0["theta"], fm.decay_mask, oc)
@@ -76,17 +76,17 @@ def test_fut1_hvp_equals_direct_computation_at_T2(store2):
 def test_additive_equals_direct_computation_at_T2(store2):
     tr = store2.trainer()
     fm, oc = tr.model, tr.cfg.optim
-    eg = eval_gradients(tr, store2.final()["theta"]).double()
-    change = torch.zeros(len(store2.eval_names), dtype=torch.float64)
+    eg = eval_gradients(tr, store2.final(device=tr.device)["theta"]).double()
+    change = torch.zeros(len(store2.eval_names), dtype=torch.float64, device=tr.device)
     for t, (new, old) in enumerate([(1, 0), (0, 1)]):
-        c = store2.checkpoint(t)
+        c = store2.checkpoint(t, device=tr.device)
         st = AdamState(c["adam_m"], c["adam_v"], int(c["adam_step"]))
         gam = {}
         for l in (new, old):
             _, g = fm.grad(c["theta"], tr.batch(l))
             gam[l], _ = adam_direction(clip_grad(g, oc.grad_clip), st, c["theta"], fm.decay_mask, oc)
         change -= tr.lr(t) * (eg @ (gam[new] - gam[old]).double())
-    direct = store2.final()["eval_loss"] + change
+    direct = store2.final()["eval_loss"] + change.cpu()
     torch.testing.assert_close(get_estimator("additive").fit(store2).estimate(torch.tensor([1, 0])), direct, rtol=0, atol=1e-6)
 
 

@@ -55,7 +55,7 @@ def test_store_contents_and_reference_run(store, tiny_trainer, rec_cfg):
     assert store.get("readout_update").shape == (T, T, E) and store.get("readout_update").dtype == torch.float64
     assert store.get("eval_grad_proj").shape == (T, E, 64) and store.reference_eval_losses().shape == (T + 1, E)
     ref = tiny_trainer.train(torch.arange(T))
-    assert torch.equal(store.final()["theta"], ref.theta)  # the recorded reference run is the Trainer's
+    assert torch.equal(store.final(device=ref.theta.device)["theta"], ref.theta)  # the recorded reference run is the Trainer's
     assert torch.equal(store.final()["eval_loss"], ref.eval_losses)
     assert store.manifest["reference_train_loss"] == ref.train_losses.tolist()
     assert abs(store.nbytes() - store.manifest["formula_bytes"]) / store.manifest["formula_bytes"] < 0.05
@@ -65,7 +65,7 @@ def test_store_contents_and_reference_run(store, tiny_trainer, rec_cfg):
 
 def test_exact_readouts_equal_direct_computation(store, tiny_trainer):
     t, l = 3, 5
-    c = store.checkpoint(t)
+    c = store.checkpoint(t, device=tiny_trainer.device)
     from currsearch.adam import AdamState, adam_direction, clip_grad
 
     tr = tiny_trainer
@@ -76,7 +76,7 @@ def test_exact_readouts_equal_direct_computation(store, tiny_trainer):
     direct = (eg.double() @ gamma.double())
     torch.testing.assert_close(store.get("readout_update")[t, l], direct, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(store.get("readout_grad")[t, l], eg.double() @ g.double(), rtol=1e-4, atol=1e-7)
-    eg_final = eval_gradients(tr, store.final()["theta"])
+    eg_final = eval_gradients(tr, store.final(device=tr.device)["theta"])
     torch.testing.assert_close(store.get("readout_update_final")[t, l], eg_final.double() @ gamma.double(), rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(store.get("readout_grad_final")[t, l], eg_final.double() @ g.double(), rtol=1e-4, atol=1e-7)
     # the "all" eval gradient is the gradient of the loss over the union of eval sets

@@ -30,7 +30,7 @@ def cmd_train(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "result.json").write_text(json.dumps({**res.summary(), "config": cfg.to_dict()}, indent=1))
         save_order(out / "order.json", order)
-        params = {k: v.detach().contiguous().clone() for k, v in trainer.model.unflatten(res.theta).items()}
+        params = {k: v.detach().cpu().contiguous().clone() for k, v in trainer.model.unflatten(res.theta).items()}
         save_file(params, str(out / "model.safetensors"))
         print(f"wrote {out}/result.json, order.json, model.safetensors")
     return 0
