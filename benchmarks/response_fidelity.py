@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from currsearch.adjoint import RECORDED_VARIANTS, Variant
+from currsearch.adjoint import FULL_RESPONSE, RECORDED_VARIANTS, Variant
 from currsearch.cli import csv_list, progress_logging, resolve_config
 from currsearch.errors import CurrsearchError
 from currsearch.fidelity import (SETTINGS, check_disjoint, evaluate_estimators, fidelity_metrics, heldout_orders,
@@ -41,12 +41,13 @@ from estimators.response import ResponseCost
 
 logger = logging.getLogger("currsearch.response_fidelity")
 
-#: the ablation, one term at a time (names of ``Variant`` read-outs): none (= additive), + momentum,
-#: + second moment, + curvature (= linear-response); and curvature alone (the earlier "adjoint")
+#: the ablation, one term at a time (``Variant`` read-outs; with the recorded ones): none (= additive),
+#: + momentum (``transport``), + second moment (``transport_v`` = transported), curvature alone (the
+#: earlier "adjoint"), curvature + momentum (``response`` = linear-response), all three (``response_v``)
 ABLATION = (
     Variant("plain", curvature=False, momentum=False, second_moment=False),
     Variant("curvature_only", momentum=False, second_moment=False),
-    Variant("response_no_v", second_moment=False),
+    FULL_RESPONSE,
 )
 TERMS = ["batch_losses", "updates", "grads", "readouts", "response", "precedence"]
 

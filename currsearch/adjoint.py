@@ -71,12 +71,19 @@ class Variant:
     second_moment: bool = True
 
 
-#: read-outs the ``response`` term records (``currsearch.record``)
+#: read-outs the ``response`` term records (``currsearch.record``). ``linear-response`` reads
+#: ``response``: curvature and momentum, with the second moment held at the reference, since its
+#: linearization was measured to hurt (docs/estimators.md: at lr 1e-5 it is 4-6x off, and with a
+#: fresh Adam state, whose bias correction makes d theta'/d v' about 1/(1 - b2) = 1000x larger at the
+#: first steps, the read-outs blow up: AbsDiff 3.5 nats/token). The full linearization,
+#: ``FULL_RESPONSE``, is recorded on request (``record(..., response_variants=...)``).
 RECORDED_VARIANTS = (
-    Variant("response"),                                                    # linear-response
-    Variant("transport", curvature=False, second_moment=False),             # transported
-    Variant("transport_v", curvature=False),                                # transported + second moment
+    Variant("response", second_moment=False),                               # linear-response
+    Variant("transport", curvature=False, second_moment=False),             # transported, momentum only
+    Variant("transport_v", curvature=False),                                # transported (+ second moment)
 )
+#: every term of the linearized step (gradient through the HVP, Adam's m and v)
+FULL_RESPONSE = Variant("response_v")
 
 
 @dataclass

@@ -6,17 +6,19 @@ but the default regime is far from linear. ``hybrid`` keeps their terms as a han
 features and fits only how much each counts, per eval set e, to ``n_runs`` (default 32) real
 runs::
 
-    L_e(pi) ~ b_e + a_1 LR_e(pi) + a_2 TR_e(pi) + a_3 PR_e(pi) + sum_d c_d LR_e,d(pi)
-              + r ADJ(pi) + sum_d z_d POS_d(pi)
+    L_e(pi) ~ b_e + a_1 TR_e(pi) + a_2 LR_e(pi) + a_3 Q_e(pi) + r ADJ(pi)
+              + sum_d ( z_d POS_d(pi) + y_d LAST_d(pi) )
 
-with LR, TR, PR the ``linear-response``, ``transported`` and ``precedence`` estimates,
-``LR_e,d`` the part of the linear-response sum over the steps that hold a batch of group d,
-``ADJ`` the number of adjacent same-group pairs and ``POS_d`` the mean normalized position of
-group d's batches (G groups: the batch domains, see ``calibrated.batch_groups``): 4 + 2 G
-features (12 at G = 4), weighted ridge regression with alpha by cross-validation
-(``calibrated.fit_ridge``). The runs are drawn from the three families of
-``calibrated-interactions`` (``calibrated.calibration_orders``: random, near the reference,
-clumped by group; clumped runs weighted ``clumped_weight``) and cached in ``STORE/calibration/``.
+with TR the momentum transport alone (``transported``, ``second_moment=False``), LR the
+``linear-response`` estimate, Q the precedence cross term (``precedence`` minus
+``linear-response``), ``ADJ`` the number of adjacent same-group pairs, ``POS_d`` the mean and
+``LAST_d`` the last normalized position of group d's batches (G groups: the batch domains, see
+``calibrated.batch_groups``): 4 + 2 G features (12 at G = 4), weighted ridge regression with
+alpha by cross-validation (``calibrated.fit_ridge``). The feature set was chosen on the
+development draw of held-out orders (seed 0) among a few candidates (docs/estimators.md). The
+runs are drawn from the three families of ``calibrated-interactions``
+(``calibrated.calibration_orders``: random, near the reference, clumped by group; clumped runs
+weighted ``clumped_weight``) and cached in ``STORE/calibration/``.
 
 Exact: nothing (a regression). Cost: ``n_runs`` real runs plus the recording of the
 ``response`` and ``precedence`` terms, then O(T^2 E) per order (the precedence term). Its
@@ -35,7 +37,7 @@ from currsearch.errors import ConfigError
 
 from .base import Estimator, register
 from .calibrated import batch_groups, calibration_orders, fit_ridge, load_or_fit_runs
-from .common import gather_positions, swap_descent
+from .common import swap_descent
 from .response import LinearResponse, Precedence, Transported
 from .simple import assignment_order
 
@@ -61,7 +63,7 @@ class FewShotHybrid(Estimator):
     needs_runs = True
     min_runs = 8
     NEAR_K = (1, 2, 3, 4, 6, 8, 12, 16)
-    FEATURES_VERSION = 1  # part of the fit key: bump when the features or the fit change
+    FEATURES_VERSION = 2  # part of the fit key: bump when the features or the fit change
 
     def __init__(self, device="cpu", n_runs: int = 32, seed: int = 0, clumped_weight: float = 0.1):
         super().__init__(device)
@@ -75,20 +77,19 @@ class FewShotHybrid(Estimator):
         """Features of orders int64 ``[n, T]``: float64 ``[n, F, E]``, F = 4 + 2 G (module docstring)."""
         n, T = orders.shape
         E = len(self.eval_names)
-        lr_terms = gather_positions(self.parts[0].cost, orders)  # [n, T, E]
-        est = [p.estimate(orders) for p in self.parts]  # 3 x [n, E]
+        tr, lr, pr = (p.estimate(orders) for p in self.parts)  # [n, E] each
         g = self.groups[orders]  # [n, T] group at each step
         onehot = torch.nn.functional.one_hot(g, self.n_groups).double()  # [n, T, G]
-        by_group = torch.einsum("nte,ntg->nge", lr_terms, onehot)  # [n, G, E]
         adj = (g[:, 1:] == g[:, :-1]).double().sum(1)  # [n]
         pos = torch.arange(T, dtype=torch.float64, device=orders.device) / max(T - 1, 1)
         mean_pos = torch.einsum("t,ntg->ng", pos, onehot) / onehot.sum(1).clamp(min=1)  # [n, G]
-        shared = torch.cat([adj[:, None], mean_pos], 1)[:, :, None].expand(-1, -1, E)
-        return torch.cat([torch.stack(est, 1), by_group, shared], 1)
+        last_pos = (onehot * pos[None, :, None]).amax(1)  # [n, G]
+        shared = torch.cat([adj[:, None], mean_pos, last_pos], 1)[:, :, None].expand(-1, -1, E)
+        return torch.cat([torch.stack([tr, lr, pr - lr], 1), shared], 1)
 
     def _fit(self, store) -> None:
         t0 = time.perf_counter()
-        self.parts = [LinearResponse(self.device).fit(store), Transported(self.device).fit(store),
+        self.parts = [Transported(self.device, second_moment=False).fit(store), LinearResponse(self.device).fit(store),
                       Precedence(self.device).fit(store)]
         self.groups, _ = batch_groups(store)
         self.groups = self.groups.to(self.device)
@@ -116,5 +117,5 @@ class FewShotHybrid(Estimator):
         """A swap-local optimum of the estimate of ``eval_set``: int64 ``[T]``. Approximate: from
         the linear-response assignment optimum, best improving transpositions until none improves."""
         e = self.eval_names.index(eval_set)
-        order = assignment_order(self.parts[0].cost[:, :, e].cpu().numpy()).to(self.device)
+        order = assignment_order(self.parts[1].cost[:, :, e].cpu().numpy()).to(self.device)
         return swap_descent(lambda o: self._estimate(o)[:, e], order, max_swaps).cpu()

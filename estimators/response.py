@@ -1,9 +1,12 @@
 """Retraining-free estimators from the recorded linear response (``currsearch.adjoint``).
 
-``linear-response`` (ours; the exact first order of the whole window map, made cheap): the final
-eval loss of an order is the reference loss plus the first-order response to each step's batch
-change, read out with the adjoint of the AdamW window along the recorded run (gradient through
-the exact Hessian-vector product, Adam's first and second moments linearized)::
+``linear-response`` (ours; the first order of the whole window map, made cheap): the final eval
+loss of an order is the reference loss plus the first-order response to each step's batch
+change, read out with the adjoint of the AdamW window along the recorded run (the gradient
+through the exact Hessian-vector product and Adam's first moment linearized; the second moment
+held at the reference, because its linearization was measured to hurt, see
+``currsearch.adjoint.RECORDED_VARIANTS``; the full linearization is the ``response_v`` read-out
+of ``currsearch.adjoint.FULL_RESPONSE``, scored by ``ResponseCost(variant="response_v")``)::
 
     L_e(pi) ~ L_e(theta_T) + sum_t ( R_e[t, pi(t)] - R_e[t, t] )            (recorded ``response_readout``)
 

@@ -25,7 +25,7 @@ import torch
 
 import currsearch.record as record_module
 from currsearch.adam import AdamState
-from currsearch.adjoint import RECORDED_VARIANTS, Variant
+from currsearch.adjoint import FULL_RESPONSE, RECORDED_VARIANTS, Variant
 from currsearch.errors import ConfigError, StoreError
 from currsearch.gradients import eval_gradients
 from currsearch.record import once_anchor, record
@@ -254,7 +254,7 @@ def fd_store(tiny_cfg, tmp_path_factory):
     no clipping (the adjoint holds the clip factor fixed, real training does not)."""
     cfg = tiny_cfg.replace(data={"num_batches": 3}, optim={"weight_decay": 0.1, "grad_clip": None},
                            train={"dtype": "float64", "carry_optimizer_state": True}, record={"terms": ["response"]})
-    return record(cfg, tmp_path_factory.mktemp("fd") / "s", progress=False)
+    return record(cfg, tmp_path_factory.mktemp("fd") / "s", progress=False, response_variants=(FULL_RESPONSE, *RECORDED_VARIANTS))
 
 
 def _train_from(store, t: int, theta, m, v, step: int) -> torch.Tensor:
@@ -270,12 +270,13 @@ def _train_from(store, t: int, theta, m, v, step: int) -> torch.Tensor:
 def test_linear_response_is_the_derivative_of_real_training(fd_store):
     """Putting batch l instead of B_0 at step 0 moves the state after step 0 by exactly
     d = (-eta_0 (Gamma_{0,l} - Gamma_{0,0}), (1 - b1)(g_l - g_0), (1 - b2)(g_l^2 - g_0^2)); the
-    central difference of real training from s_1 +- eps d equals R_e[0, l] - R_e[0, 0] (float64)."""
+    central difference of real training from s_1 +- eps d equals R_e[0, l] - R_e[0, 0] of the full
+    linearization (``FULL_RESPONSE``: curvature, m and v; float64)."""
     tr, o = fd_store.trainer(), fd_store.config().optim
     g, gamma = hand_grads_updates(fd_store, 0)
     theta1, m1, v1, step1 = _state(fd_store, 1)
     assert tr.model.loss(theta1, tr.batch(0)).dtype == torch.float64  # not transformers' float32 upcast
-    R = {v: fd_store.get(f"{v}_readout")[0] for v in ("response", "transport_v")}  # [T(l), E]
+    R = {v: fd_store.get(f"{v}_readout")[0] for v in ("response_v", "transport_v")}  # [T(l), E]
     eps = 1e-4  # converged: eps 1e-3, 1e-4 and 1e-5 agree to ~1e-8 relative (measured)
     for l in (1, 2):
         d = (-tr.lr(0) * (gamma[l] - gamma[0]), (1 - o.beta1) * (g[l] - g[0]), (1 - o.beta2) * (g[l] ** 2 - g[0] ** 2))
@@ -283,7 +284,7 @@ def test_linear_response_is_the_derivative_of_real_training(fd_store):
         plus = _train_from(fd_store, 1, theta1 + eps * d[0], m1 + eps * d[1], v1 + eps * d[2], step1)
         minus = _train_from(fd_store, 1, theta1 - eps * d[0], m1 - eps * d[1], v1 - eps * d[2], step1)
         fd = (plus - minus) / (2 * eps)
-        lin = R["response"][l] - R["response"][0]
+        lin = R["response_v"][l] - R["response_v"][0]
         torch.testing.assert_close(lin, fd, rtol=1e-6, atol=1e-10)
         # sharp: without the curvature the response misses by far more than the tolerance
         assert float((R["transport_v"][l] - R["transport_v"][0] - fd).abs().max()) > 1e-3 * float(fd.abs().max())
@@ -291,26 +292,26 @@ def test_linear_response_is_the_derivative_of_real_training(fd_store):
 
 def test_linear_response_tracks_a_tiny_swap_far_better_than_additive(tiny_lr_store):
     """End to end at lr 1e-5 with the Adam state carried (float64): the retrained change of the
-    final losses when two adjacent batches swap, against the estimates' change.
+    final losses when batches swap, against the estimates' change.
 
-    Measured (relative max-abs error over the 5 eval sets): swap of steps 0, 1: linear-response
-    0.075, additive 0.84 (ratio 0.09); steps 1, 2: 0.21 vs 0.93 (ratio 0.23). The error does not
-    shrink with the learning rate (0.05 and 0.22 at lr 1e-4): a batch swap changes m and v by O(1)
-    at any lr, and the parameters' response to v (1 / sqrt(v)) is far from linear where v is small
-    (the v part alone at full size: -4.3e-6 vs its linearization 4.2e-5, batch 2 at step 0). It is
-    the v linearization that fails the non-adjacent swap (2, 1, 0): linear-response 4.3,
-    additive 0.88, ``transported`` without v 0.24 (measured once, not asserted)."""
+    Measured (relative max-abs error over the 5 eval sets) for the orders [1,0,2], [0,2,1],
+    [2,1,0], [2,0,1]: linear-response (curvature + momentum, v at the reference) 0.39 / 0.24 /
+    0.24 / 0.27; additive 0.84 / 0.93 / 0.88 / 0.83. The full linearization (``FULL_RESPONSE``,
+    with v) is sharper on the first adjacent swap (0.075) but fails the others (0.21 / 4.3 / 6.5):
+    a batch swap changes v by O(1) at any learning rate and 1 / sqrt(v) is far from linear where
+    v is small, which is why ``linear-response`` holds v at the reference (measured once, not
+    asserted beyond the bounds below)."""
     store = tiny_lr_store
     tr, L = store.trainer(), store.final()["eval_loss"]
     lr_est, add = get_estimator("linear-response").fit(store), get_estimator("additive").fit(store)
-    for order in ([1, 0, 2], [0, 2, 1]):
+    for order in ([1, 0, 2], [0, 2, 1], [2, 1, 0], [2, 0, 1]):
         o = torch.tensor(order)
         real = tr.train(o).eval_losses - L
         assert float(real.abs().max()) > 1e-6  # far above float64 noise
         err_lr = float((lr_est.estimate(o) - L - real).abs().max())
         err_add = float((add.estimate(o) - L - real).abs().max())
-        assert err_lr < 0.5 * err_add, f"swap {order}: linear-response error {err_lr:.3g} vs additive {err_add:.3g}"
-        assert err_lr < 0.35 * float(real.abs().max())
+        assert err_lr < 0.6 * err_add, f"order {order}: linear-response error {err_lr:.3g} vs additive {err_add:.3g}"
+        assert err_lr < 0.45 * float(real.abs().max())
 
 
 # ---------------------------------------------------------------------------- 4. optima against brute force at T = 6
