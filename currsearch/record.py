@@ -106,6 +106,8 @@ class Term:
 
 
 TERMS: dict[str, Term] = {}
+#: seconds between saves of the adjoint during the backward pair phase (``response``)
+ADJOINT_SAVE_SECONDS = 60.0
 
 
 def once_anchor(anchors: list[int]) -> int:
@@ -463,6 +465,7 @@ class _Recorder:
         if "final_eval_grads.safetensors" not in m["files"]:
             self._save(m, "final_eval_grads.safetensors", {"eval_grad_proj": self.projector.project(eg_final)})
         backward = "response" in self.cfg.record.terms
+        self._adjoint_saved = time.perf_counter()
         lams = self._adjoint_resume(m, eg_final) if backward else None
         done = m["pairs_done"]
         once_t = once_anchor(self.anchors)
@@ -479,9 +482,9 @@ class _Recorder:
                 if not TERMS[name].once or t == once_t:
                     tensors.update(TERMS[name].compute(ctx))
             if backward:
-                lams = self._adjoint_back(m, ctx, t)
+                lams = self._adjoint_back(m, t, ctx.theta, adam, lams)
             self._save(m, pairs_file(t), tensors, done, t)
-            if backward:
+            if backward and m.get("adjoint_at") == t:
                 self._drop_adjoint(m, keep=t)
             bar.update(1)
         bar.close()
@@ -494,29 +497,41 @@ class _Recorder:
         return f"adjoint/lambda_{t:05d}.safetensors"
 
     def _adjoint_resume(self, m: dict, eg_final: torch.Tensor) -> list[AdjointState]:
-        """lambda at the first anchor still to do: lambda_T, or the saved one of the last anchor
-        done; when that file is gone (a damaged store), the sweep restarts from the end. A sweep that is
-        complete (killed after its last adjoint was dropped, before the store was marked complete)
-        carries nothing: no anchor is left to do."""
+        """lambda at the first anchor still to do. It starts from the last saved adjoint (or
+        lambda_T when none is listed, e.g. a damaged store) and is carried back through the anchors
+        done since, without recomputing their pair terms (one gradient and one HVP call each; the
+        same computation as the sweep, so bit-identical). A complete sweep carries nothing."""
         if set(self.anchors) <= set(m["pairs_done"]):
             return []
         at = m.get("adjoint_at")
         rel = self._adjoint_file(at) if at is not None else None
-        if rel is not None and rel in m["files"] and m["pairs_done"] and min(m["pairs_done"]) == at:
+        if rel is not None and rel in m["files"]:
             d = TrajectoryStore(self.out, m)._read(rel, None, self.trainer.device)
-            return [AdjointState.from_tensors(d, f"{v.name}_") for v in self.variants]
-        m["pairs_done"] = []
-        return [AdjointState.final(eg_final) for _ in self.variants]
+            lams = [AdjointState.from_tensors(d, f"{v.name}_") for v in self.variants]
+        else:
+            at, lams = self.T, [AdjointState.final(eg_final) for _ in self.variants]
+        store = TrajectoryStore(self.out, m)
+        for t in reversed(self.anchors):
+            if t < at and t in m["pairs_done"]:
+                c = store.checkpoint(t, device=self.trainer.device)
+                lams = self._adjoint_back(m, t, c["theta"], AdamState(c["adam_m"], c["adam_v"], int(c["adam_step"])), lams)
+        return lams
 
-    def _adjoint_back(self, m: dict, ctx: AnchorContext, t: int) -> list[AdjointState]:
-        """lambda_t from lambda_{t+1} through the recorded step t; saved (listed) before the pairs file marks t done."""
+    def _adjoint_back(self, m: dict, t: int, theta: torch.Tensor, adam: AdamState, lams: list[AdjointState]) -> list[AdjointState]:
+        """lambda_t from lambda_{t+1} through the recorded step t. Saved (listed; the manifest is
+        written with the pairs file that marks t done) when ``ADJOINT_SAVE_SECONDS`` have passed
+        since the last save: writing [E, P] tensors per variant at every step would cost more than
+        the sweep; a resumed sweep carries lambda from the last save (:meth:`_adjoint_resume`)."""
         tr = self.trainer
         b = self.reference_order[t]
-        hvp = clipped_hvp(tr.model.loss, ctx.theta, tr.batch(b), tr.cfg.optim.grad_clip)
-        lams = adjoint_step(ctx.adjoint, self.variants, hvp, ctx.grads[b], ctx.adam, ctx.lr, tr.model.decay_mask, tr.cfg.optim)
-        save_listed_tensors(self.out, m, self._adjoint_file(t), {k: x for lam, v in zip(lams, self.variants)
-                                                                  for k, x in lam.tensors(f"{v.name}_").items()})
-        m["adjoint_at"] = t
+        g = batch_gradients(tr, theta, tr.plan.batches[b : b + 1], 1)[0][0]  # the clipped g(theta_t, B_t)
+        hvp = clipped_hvp(tr.model.loss, theta, tr.batch(b), tr.cfg.optim.grad_clip)
+        lams = adjoint_step(lams, self.variants, hvp, g, adam, tr.lr(t), tr.model.decay_mask, tr.cfg.optim)
+        if time.perf_counter() - self._adjoint_saved >= ADJOINT_SAVE_SECONDS:
+            save_listed_tensors(self.out, m, self._adjoint_file(t), {k: x for lam, v in zip(lams, self.variants)
+                                                                      for k, x in lam.tensors(f"{v.name}_").items()})
+            m["adjoint_at"] = t
+            self._adjoint_saved = time.perf_counter()
         return lams
 
     def _drop_adjoint(self, m: dict, keep: int | None) -> None:

@@ -426,7 +426,8 @@ def test_resume_in_the_backward_pair_phase_is_bit_identical(store3, cfg3, tmp_pa
     write that unlists anchor 2's adjoint, before the file is deleted, (3) after the last adjoint
     was unlisted, before its file is deleted and the store marked complete; each resume goes on
     from there and ends in the uninterrupted store, bit for bit, without adjoint files, and the
-    last one recomputes nothing."""
+    last one recomputes nothing. The adjoint is saved at every step here (``ADJOINT_SAVE_SECONDS`` 0)."""
+    monkeypatch.setattr(record_module, "ADJOINT_SAVE_SECONDS", 0.0)
     out, ref = tmp_path / "s", torch.tensor(REF3)
     points = [("after pairs 2", lambda m: m["pairs_done"] == [2]),
               ("adjoint 2 unlisted", lambda m: m["pairs_done"] == [2, 1] and len(_adjoint_files(m)) == 1),
@@ -465,3 +466,19 @@ def test_adjoint_files_dropped_and_refusals(store3, cfg3, tmp_path):
         record(cfg3.replace(record={"anchor_stride": 2}), tmp_path / "s2", progress=False)
     with pytest.raises(StoreError, match="response read-outs"):
         record(cfg3, store3.path, progress=False, reference_order=torch.tensor(REF3), response_variants=(PLAIN, *RECORDED_VARIANTS))
+
+
+def test_resume_without_a_saved_adjoint_carries_it_back_bit_identically(store3, cfg3, tmp_path, crash_when, monkeypatch):
+    """With no adjoint saved (the default saves one every 60 s), a kill after anchors 2 and 1 resumes
+    by carrying lambda_T back through them (one gradient and one HVP call each, no pair terms
+    recomputed) and ends in the uninterrupted store, bit for bit."""
+    monkeypatch.setattr(record_module, "ADJOINT_SAVE_SECONDS", float("inf"))
+    out, ref = tmp_path / "s", torch.tensor(REF3)
+    crash_when(lambda m: m["pairs_done"] == [2, 1])
+    with pytest.raises(KeyboardInterrupt):
+        record(cfg3, out, progress=False, reference_order=ref)
+    assert not _adjoint_files(json.loads((out / "manifest.json").read_text()))
+    resumed = record(cfg3, out, progress=False, reference_order=ref)
+    for name in ("response_readout", "transport_readout", "transport_v_readout", "precedence"):
+        assert torch.equal(resumed.get(name), store3.get(name)), name
+    assert _payload(resumed) == _payload(store3)
