@@ -95,7 +95,8 @@ def spread(result: dict, eval_set: str = "all") -> dict:
             "all_range": [float(true.min()), float(true.max())]}
 
 
-def run_setting(cfg, setting: str, names: list[str], seed: int, ablation: bool, out: Path) -> dict:
+def run_setting(cfg, setting: str, names: list[str], seed: int, ablation: bool, out: Path, n_random: int = 30,
+                n_near: int = 5) -> dict:
     """One optimizer-state setting: record, retrain, score; the result dict with ``extra``."""
     cfg = cfg.replace(train={"carry_optimizer_state": SETTINGS[setting]}, record={"terms": TERMS, "anchor_stride": 1})
     trainer = Trainer.from_config(cfg)
@@ -111,7 +112,8 @@ def run_setting(cfg, setting: str, names: list[str], seed: int, ablation: bool, 
             fitted[f"R:{v.name}"] = ResponseCost(variant=v.name).fit(store)
     calibration = [o for est in fitted.values() if est.needs_runs for o in est.fit_orders().tolist()]
     difficulty = torch.tensor([m["unigram_nll"] for m in trainer.plan.metadata], dtype=torch.float64)
-    orders = heldout_orders(trainer.T, trainer.plan.domains, difficulty, seed=seed, exclude=calibration)
+    orders = heldout_orders(trainer.T, trainer.plan.domains, difficulty, n_random=n_random, n_near=n_near, seed=seed,
+                            exclude=calibration)
     check_disjoint(orders, calibration)
     true, retrain_s = true_losses(trainer, orders, out / f"true_seed{seed}.json")
     man = store.manifest
@@ -161,13 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--estimators", type=csv_list,
                    default=["reference", "additive", "transported", "linear-response", "precedence", "hybrid"])
     p.add_argument("--ablation", action="store_true", help="also record and score the adjoint variants of ABLATION")
+    p.add_argument("--n-random", type=int, default=30, help="random held-out orders (default: 30)")
+    p.add_argument("--n-near", type=int, default=5, help="held-out orders per number of transpositions (default: 5)")
     p.add_argument("--out", default="runs/response")
     args = p.parse_args(argv)
     try:
         cfg = resolve_config(args.config, args.set)
         out = Path(args.out)
         with progress_logging(True):
-            results = {s: run_setting(cfg, s, args.estimators, args.seed, args.ablation, out / s) for s in args.settings}
+            results = {s: run_setting(cfg, s, args.estimators, args.seed, args.ablation, out / s, args.n_random, args.n_near)
+                       for s in args.settings}
     except CurrsearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

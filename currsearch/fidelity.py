@@ -387,7 +387,8 @@ def run_fidelity(cfg, estimator_names: list[str], out_dir, n_random: int = 30, n
 
     Args:
         cfg: the experiment :class:`~currsearch.config.Config`.
-        estimator_names: registered estimator names (``estimators.base.get_estimator``).
+        estimator_names: registered estimator names (``estimators.base.get_estimator``); the
+            store records ``cfg.record.terms`` plus the terms they require.
         out_dir: report directory; the store goes to ``store_dir`` or ``out_dir/store``.
         n_random, n_near, seed: see :func:`heldout_orders`.
 
@@ -403,6 +404,9 @@ def run_fidelity(cfg, estimator_names: list[str], out_dir, n_random: int = 30, n
     for name in estimator_names:
         get_estimator(name)  # fail fast on unknown names
     out = Path(out_dir)
+    needed = [t for name in estimator_names for t in type(get_estimator(name)).required_terms if t not in cfg.record.terms]
+    if needed:  # record what the chosen estimators read, in one store
+        cfg = cfg.replace(record={"terms": list(cfg.record.terms) + list(dict.fromkeys(needed))})
     trainer = Trainer.from_config(cfg)
     difficulty = torch.tensor([m["unigram_nll"] for m in trainer.plan.metadata], dtype=torch.float64)
     store = record(cfg, Path(store_dir) if store_dir else out / "store", progress=progress, trainer=trainer)
