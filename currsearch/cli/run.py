@@ -93,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "search it, verify (default); guided-tpe: TPE with real training, every --budget run real, with "
                    "orders proposed by a surrogate refitted to the runs (no recording, no verification)")
     p.add_argument("--first-batch", type=int, help="guided-tpe: plain TPE trials before the first refit (default: 16)")
-    p.add_argument("--refit-every", type=int, help="guided-tpe: real trials between refits (default: 16)")
+    p.add_argument("--refit-every", type=int, help="guided-tpe: real trials between refits (default: 8)")
     p.add_argument("--enqueue", type=int, help="guided-tpe: surrogate orders trained after each refit (default: 4)")
     p.add_argument("--baselines", type=csv_list, help="searches with real training run at the same budget for "
                    "comparison: random-search, optuna-real (default: none)")
