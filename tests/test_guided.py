@@ -14,7 +14,7 @@ from currsearch.errors import ConfigError
 from currsearch.guided import GuidedSettings, guided_search, propose
 from currsearch.pipeline import PipelineSettings, run_pipeline
 
-S = GuidedSettings(first_batch=16, refit_every=4, enqueue=2, starts=2)
+S = GuidedSettings(first_batch=16, refit_every=4, enqueue=2, starts=2, max_swaps=None)  # descents to a local optimum
 N = 22  # refits after 16 and 20 runs
 
 
