@@ -1,7 +1,8 @@
 """Best verified loss against budget: currsearch against search with real training.
 
 For each budget N (real-run equivalents, recording included) and seed, every currsearch
-strategy runs the main job under ``--budget N`` (:func:`currsearch.pipeline.run_pipeline`),
+strategy runs the main job under ``--budget N`` (:func:`currsearch.pipeline.run_pipeline`;
+``guided-tpe`` is its ``--strategy guided-tpe``: N real runs of TPE guided by the surrogate),
 and the two searches with real training (``random-search``, ``optuna-real``,
 :mod:`currsearch.baselines`) spend N real runs; their curves come from one run of
 ``max(budgets)`` per seed (the best after the first N runs is what a budget of N would give).
@@ -39,15 +40,17 @@ from estimators import get_estimator
 
 logger = logging.getLogger("currsearch.anytime")
 
-#: currsearch strategies: name -> (estimator, trust-region rounds)
+#: currsearch strategies: name -> (pipeline strategy, estimator, trust-region rounds); ``guided-tpe``
+#: (:mod:`currsearch.guided`) spends the whole budget on real runs, TPE guided by refitted surrogates
 STRATEGIES = {
-    "calibrated-interactions": ("calibrated-interactions", 0),
-    "calibrated-interactions+rounds": ("calibrated-interactions", 1),
-    "additive+rounds": ("additive", 1),
-    "transported": ("transported", 0),
-    "linear-response": ("linear-response", 0),
-    "precedence": ("precedence", 0),
-    "hybrid": ("hybrid", 0),
+    "calibrated-interactions": ("surrogate", "calibrated-interactions", 0),
+    "calibrated-interactions+rounds": ("surrogate", "calibrated-interactions", 1),
+    "additive+rounds": ("surrogate", "additive", 1),
+    "transported": ("surrogate", "transported", 0),
+    "linear-response": ("surrogate", "linear-response", 0),
+    "precedence": ("surrogate", "precedence", 0),
+    "hybrid": ("surrogate", "hybrid", 0),
+    "guided-tpe": ("guided-tpe", "calibrated-interactions", 0),
 }
 
 
@@ -61,9 +64,11 @@ def _save(path: Path, points: dict) -> None:
 
 def run_strategy(cfg, name: str, budget: int, seed: int, out: Path, trials: int) -> dict:
     """One currsearch job under ``budget``; its best verified loss (nats/token) and ledger, or why it does not fit."""
-    estimator, rounds = STRATEGIES[name]
-    fit_seed = {"seed": seed} if get_estimator(estimator).needs_runs else {}  # the seed varies the fit's runs too
-    s = PipelineSettings(out=out, budget=budget, refine=RefineSettings(rounds=rounds), verify=VerifySettings(top_k=3),
+    strategy, estimator, rounds = STRATEGIES[name]
+    fits = strategy == "surrogate" and get_estimator(estimator).needs_runs
+    fit_seed = {"seed": seed} if fits else {}  # the seed varies the fit's runs too
+    s = PipelineSettings(out=out, budget=budget, strategy=strategy, refine=RefineSettings(rounds=rounds),
+                         verify=VerifySettings(top_k=3),
                          search=SearchSettings(estimator=estimator, trials=trials, seed=seed, estimator_kwargs=fit_seed))
     try:
         res = run_pipeline(cfg, s, progress=False)

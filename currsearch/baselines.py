@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import optuna
 
@@ -37,7 +38,7 @@ class RealSearchResult:
     """A search whose objective is real training.
 
     Attributes:
-        name: ``random-search`` or ``optuna-real``.
+        name: ``random-search``, ``optuna-real`` (or ``guided-tpe``, :mod:`currsearch.guided`).
         orders: the ``n_runs`` orders trained, in trial order (lists of T batch indices).
         losses: their final ``objective`` eval loss, nats/token, in trial order.
         objective: the eval set minimized.
@@ -73,6 +74,56 @@ class RealSearchResult:
         """The lowest ``objective`` loss, nats/token."""
         return min(self.losses)
 
+    @classmethod
+    def from_trials(cls, name: str, trials: list[optuna.trial.FrozenTrial], objective: str, seed: int,
+                    seconds: float) -> "RealSearchResult":
+        """The result of completed ``trials`` told by :func:`real_scorer` (their ``order`` user attr and value)."""
+        return cls(name, [t.user_attrs["order"] for t in trials], [float(t.value) for t in trials], objective, seed, seconds)
+
+
+def objective_index(trainer: Trainer, objective: str) -> int:
+    """Column of ``objective`` in the trainer's eval losses.
+
+    Raises:
+        ConfigError: the plan has no eval set of that name.
+    """
+    if objective not in trainer.plan.eval_names:
+        raise ConfigError(f"unknown objective eval set {objective!r}; the plan has {list(trainer.plan.eval_names)}")
+    return list(trainer.plan.eval_names).index(objective)
+
+
+def real_scorer(trainer: Trainer, space, obj: int) -> Callable[[list], list]:
+    """``score(trials)`` for :func:`~currsearch.search.ask_and_tell` whose objective is real training:
+    each trial's order (``space.suggest``) is trained from the window start; the trial is told
+    its final eval loss of column ``obj`` (nats/token) and keeps ``order`` (T ints) and
+    ``losses`` (all E eval losses, ``plan.eval_names`` order) as user attrs."""
+
+    def score(trials):
+        out = []
+        for t in trials:
+            order = space.suggest(t)
+            losses = trainer.train(order).eval_losses
+            out.append((float(losses[obj]), {"order": order.tolist(), "losses": losses.tolist()}))
+        return out
+
+    return score
+
+
+def open_real_study(study_name: str, sampler: optuna.samplers.BaseSampler, storage) -> tuple[optuna.Study, Session]:
+    """Create or load a study of real runs on ``storage`` (:func:`~currsearch.study.make_storage`),
+    start this call's :class:`~currsearch.study.Session` and re-queue the trials a killed call
+    left RUNNING (:func:`~currsearch.study.recover_stale_trials`). Call within
+    :func:`~currsearch.study.optuna_warnings_only`."""
+    study = optuna.create_study(storage=make_storage(storage), sampler=sampler, study_name=study_name, load_if_exists=True)
+    session = Session(study)
+    recover_stale_trials(study, session)
+    return study, session
+
+
+def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The COMPLETE trials of ``study`` in trial-number order."""
+    return sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: t.number)
+
 
 def real_search(trainer: Trainer, name: str, n_runs: int, seed: int = 0, objective: str = "all",
                 storage=None, progress: bool = True) -> RealSearchResult:
@@ -98,29 +149,10 @@ def real_search(trainer: Trainer, name: str, n_runs: int, seed: int = 0, objecti
         raise ConfigError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
     if n_runs < 1:
         raise ConfigError(f"a real-training search needs n_runs >= 1, got {n_runs}")
-    if objective not in trainer.plan.eval_names:
-        raise ConfigError(f"unknown objective eval set {objective!r}; the plan has {list(trainer.plan.eval_names)}")
-    obj = trainer.plan.eval_names.index(objective)
-    sp = get_space("random_keys", BatchInfo.from_plan(trainer.plan))
-
-    def score(trials):
-        out = []
-        for t in trials:
-            order = sp.suggest(t)
-            losses = trainer.train(order).eval_losses
-            out.append((float(losses[obj]), {"order": order.tolist(), "losses": losses.tolist()}))
-        return out
-
+    score = real_scorer(trainer, get_space("random_keys", BatchInfo.from_plan(trainer.plan)), objective_index(trainer, objective))
     t0 = time.perf_counter()
     with optuna_warnings_only():
-        study = optuna.create_study(storage=make_storage(storage), sampler=make_sampler(BASELINES[name], seed=seed),
-                                    study_name=f"{name}-{objective}-seed{seed}", load_if_exists=True)
-        session = Session(study)
-        recover_stale_trials(study, session)
-        done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+        study, session = open_real_study(f"{name}-{objective}-seed{seed}", make_sampler(BASELINES[name], seed=seed), storage)
+        done = len(complete_trials(study))
         ask_and_tell(study, max(0, n_runs - done), 1, score, progress=progress, desc=name, session=session)
-    trials = sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: t.number)
-    trials = trials[:n_runs]
-    return RealSearchResult(name, [t.user_attrs["order"] for t in trials], [float(t.value) for t in trials], objective,
-                            seed, time.perf_counter() - t0)
-
+    return RealSearchResult.from_trials(name, complete_trials(study)[:n_runs], objective, seed, time.perf_counter() - t0)

@@ -17,6 +17,11 @@ Phases (each resumes when rerun on the same ``out``):
 Every phase is entered in a :class:`~currsearch.ledger.ComputeLedger` (real runs, seconds,
 run equivalents), so a report can compare the result with search on real training at the
 same compute.
+
+``PipelineSettings.strategy = "guided-tpe"`` (``currsearch run --strategy guided-tpe``) runs
+another job in their place: :func:`currsearch.guided.guided_search`, TPE with real training
+whose every ``budget`` run is real, guided by surrogates refitted to those runs (journal
+``OUT/guided.journal``); its best runs are the verified candidates.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -39,6 +44,7 @@ from .backends import SerialBackend
 from .baselines import BASELINES, RealSearchResult, real_search
 from .config import Config
 from .errors import BudgetTooSmallError, ConfigError
+from .guided import GuidedResult, GuidedSettings, guided_search
 from .ledger import ComputeLedger, LedgerSummary
 from .record import record, record_run_equivalents
 from .search import SearchResult, SearchSettings, run_search
@@ -115,11 +121,18 @@ class PipelineSettings(Settings):
         baselines: searches with real training run at the same budget for comparison
             (``random-search``, ``optuna-real``; :mod:`currsearch.baselines`). Their runs are
             not part of the job's budget: they are what the job is compared with.
+        strategy: ``surrogate`` (record, fit, search the surrogate, verify, refine: the
+            phases above) or ``guided-tpe`` (:mod:`currsearch.guided`: TPE with real training
+            guided by refitted surrogates; every one of the ``budget`` runs is real, so there
+            is no recording, verification or refinement; ``search`` gives its seed and objective).
+        guided: the ``guided-tpe`` strategy's settings.
     """
 
     out: Path = Path("runs/main")
     budget: Optional[int] = Field(DEFAULT_BUDGET, ge=1)
     baselines: tuple[str, ...] = ()
+    strategy: Literal["surrogate", "guided-tpe"] = "surrogate"
+    guided: GuidedSettings = Field(default_factory=GuidedSettings)
     search: SearchSettings = Field(default_factory=lambda: SearchSettings(estimator="calibrated-interactions"))
     verify: VerifySettings = Field(default_factory=VerifySettings)
     refine: RefineSettings = Field(default_factory=RefineSettings)
@@ -151,11 +164,18 @@ class PipelineSettings(Settings):
         """Checks that need the config (before anything is created).
 
         Raises:
-            ConfigError: refinement rounds with several objectives, or ``out`` naming an
-                existing file.
+            ConfigError: refinement rounds with several objectives, ``out`` naming an
+                existing file, or ``guided-tpe`` without a budget, with rounds or with several objectives.
         """
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"output directory {str(self.out)!r} is an existing file; pass another --out")
+        if self.strategy == "guided-tpe":
+            if self.budget is None:
+                raise ConfigError("the guided-tpe strategy trains exactly --budget orders; give a budget instead of --no-budget")
+            if self.refine.rounds or len(self.search.objectives) != 1:
+                raise ConfigError("the guided-tpe strategy minimizes one objective and has no trust-region rounds; "
+                                  "give one objective and --rounds 0")
+            return
         if self.refine.rounds:
             if len(self.search.objectives) != 1:
                 raise ConfigError("trust-region rounds minimize one objective; give one objective or refine.rounds = 0")
@@ -246,21 +266,24 @@ class PipelineResult:
         budget: the plan of a budgeted job (None without ``budget``).
         baselines: ``{name: RealSearchResult}`` of the searches with real training run at
             the same budget (``settings.baselines``).
+        guided: the ``guided-tpe`` search (None for the ``surrogate`` strategy, which has
+            ``store_path`` and ``search`` instead; the guided job has neither).
     """
 
     settings: PipelineSettings
-    store_path: Path
-    search: SearchResult
+    store_path: Path | None
+    search: SearchResult | None
     verification: VerificationResult
     trust_region: TrustRegionResult | None
     ledger: LedgerSummary
     budget: BudgetPlan | None = None
     baselines: dict[str, RealSearchResult] = field(default_factory=dict)
+    guided: GuidedResult | None = None
 
     @property
     def baseline_runs(self) -> int:
         """Real runs each baseline got: the budget, else the job's total run equivalents (rounded)."""
-        return self.budget.budget if self.budget else max(1, round(self.ledger.run_equivalents))
+        return self.settings.budget if self.settings.budget else max(1, round(self.ledger.run_equivalents))
 
 
 def _record(cfg: Config, out: Path, trainer: Trainer, ledger: ComputeLedger, progress: bool) -> TrajectoryStore:
@@ -331,9 +354,27 @@ def _baselines(trainer: Trainer, s: PipelineSettings, n_runs: int, progress: boo
             for name in s.baselines}
 
 
+def _run_guided(cfg: Config, s: PipelineSettings, progress: bool) -> PipelineResult:
+    """The ``guided-tpe`` job: :func:`~currsearch.guided.guided_search` with ``budget`` real
+    runs (journal ``OUT/guided.journal``), its ``verify.top_k`` best orders as the verified
+    candidates, then the baselines. Ledger: ``guided_runs`` (the real runs, counted) and
+    ``surrogate`` (the refits' fit and search: seconds, 0 run equivalents)."""
+    trainer = Trainer.from_config(cfg)
+    res = guided_search(trainer, s.budget, s.guided, seed=s.search.seed, objective=s.search.objectives[0],
+                        storage=str(s.out / "guided.journal"), progress=progress)
+    ledger = ComputeLedger()
+    ledger.add("guided_runs", max(0.0, res.runs.seconds - res.surrogate_seconds), real_runs=res.n_runs,
+               equivalents=res.n_runs)
+    ledger.add("surrogate", res.surrogate_seconds, real_runs=0, equivalents=0.0)
+    out = PipelineResult(s, None, None, res.verification(trainer, s.verify.top_k), None, ledger.summary(res.run_seconds),
+                         guided=res)
+    return dataclasses.replace(out, baselines=_baselines(trainer, s, out.baseline_runs, progress))
+
+
 def run_pipeline(cfg: Config, settings: PipelineSettings | None = None, progress: bool = True) -> PipelineResult:
     """Run (or resume) the main job: record, fit, search, verify, refine (module docstring),
-    then the baselines with real training at the same budget.
+    then the baselines with real training at the same budget; with ``strategy="guided-tpe"``,
+    the guided search with real training instead (:func:`_run_guided`).
 
     Args:
         cfg: the experiment config (data, model, optimizer, training; ``record.terms`` is cut
@@ -352,6 +393,8 @@ def run_pipeline(cfg: Config, settings: PipelineSettings | None = None, progress
     """
     s = settings or PipelineSettings()
     s.check(cfg)
+    if s.strategy == "guided-tpe":
+        return _run_guided(cfg, s, progress)
     est_cls = type(get_estimator(s.search.estimator, **s.search.estimator_kwargs))
     rcfg = record_config(cfg, est_cls)
     trainer = Trainer.from_config(rcfg)

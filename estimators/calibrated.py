@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from currsearch.errors import ConfigError
-from currsearch.orders import random_transpositions
+from currsearch.orders import random_transpositions, validate_orders
 
 from .base import Estimator, register
 from .common import swap_descent
@@ -271,6 +271,20 @@ def interaction_features(orders: torch.Tensor, groups: torch.Tensor, n_groups: i
     return torch.cat([H, Q, adj, last, a, a * a, a * p], 1)
 
 
+def set_fit_runs(est: Estimator, n_runs: int, seed: int, clumped_weight: float) -> None:
+    """Check and set the fit settings of an estimator fitted to three families of real runs
+    (``n_runs``, ``seed``, ``clumped_weight``: see :func:`calibration_orders`).
+
+    Raises:
+        ConfigError: ``n_runs < est.min_runs`` or ``clumped_weight <= 0``.
+    """
+    if n_runs < est.min_runs:
+        raise ConfigError(f"{est.name} needs n_runs >= {est.min_runs} real runs to fit, got {n_runs}")
+    if not clumped_weight > 0:
+        raise ConfigError(f"clumped_weight must be > 0, got {clumped_weight}")
+    est.n_runs, est.seed, est.clumped_weight = n_runs, seed, float(clumped_weight)
+
+
 def calibration_orders(T: int, reference: torch.Tensor, groups: torch.Tensor, n_runs: int, seed: int,
                        near_k=(1, 2, 3, 4, 6, 8, 12, 16)) -> tuple[torch.Tensor, list[str]]:
     """Orders of three families to retrain for a fit: int64 ``[n_runs, T]`` and their family names.
@@ -344,11 +358,7 @@ class CalibratedInteractions(Estimator):
 
     def __init__(self, device="cpu", n_runs: int = 1024, seed: int = 0, clumped_weight: float = 0.1):
         super().__init__(device)
-        if n_runs < self.min_runs:
-            raise ConfigError(f"{self.name} needs n_runs >= {self.min_runs} real runs to fit, got {n_runs}")
-        if not clumped_weight > 0:
-            raise ConfigError(f"clumped_weight must be > 0, got {clumped_weight}")
-        self.n_runs, self.seed, self.clumped_weight = n_runs, seed, float(clumped_weight)
+        set_fit_runs(self, n_runs, seed, clumped_weight)
 
     def calibration_orders(self, T: int, reference: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
         """The ``n_runs`` orders to retrain: int64 ``[n_runs, T]`` and their family names (:func:`calibration_orders`)."""
@@ -357,27 +367,76 @@ class CalibratedInteractions(Estimator):
     def _features(self, orders: torch.Tensor) -> torch.Tensor:
         return torch.cat([position_features(orders), interaction_features(orders, self.groups, self.n_groups)], 1)
 
-    def _fit(self, store) -> None:
-        if store.T < 2:
-            raise ConfigError(f"{self.name} needs a window of T >= 2 batches, the store has T = {store.T}")
-        t0 = time.perf_counter()
-        self.groups, self.group_kind = batch_groups(store)
+    def _set_groups(self, plan) -> None:
+        """Groups of the window batches (``batch_groups``) of ``plan`` (a store or a ``BatchPlan``)."""
+        if len(plan.domains) < 2:
+            raise ConfigError(f"{self.name} needs a window of T >= 2 batches, got T = {len(plan.domains)}")
+        self.groups, self.group_kind = batch_groups(plan)
         self.n_groups = int(self.groups.max()) + 1
 
-        def regress(runs):
-            X = self._features(torch.tensor(runs["orders"])).numpy()
-            sw = np.where(np.asarray(runs["kinds"]) == "clumped", self.clumped_weight, 1.0)
-            fits = [fit_ridge(X, y, sample_weight=sw) for y in np.asarray(runs["losses"]).T]
-            return {"w": np.stack([w for w, _ in fits], 1).tolist(), "b": [b for _, b in fits]}
+    def _regress(self, runs: dict) -> dict:
+        """Coefficients ``{"w": [F][E], "b": [E]}`` fitted to ``runs`` (``orders``, ``kinds``, ``losses``)."""
+        X = self._features(torch.tensor(runs["orders"])).numpy()
+        sw = np.where(np.asarray(runs["kinds"]) == "clumped", self.clumped_weight, 1.0)
+        fits = [fit_ridge(X, y, sample_weight=sw) for y in np.asarray(runs["losses"]).T]
+        return {"w": np.stack([w for w, _ in fits], 1).tolist(), "b": [b for _, b in fits]}
 
-        data = load_or_fit_runs(store, "interactions", [self.n_runs, self.seed, list(self.NEAR_K), self.ORDERS_VERSION],
-                                lambda: self.calibration_orders(store.T, store.reference_order), regress,
-                                fit_settings=[self.clumped_weight, self.FEATURES_VERSION])
+    def _load(self, data: dict) -> None:
+        """Keep the runs and the fitted coefficients of ``data`` (:meth:`_regress`'s ``fit``)."""
         self.runs = {k: data[k] for k in ("orders", "kinds", "losses")}
         self.groups = self.groups.to(self.device)
         self.W = torch.tensor(data["fit"]["w"], dtype=torch.float64, device=self.device)  # [F, E]
         self.b = torch.tensor(data["fit"]["b"], dtype=torch.float64, device=self.device)  # [E]
+
+    def _fit(self, store) -> None:
+        t0 = time.perf_counter()
+        self._set_groups(store)
+        data = load_or_fit_runs(store, "interactions", [self.n_runs, self.seed, list(self.NEAR_K), self.ORDERS_VERSION],
+                                lambda: self.calibration_orders(store.T, store.reference_order), self._regress,
+                                fit_settings=[self.clumped_weight, self.FEATURES_VERSION])
+        self._load(data)
         self.fit_seconds = time.perf_counter() - t0
+
+    @classmethod
+    def from_runs(cls, plan, eval_names, orders, losses, kinds=None, clumped_weight: float = 0.1,
+                  device="cpu") -> "CalibratedInteractions":
+        """The model fitted to runs trained elsewhere (no store, no calibration runs of its own).
+
+        The same features and weighted ridge fit as :meth:`fit`, on the given runs: e.g. the
+        real trials of a search with real training (:mod:`currsearch.guided`).
+
+        Args:
+            plan: the ``BatchPlan`` (or a store) the orders index: its ``domains`` and
+                ``metadata`` give the groups (``batch_groups``); kept as ``store``.
+            eval_names: the E eval-set names of the columns of ``losses`` (e.g. only the objective).
+            orders: int64 ``[n, T]`` orders trained for real (n >= ``min_runs``).
+            losses: float ``[n, E]`` their final eval losses, nats/token.
+            kinds: per run its family (``"clumped"`` runs weigh ``clumped_weight``); default all ``"random"``.
+            clumped_weight: see the class.
+
+        Returns:
+            The fitted estimator (``runs`` holds the given runs; ``fit_seconds`` the fit's seconds).
+
+        Raises:
+            ConfigError: fewer than ``min_runs`` runs, shapes that do not match, T < 2.
+            OrderError: an invalid order.
+        """
+        t0 = time.perf_counter()
+        o = validate_orders(orders, len(plan.domains)).view(-1, len(plan.domains))
+        y = torch.as_tensor(losses, dtype=torch.float64)
+        if tuple(y.shape) != (o.shape[0], len(eval_names)):
+            raise ConfigError(f"from_runs: losses must be [n = {o.shape[0]}, E = {len(eval_names)}] (one column per "
+                              f"eval set), got {tuple(y.shape)}")
+        kinds = ["random"] * o.shape[0] if kinds is None else list(kinds)
+        if len(kinds) != o.shape[0]:
+            raise ConfigError(f"from_runs: {len(kinds)} kinds for {o.shape[0]} runs; give one per run")
+        est = cls(device=device, n_runs=o.shape[0], clumped_weight=clumped_weight)
+        est.store, est.eval_names, est.T = plan, list(eval_names), o.shape[1]
+        est._set_groups(plan)
+        data = {"orders": o.tolist(), "kinds": kinds, "losses": y.tolist()}
+        est._load({**data, "fit": est._regress(data)})
+        est.fit_seconds = time.perf_counter() - t0
+        return est
 
     def _estimate(self, orders: torch.Tensor) -> torch.Tensor:
         return self._features(orders) @ self.W + self.b
@@ -386,10 +445,22 @@ class CalibratedInteractions(Estimator):
         """A swap-local optimum of the estimate of ``eval_set``: int64 ``[T]``. Approximate.
 
         Starts from the exact linear-assignment optimum of the position part of the model and
-        applies the best improving transposition (all T (T - 1) / 2 scored, ``chunk`` orders
-        per call) until none improves (a swap-local optimum; the estimate strictly decreases,
-        so this terminates) or ``max_swaps`` swaps were made.
+        applies :meth:`swap_descent` (best improving transpositions until none improves or
+        ``max_swaps`` swaps were made).
+        """
+        e = self.eval_names.index(eval_set)
+        return self.swap_descent(assignment_order(position_cost(self.W[:, e].cpu().numpy(), self.T)), eval_set,
+                                 max_swaps, chunk)
+
+    def swap_descent(self, order, eval_set: str = "all", max_swaps: int | None = None, chunk: int = 4096) -> torch.Tensor:
+        """Best-improvement transpositions of ``order`` (int64 ``[T]``) on the estimate of
+        ``eval_set`` until none improves or ``max_swaps`` were made: int64 ``[T]``, a
+        swap-local optimum (all T (T - 1) / 2 transpositions scored per step, ``chunk`` orders
+        per call; the estimate strictly decreases, so this terminates).
+
+        Raises:
+            OrderError: ``order`` is not an order of T batches.
         """
         e, T = self.eval_names.index(eval_set), self.T
-        order = assignment_order(position_cost(self.W[:, e].cpu().numpy(), T))
+        order = validate_orders(order, T).view(T).cpu()
         return swap_descent(lambda o: self.estimate(o)[:, e], order, max_swaps, chunk)

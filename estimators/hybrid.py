@@ -33,10 +33,8 @@ import time
 import numpy as np
 import torch
 
-from currsearch.errors import ConfigError
-
 from .base import Estimator, register
-from .calibrated import batch_groups, calibration_orders, fit_ridge, load_or_fit_runs
+from .calibrated import batch_groups, calibration_orders, fit_ridge, load_or_fit_runs, set_fit_runs
 from .common import swap_descent
 from .response import LinearResponse, Precedence, Transported
 from .simple import assignment_order
@@ -67,11 +65,7 @@ class FewShotHybrid(Estimator):
 
     def __init__(self, device="cpu", n_runs: int = 32, seed: int = 0, clumped_weight: float = 0.1):
         super().__init__(device)
-        if n_runs < self.min_runs:
-            raise ConfigError(f"{self.name} needs n_runs >= {self.min_runs} real runs to fit, got {n_runs}")
-        if not clumped_weight > 0:
-            raise ConfigError(f"clumped_weight must be > 0, got {clumped_weight}")
-        self.n_runs, self.seed, self.clumped_weight = n_runs, seed, float(clumped_weight)
+        set_fit_runs(self, n_runs, seed, clumped_weight)
 
     def features(self, orders: torch.Tensor) -> torch.Tensor:
         """Features of orders int64 ``[n, T]``: float64 ``[n, F, E]``, F = 4 + 2 G (module docstring)."""

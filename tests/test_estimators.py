@@ -12,7 +12,7 @@ from currsearch.orders import random_order
 from currsearch.record import eval_gradients, record
 from currsearch.train import Trainer
 from estimators import available, get_estimator
-from estimators.calibrated import interaction_features
+from estimators.calibrated import CalibratedInteractions, interaction_features
 
 TRAJECTORY_ESTIMATORS = ["additive", "fut1", "fut2", "fut1-hvp"]
 
@@ -193,5 +193,11 @@ def test_calibrated_interactions_fits_three_families_caches_them_and_finds_a_swa
     r = torch.arange(iu.shape[1])
     swaps[r, iu[0]], swaps[r, iu[1]] = best[iu[1]], best[iu[0]]
     assert est.estimate(swaps)[:, e].min() >= est.estimate(best)[e] - 1e-12
+    # the same model fitted to given runs (no store, no runs of its own): the same coefficients
+    given = CalibratedInteractions.from_runs(store, store.eval_names, o, est.runs["losses"], kinds=kinds)
+    assert torch.equal(given.W, est.W) and torch.equal(given.b, est.b)
+    assert torch.equal(given.swap_descent(best, "all"), best)  # a swap-local optimum stays put
+    with pytest.raises(ConfigError, match="losses must be"):
+        CalibratedInteractions.from_runs(store, ["all"], o, est.runs["losses"])
     with pytest.raises(ConfigError, match="n_runs >= 16"):
         get_estimator("calibrated-interactions", n_runs=8)

@@ -9,7 +9,7 @@ to ``a.b`` only (not to its parent package ``a``), as in import-linter.
 
 Layers (issue 15; docs/architecture.md): L0 errors, settings, results, ledger, config, manifest,
 orders, projection; L1 corpus, data, plan, model, adam, adjoint, gradients, train; L2 record, store;
-L3 estimators, search_spaces; L4 backends, study, search, baselines, verify, trust_region,
+L3 estimators, search_spaces; L4 backends, study, search, baselines, guided, verify, trust_region,
 fidelity, positions, ablate, export; L5 pipeline; L6 reports; L7 cli.
 """
 
@@ -27,7 +27,7 @@ LOWER = [f"currsearch.{m}" for m in (
     "adjoint", "gradients", "train", "record", "store",
 )]
 UPPER = ["estimators", "search_spaces"] + [f"currsearch.{m}" for m in (
-    "search", "study", "baselines", "backends", "verify", "trust_region", "fidelity", "positions", "ablate", "reports",
+    "search", "study", "baselines", "guided", "backends", "verify", "trust_region", "fidelity", "positions", "ablate", "reports",
     "pipeline", "cli",
 )]
 #: the full target order (COMMON.md / docs/architecture.md): a module may import its own layer and lower ones
@@ -36,7 +36,7 @@ LAYERS = [
     [f"currsearch.{m}" for m in ("corpus", "data", "plan", "model", "adam", "adjoint", "gradients", "train")],
     ["currsearch.record", "currsearch.store"],
     ["estimators", "search_spaces"],
-    [f"currsearch.{m}" for m in ("backends", "study", "search", "baselines", "verify", "trust_region", "fidelity",
+    [f"currsearch.{m}" for m in ("backends", "study", "search", "baselines", "guided", "verify", "trust_region", "fidelity",
                                  "positions", "ablate", "export")],
     ["currsearch.pipeline"],
     ["currsearch.reports"],

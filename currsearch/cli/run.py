@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..guided import GuidedSettings
 from ..pipeline import PipelineResult, PipelineSettings, RefineSettings, VerifySettings, run_pipeline
 from ..reports.run import comparison, write_run_report
 from ..search import SearchSettings
@@ -24,8 +25,9 @@ def settings_from_args(args) -> PipelineSettings:
     verify = VerifySettings(**given(args, "top_k", "random"))
     refine = RefineSettings(**given(args, "rounds") | ({"trials": args.tr_trials} if args.tr_trials is not None else {}))
     budget = {"budget": None} if args.no_budget else given(args, "budget")
-    return PipelineSettings(out=Path(args.out), search=search, verify=verify, refine=refine, **budget,
-                            **given(args, "baselines"))
+    guided = GuidedSettings(**given(args, "first_batch", "refit_every", "enqueue"))
+    return PipelineSettings(out=Path(args.out), search=search, verify=verify, refine=refine, guided=guided, **budget,
+                            **given(args, "baselines", "strategy"))
 
 
 def _print_summary(res: PipelineResult, paths: list[Path]) -> None:
@@ -42,6 +44,10 @@ def _print_summary(res: PipelineResult, paths: list[Path]) -> None:
         print(f"best searched {s.best_searched} ({s.best_searched_loss:.4f}) "
               f"{'beats' if s.beats_random_median else 'does not beat'} the random median ({s.random_median_loss:.4f}) "
               f"and {'beats' if s.beats_all_heuristics else 'does not beat'} every heuristic")
+    if res.guided is not None:
+        g = res.guided
+        print(f"guided-tpe: {g.n_runs} real runs, {g.refits} refits, {g.n_surrogate} surrogate orders trained; "
+              f"best {g.best_loss:.4f} from {g.best_source}")
     led = res.ledger
     print(f"compute: {led.real_runs} real runs, {led.run_equivalents:.1f} run equivalents, {led.seconds:.0f} s "
           f"({', '.join(f'{e.phase} {e.run_equivalents:.1f}' for e in led.entries)})")
@@ -83,6 +89,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     cap.add_argument("--no-budget", action="store_true", help="no cap: the phases take their own settings "
                    "(1024 fit runs for calibrated-interactions unless --fit-runs), and the reference, random and "
                    "heuristic orders are verified too")
+    p.add_argument("--strategy", choices=["surrogate", "guided-tpe"], help="surrogate: record, fit the surrogate, "
+                   "search it, verify (default); guided-tpe: TPE with real training, every --budget run real, with "
+                   "orders proposed by a surrogate refitted to the runs (no recording, no verification)")
+    p.add_argument("--first-batch", type=int, help="guided-tpe: plain TPE trials before the first refit (default: 16)")
+    p.add_argument("--refit-every", type=int, help="guided-tpe: real trials between refits (default: 8)")
+    p.add_argument("--enqueue", type=int, help="guided-tpe: surrogate orders trained after each refit (default: 4)")
     p.add_argument("--baselines", type=csv_list, help="searches with real training run at the same budget for "
                    "comparison: random-search, optuna-real (default: none)")
     p.set_defaults(func=cmd_run)

@@ -52,15 +52,30 @@ def render_comparison(result: PipelineResult) -> str:
             + f"\n\ncurrsearch's best {verdict}.\n")
 
 
+def render_guided(result: PipelineResult) -> str:
+    """Markdown section of a ``guided-tpe`` job (``result.guided`` set): its settings, runs,
+    refits and who found the best order."""
+    g = result.guided
+    st = g.settings
+    return ("## Guided TPE\n\nTPE with real training on the random-keys space; after "
+            f"{st.first_batch} plain trials and then every {st.refit_every}, a `calibrated-interactions` surrogate "
+            f"fitted to all real runs so far proposed up to {st.enqueue} untrained orders (its optimum and swap "
+            f"descents from the {st.starts} best real orders). {g.n_runs} real runs, {g.refits} refits, "
+            f"{g.n_surrogate} runs of surrogate orders; the best order ({fmt(g.best_loss)} nats/token) came from "
+            f"`{g.best_source}`. Surrogate fits and searches: {g.surrogate_seconds:.1f} s (0 run equivalents).\n")
+
+
 def write_run_report(result: PipelineResult, out_dir) -> list[Path]:
     """Write ``out_dir/report.{json,md}``, the plots and ``best_order.json``
-    (:func:`currsearch.reports.verify.write_report`, with the ledger, the budget plan and the
-    baselines), and, when the job ran trust-region rounds, their report into ``OUT/trust_region``;
-    returns the paths."""
+    (:func:`currsearch.reports.verify.write_report`, with the ledger, the budget plan, the
+    baselines and a guided job's section; its record is the verification's ``search``), and,
+    when the job ran trust-region rounds, their report into ``OUT/trust_region``; returns the paths."""
     extra = {"ledger": to_json(result.ledger), "budget": to_json(result.budget),
              "baselines": to_json(result.baselines), **({"comparison": comparison(result)} if result.baselines else {})}
-    md = "\n" + render_ledger(result.ledger) + ("\n" + render_comparison(result) if result.baselines else "")
-    paths = write_report(out_dir, result.verification, result.search.study, extra, md)
+    md = ("\n" + render_ledger(result.ledger) + ("\n" + render_guided(result) if result.guided else "")
+          + ("\n" + render_comparison(result) if result.baselines else ""))
+    study = result.search.study if result.search is not None else None  # a guided job's values are real losses
+    paths = write_report(out_dir, result.verification, study, extra, md)
     if result.trust_region is not None:
         paths += write_trust_region_report(result.trust_region, result.settings.out / "trust_region")
     return paths

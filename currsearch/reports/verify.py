@@ -82,7 +82,8 @@ def _scatter_plot(path, result: VerificationResult) -> Path:
         if pts:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=kind, s=20)
     ax.set(xlabel="verified final loss, all (nats/token)", ylabel="estimated (nats/token)", title="estimated vs verified")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # no estimates at all (a guided-tpe job's candidates): no legend
+        ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 
