@@ -116,6 +116,8 @@ class Trainer:
         self.theta_init = model.flatten()
         self.device = model.device
         self._start: WindowStart | None = None
+        #: whether :meth:`window_start` loaded the warm-up phase from the on-disk cache (False until it ran)
+        self.warmup_from_cache = False
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Trainer":
@@ -186,6 +188,7 @@ class Trainer:
                     save_warmup(self, theta, adam, time.perf_counter() - t0)
             else:
                 theta, adam = cached
+            self.warmup_from_cache = cached is not None
             if not tc.carry_optimizer_state:
                 adam = AdamState.fresh(theta)
             self._start = WindowStart(theta, adam, tc.warmup_steps)

@@ -10,7 +10,7 @@ to ``a.b`` only (not to its parent package ``a``), as in import-linter.
 Layers (issue 15; docs/architecture.md): L0 errors, settings, results, ledger, config, manifest,
 orders, projection; L1 corpus, data, plan, model, adam, adjoint, gradients, warmup, train; L2 record, store;
 L3 estimators, search_spaces; L4 backends, study, search, baselines, verify, trust_region,
-fidelity, positions, ablate, export; L5 pipeline; L6 reports; L7 cli.
+fidelity, positions, regime, ablate, export; L5 pipeline; L6 reports; L7 cli.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ LOWER = [f"currsearch.{m}" for m in (
     "adjoint", "gradients", "warmup", "train", "record", "store",
 )]
 UPPER = ["estimators", "search_spaces"] + [f"currsearch.{m}" for m in (
-    "search", "study", "baselines", "backends", "verify", "trust_region", "fidelity", "positions", "ablate", "reports",
+    "search", "study", "baselines", "backends", "verify", "trust_region", "fidelity", "positions", "regime", "ablate", "reports",
     "pipeline", "cli",
 )]
 #: the full target order (COMMON.md / docs/architecture.md): a module may import its own layer and lower ones
@@ -37,7 +37,7 @@ LAYERS = [
     ["currsearch.record", "currsearch.store"],
     ["estimators", "search_spaces"],
     [f"currsearch.{m}" for m in ("backends", "study", "search", "baselines", "verify", "trust_region", "fidelity",
-                                 "positions", "ablate", "export")],
+                                 "positions", "regime", "ablate", "export")],
     ["currsearch.pipeline"],
     ["currsearch.reports"],
     ["currsearch.cli"],

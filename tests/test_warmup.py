@@ -180,3 +180,4 @@ def test_unigram_baseline(tiny_trainer):
     assert all(0 < v < math.log(V) + 1 for v in got.values())
     with pytest.raises(ValueError, match="vocab_size"):
         unigram_baseline(plan, 10)
+
