@@ -68,6 +68,9 @@ class RegimeResult:
         eval_names: the eval sets.
         unigram_baseline: per eval set, the unigram-entropy baseline (:func:`currsearch.plan.unigram_baseline`).
         window_start_loss: per eval set, the loss at the window start.
+        mixed_continuation_loss: per eval set, the loss after T steps of mixed warm-up batches
+            from the window start (:func:`mixed_continuation`; below ``window_start_loss`` when
+            the window is a phase of real learning).
         below_baseline: per eval set, ``unigram_baseline - window_start_loss``.
         run_seconds: seconds of each real run of the config, in run order.
         baseline_run_seconds: seconds of the baseline run made after each of them.
@@ -93,6 +96,7 @@ class RegimeResult:
     eval_names: list[str]
     unigram_baseline: dict[str, float]
     window_start_loss: dict[str, float]
+    mixed_continuation_loss: dict[str, float]
     below_baseline: dict[str, float]
     run_seconds: list[float]
     baseline_run_seconds: list[float]
@@ -128,6 +132,22 @@ def few_structured(trainer: Trainer, seed: int = 0) -> list:
     return out
 
 
+def mixed_continuation(trainer: Trainer) -> torch.Tensor:
+    """Eval losses after T more steps of the warm-up phase's own mixed batches, from the window
+    start, at the window's learning rates: how much T steps still lower the loss when no
+    domain order is at play (about zero in the flat tail of a decayed schedule).
+
+    Returns:
+        float64 ``[E]``, nats/token, in ``plan.eval_names`` order.
+    """
+    start, tc = trainer.window_start(), trainer.cfg.train
+    theta, adam = start.theta, start.adam
+    for t in range(trainer.T):
+        b = trainer.plan.warmup_batch(tc.warmup_steps + t, trainer.cfg.data.batch_size, tc.seed).to(trainer.device)
+        theta, adam, _ = trainer.step(theta, adam, trainer.lr(t), b)
+    return trainer.evaluate(theta)
+
+
 def _timed(trainer: Trainer, order: torch.Tensor) -> tuple[dict[str, float], float]:
     t0 = time.perf_counter()
     res = trainer.train(order)
@@ -161,6 +181,7 @@ def measure_regime(cfg: Config, n_random: int = 10, seed: int = 0, baseline: Con
     names = list(trainer.plan.eval_names)
     start_loss = dict(zip(names, trainer.evaluate(start.theta).tolist()))
     base_loss = dict(zip(names, trainer.unigram_baseline().tolist()))
+    mixed_loss = dict(zip(names, mixed_continuation(trainer).tolist()))
     base_cfg = baseline if baseline is not None else Config()
     base_trainer = Trainer.from_config(base_cfg)
     base_trainer.window_start(progress=progress)
@@ -185,7 +206,7 @@ def measure_regime(cfg: Config, n_random: int = 10, seed: int = 0, baseline: Con
         baseline_params=base_trainer.model.num_params, T=trainer.T, warmup_steps=cfg.train.warmup_steps,
         tokens_per_step=d.batch_size * d.seq_len, threads=torch.get_num_threads(), load_average=load,
         warmup_seconds=warmup_seconds, warmup_cached=trainer.warmup_from_cache, eval_names=names,
-        unigram_baseline=base_loss, window_start_loss=start_loss,
+        unigram_baseline=base_loss, window_start_loss=start_loss, mixed_continuation_loss=mixed_loss,
         below_baseline={n: base_loss[n] - start_loss[n] for n in names}, run_seconds=seconds,
         baseline_run_seconds=base_seconds, cost_ratio=statistics.fmean(seconds) / statistics.fmean(base_seconds),
         main_eval=main, random=[r for r in runs if r.kind == "random"], random_mean=statistics.fmean(rand),
