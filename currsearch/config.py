@@ -155,6 +155,15 @@ class TrainConfig(_Section):
     device: str = "cpu"
     dtype: Literal["float32", "float64"] = "float32"
     eval_batch_size: int = Field(64, ge=1)
+    warmup_cache: str = Field(
+        "auto", min_length=1,
+        description="where the warm-up phase's end state (parameters, Adam moments, step) is cached on disk, so "
+                    "later Trainers of the same data, model, optim and train settings load it instead of training "
+                    "(currsearch.warmup; loaded bit-identical, checked by SHA-256, a corrupt or mismatched entry is "
+                    "recomputed with a warning): 'auto' = $CURRSEARCH_CACHE/warmup, by default "
+                    "~/.cache/currsearch/warmup; a directory path; or 'off' to run the warm-up phase every time. "
+                    "Where the cache is changes no number: this key is left out of config fingerprints and of "
+                    "the config checks of stores")
 
     @field_validator("device")
     @classmethod
@@ -205,6 +214,11 @@ class RecordConfig(_Section):
     max_seconds: float = Field(6 * 3600, gt=0)
 
 
+#: keys that say where results are kept, not what is computed: left out of :meth:`Config.fingerprint`
+#: and of the config comparisons of stores (:func:`currsearch.manifest.config_diff`)
+UNHASHED_KEYS: dict[str, tuple[str, ...]] = {"train": ("warmup_cache",)}
+
+
 class Config(_Section):
     """The whole experiment configuration."""
 
@@ -219,8 +233,11 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
     def fingerprint(self, *sections: str) -> str:
-        """SHA-256 (hex) of the canonical JSON of the given sections (all when none)."""
+        """SHA-256 (hex) of the canonical JSON of the given sections (all when none), without the
+        :data:`UNHASHED_KEYS` (a cache location changes no fingerprint)."""
         d = self.to_dict()
+        for sec, keys in UNHASHED_KEYS.items():
+            d[sec] = {k: v for k, v in d[sec].items() if k not in keys}
         if sections:
             d = {k: d[k] for k in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()

@@ -393,7 +393,10 @@ def run_fidelity(cfg, estimator_names: list[str], out_dir, n_random: int = 30, n
         n_random, n_near, seed: see :func:`heldout_orders`.
 
     Returns:
-        The result dict (NaN kept as float here; null in ``fidelity.json``).
+        The result dict (NaN kept as float here; null in ``fidelity.json``): that of
+        :func:`evaluate_estimators` plus ``setting``, ``config``, ``seed``, ``n_random``,
+        ``n_near``, ``window_start_loss`` and ``unigram_baseline`` (``{eval set: nats/token}``,
+        :meth:`~currsearch.train.Trainer.unigram_baseline`).
 
     Raises:
         ConfigError: no or unknown estimator names, invalid counts. StoreError: the store does
@@ -428,7 +431,10 @@ def run_fidelity(cfg, estimator_names: list[str], out_dir, n_random: int = 30, n
             "reference_seconds": float(man.get("reference_seconds", float("nan")))}
     result = evaluate_estimators(orders, true, list(trainer.plan.eval_names), fitted, retrain_s, fit_s, info)
     setting = "warm" if cfg.train.carry_optimizer_state else "fresh"
-    result = {"setting": setting, "config": cfg.to_dict(), "seed": seed, "n_random": n_random, "n_near": n_near, **result}
+    names = list(trainer.plan.eval_names)
+    result = {"setting": setting, "config": cfg.to_dict(), "seed": seed, "n_random": n_random, "n_near": n_near,
+              "window_start_loss": dict(zip(names, trainer.evaluate(trainer.window_start().theta).tolist())),
+              "unigram_baseline": dict(zip(names, trainer.unigram_baseline().tolist())), **result}
     return result
 
 

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
-from .config import Config, config_from_dict
+from .config import UNHASHED_KEYS, Config, config_from_dict
 from .errors import ConfigError, StoreError
 
 logger = logging.getLogger(__name__)
@@ -97,10 +97,11 @@ def trainer_hashes(trainer) -> dict[str, str]:
 
 
 def config_diff(a: dict, b: dict, sections=TRAJECTORY_SECTIONS) -> list[str]:
-    """Dotted keys whose values differ between two config dicts, as ``key (a vs b)``."""
+    """Dotted keys whose values differ between two config dicts, as ``key (a vs b)``; keys that
+    change no number (:data:`~currsearch.config.UNHASHED_KEYS`, e.g. a cache location) are skipped."""
     out = []
     for s in sections:
-        for k in sorted(set(a.get(s, {})) | set(b.get(s, {}))):
+        for k in sorted((set(a.get(s, {})) | set(b.get(s, {}))) - set(UNHASHED_KEYS.get(s, ()))):
             va, vb = a.get(s, {}).get(k), b.get(s, {}).get(k)
             if va != vb:
                 out.append(f"{s}.{k} ({va!r} vs {vb!r})")

@@ -9,6 +9,9 @@ sequences of all domains are pooled and shuffled. Batch indices are then shuffle
 reference order ``0, 1, ..., T-1`` interleaves domains at random. Sequences not used by the window form the
 warm-up pool (mixed). Eval sets are the first ``eval_seqs_per_domain`` sequences of each
 domain's validation split, plus ``"all"`` (their union).
+
+:func:`unigram_baseline` gives, per eval set, the cross-entropy of a unigram model of the
+plan's training tokens: the loss a model that has learned only token frequencies would reach.
 """
 
 from __future__ import annotations
@@ -158,6 +161,36 @@ def _difficulty_metadata(train_seqs: dict, batches: torch.Tensor, domains: list[
             {"domain": domains[l], "n_tokens": len(toks), "unigram_nll": nll, "bytes_per_token": n_bytes / len(toks)}
         )
     return metadata
+
+
+def unigram_baseline(plan: BatchPlan, vocab_size: int) -> dict[str, float]:
+    """Unigram-entropy baseline of each eval set, in nats/token.
+
+    The cross-entropy ``-(1/N) sum_i log p(x_i)`` of the N tokens of an eval set under the
+    unigram distribution of the plan's training tokens (the T window batches plus the warm-up
+    pool: every token the model trains on), with add-one (Laplace) smoothing over the
+    vocabulary: ``p(v) = (c_v + 1) / (C + V)``, ``c_v`` the count of token v among the C
+    training tokens. Every position of an eval sequence counts (the model's loss skips the
+    first token of each sequence; the difference is one token in ``seq_len``). A model whose
+    eval loss is near this number has learned little beyond token frequencies.
+
+    Args:
+        plan: the batch plan (int64 token ids).
+        vocab_size: V, the model's vocabulary size (``len(tokenizer)``); every token id must be below it.
+
+    Returns:
+        ``{eval set name: nats/token}`` in ``plan.eval_names`` order.
+
+    Raises:
+        ValueError: ``vocab_size`` is not above the largest token id of the plan.
+    """
+    train = torch.cat([plan.batches.reshape(-1), plan.warmup_pool.reshape(-1)])
+    top = max([int(train.max())] + [int(plan.eval_sets[n].max()) for n in plan.eval_names]) if train.numel() else -1
+    if vocab_size <= top:
+        raise ValueError(f"vocab_size ({vocab_size}) must be above the largest token id of the plan ({top})")
+    counts = torch.bincount(train, minlength=vocab_size).to(torch.float64)
+    logp = torch.log((counts + 1.0) / (counts.sum() + vocab_size))
+    return {n: float(-logp[plan.eval_sets[n].reshape(-1)].mean()) for n in plan.eval_names}
 
 
 def build_plan(cfg: Config, corpus, tokenizer) -> BatchPlan:

@@ -5,6 +5,8 @@ bit-identical parameters (with the same torch thread count: ``torch.set_num_thre
 the reduction order, hence the last bits). Training is an optional warm-up phase on the plan's mixed warm-up
 pool, followed by the ordered window of T steps (one batch each). The Adam state at the
 window start is fresh, or carried from the warm-up phase (``train.carry_optimizer_state``).
+The warm-up phase's end state is cached on disk across processes (``train.warmup_cache``,
+:mod:`currsearch.warmup`), so only the first Trainer of a config trains it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from .config import Config, config_from_dict
 from .data import corpus_fingerprint, get_tokenizer, load_corpus
 from .model import FlatModel, build_model
 from .orders import validate_orders
-from .plan import BatchPlan, build_plan
+from .plan import BatchPlan, build_plan, unigram_baseline
+from .warmup import load_warmup, save_warmup
 
 
 @dataclass
@@ -113,6 +116,8 @@ class Trainer:
         self.theta_init = model.flatten()
         self.device = model.device
         self._start: WindowStart | None = None
+        #: whether :meth:`window_start` loaded the warm-up phase from the on-disk cache (False until it ran)
+        self.warmup_from_cache = False
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Trainer":
@@ -151,21 +156,49 @@ class Trainer:
         gamma, adam = adam_direction(g, adam, theta, self.model.decay_mask, self.cfg.optim)
         return theta - lr * gamma, adam, float(loss)
 
+    def warmup(self, progress: bool = False) -> tuple[torch.Tensor, AdamState]:
+        """Train the warm-up phase from the initial weights (no cache involved).
+
+        Returns:
+            ``(theta [P], AdamState)`` after ``train.warmup_steps`` AdamW steps on the plan's
+            warm-up batches (the Adam state as training left it, ``step = warmup_steps``).
+        """
+        tc = self.cfg.train
+        theta, adam = self.theta_init.clone(), AdamState.fresh(self.theta_init)
+        steps = range(tc.warmup_steps)
+        if progress and tc.warmup_steps:
+            steps = tqdm(steps, desc="warm-up phase", unit="step")
+        for s in steps:
+            b = self.plan.warmup_batch(s, self.cfg.data.batch_size, tc.seed).to(self.device)
+            theta, adam, _ = self.step(theta, adam, lr_at(s, self.total_steps, self.cfg.optim), b)
+        return theta, adam
+
     def window_start(self, progress: bool = False) -> WindowStart:
-        """Run (once, then cached) the warm-up phase; return the window's starting point."""
+        """The window's starting point: the warm-up phase's end state, computed once per Trainer
+        and cached on disk across processes (``train.warmup_cache``, :mod:`currsearch.warmup`:
+        loaded bit-identical, checked, recomputed with a warning when an entry is unusable);
+        the Adam state is then reset unless ``train.carry_optimizer_state``."""
         if self._start is None:
             tc = self.cfg.train
-            theta, adam = self.theta_init.clone(), AdamState.fresh(self.theta_init)
-            steps = range(tc.warmup_steps)
-            if progress and tc.warmup_steps:
-                steps = tqdm(steps, desc="warm-up phase", unit="step")
-            for s in steps:
-                b = self.plan.warmup_batch(s, self.cfg.data.batch_size, tc.seed).to(self.device)
-                theta, adam, _ = self.step(theta, adam, lr_at(s, self.total_steps, self.cfg.optim), b)
+            cached = load_warmup(self) if tc.warmup_steps else None
+            if cached is None:
+                t0 = time.perf_counter()
+                theta, adam = self.warmup(progress=progress)
+                if tc.warmup_steps:
+                    save_warmup(self, theta, adam, time.perf_counter() - t0)
+            else:
+                theta, adam = cached
+            self.warmup_from_cache = cached is not None
             if not tc.carry_optimizer_state:
                 adam = AdamState.fresh(theta)
             self._start = WindowStart(theta, adam, tc.warmup_steps)
         return WindowStart(self._start.theta.clone(), self._start.adam.clone(), self._start.step_offset)
+
+    def unigram_baseline(self) -> torch.Tensor:
+        """Unigram-entropy baseline per eval set (nats/token, :func:`currsearch.plan.unigram_baseline`:
+        add-one smoothed over the model's vocabulary): float64 ``[E]`` in ``plan.eval_names`` order."""
+        base = unigram_baseline(self.plan, self.model.module.get_input_embeddings().num_embeddings)
+        return torch.tensor([base[n] for n in self.plan.eval_names], dtype=torch.float64)
 
     def evaluate(self, theta: torch.Tensor) -> torch.Tensor:
         """Loss (nats/token) per eval set at ``theta``: float64 ``[E]`` in ``plan.eval_names`` order."""

@@ -6,7 +6,7 @@ import tempfile
 
 import pytest
 
-# one tokenizer cache per test session, outside the user's home
+# one cache per test session (tokenizers, warm-up phases: train.warmup_cache = "auto"), outside the user's home
 os.environ.setdefault("CURRSEARCH_CACHE", tempfile.mkdtemp(prefix="currsearch-test-cache-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Single-threaded BLAS (numpy/scipy's OpenBLAS reads these when it loads, so before any import

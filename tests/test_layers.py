@@ -8,9 +8,9 @@ Imports under ``if TYPE_CHECKING:`` never run and are not counted. Importing ``a
 to ``a.b`` only (not to its parent package ``a``), as in import-linter.
 
 Layers (issue 15; docs/architecture.md): L0 errors, settings, results, ledger, config, manifest,
-orders, projection; L1 corpus, data, plan, model, adam, adjoint, gradients, train; L2 record, store;
+orders, projection; L1 corpus, data, plan, model, adam, adjoint, gradients, warmup, train; L2 record, store;
 L3 estimators, search_spaces; L4 backends, study, search, baselines, guided, verify, trust_region,
-fidelity, positions, ablate, export; L5 pipeline; L6 reports; L7 cli.
+fidelity, positions, regime, ablate, export; L5 pipeline; L6 reports; L7 cli.
 """
 
 from __future__ import annotations
@@ -24,20 +24,21 @@ PACKAGES = ("currsearch", "estimators", "search_spaces")
 
 LOWER = [f"currsearch.{m}" for m in (
     "config", "errors", "manifest", "orders", "projection", "corpus", "data", "plan", "model", "adam",
-    "adjoint", "gradients", "train", "record", "store",
+    "adjoint", "gradients", "warmup", "train", "record", "store",
 )]
 UPPER = ["estimators", "search_spaces"] + [f"currsearch.{m}" for m in (
-    "search", "study", "baselines", "guided", "backends", "verify", "trust_region", "fidelity", "positions", "ablate", "reports",
+    "search", "study", "baselines", "guided", "backends", "verify", "trust_region", "fidelity", "positions", "regime", "ablate",
+    "reports",
     "pipeline", "cli",
 )]
 #: the full target order (COMMON.md / docs/architecture.md): a module may import its own layer and lower ones
 LAYERS = [
     [f"currsearch.{m}" for m in ("errors", "settings", "results", "ledger", "config", "manifest", "orders", "projection")],
-    [f"currsearch.{m}" for m in ("corpus", "data", "plan", "model", "adam", "adjoint", "gradients", "train")],
+    [f"currsearch.{m}" for m in ("corpus", "data", "plan", "model", "adam", "adjoint", "gradients", "warmup", "train")],
     ["currsearch.record", "currsearch.store"],
     ["estimators", "search_spaces"],
     [f"currsearch.{m}" for m in ("backends", "study", "search", "baselines", "guided", "verify", "trust_region", "fidelity",
-                                 "positions", "ablate", "export")],
+                                 "positions", "regime", "ablate", "export")],
     ["currsearch.pipeline"],
     ["currsearch.reports"],
     ["currsearch.cli"],

@@ -16,15 +16,21 @@ from .common import add_config_options, print_table, resolve_config
 
 
 def cmd_train(args) -> int:
-    """Train on one order, print eval losses (nats/token, perplexity), optionally save the model."""
+    """Train on one order; print per eval set the final loss (nats/token), its perplexity, the loss at
+    the window start and the unigram-entropy baseline; optionally save the model."""
     cfg = resolve_config(args.config, args.set)
     order = parse_order(args.order, cfg.data.num_batches)  # before any work: a bad order costs nothing
     trainer = Trainer.from_config(cfg)
     res = trainer.train(order, progress=not args.quiet)
+    start = trainer.evaluate(trainer.window_start().theta).tolist()
+    base = trainer.unigram_baseline().tolist()
     print(f"trained {trainer.model.num_params:,} parameters on T={trainer.T} batches in order {args.order!r} "
           f"({res.seconds:.2f} s for the window)")
     ppl = res.perplexity()
-    print_table(["eval set", "loss (nats/token)", "perplexity"], [[n, x, ppl[n]] for n, x in res.eval_dict().items()])
+    print_table(["eval set", "loss (nats/token)", "perplexity", "window start", "unigram baseline"],
+                [[n, x, ppl[n], start[i], base[i]] for i, (n, x) in enumerate(res.eval_dict().items())])
+    print("losses in nats/token; unigram baseline: cross-entropy under the add-one smoothed unigram "
+          "distribution of the training tokens")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

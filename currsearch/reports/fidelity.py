@@ -32,6 +32,24 @@ def _main_eval(result: dict) -> tuple[str, int]:
     return ev, result["eval_names"].index(ev)
 
 
+def _regime_lines(result: dict, ev: str, true: np.ndarray) -> list[str]:
+    """The order spread next to the fidelity numbers: std of the random orders' true loss and
+    range of the structured orders' (``ev``), and, when the result has them, the window-start
+    loss and the unigram-entropy baseline; ``[]`` when there is nothing to say."""
+    kinds = np.array([group_of(o["kind"]) for o in result["orders"]])
+    rand, struct = true[kinds == "random"], true[np.isin(kinds, ("domain-block", "easy-to-hard", "hard-to-easy"))]
+    parts = []
+    if rand.size > 1:
+        parts.append(f"random orders: std {float(np.std(rand, ddof=1)):.4f} (n = {rand.size})")
+    if struct.size:
+        parts.append(f"structured orders: {struct.min():.4f} to {struct.max():.4f} (n = {struct.size})")
+    if "window_start_loss" in result and "unigram_baseline" in result:
+        start, base = result["window_start_loss"][ev], result["unigram_baseline"][ev]
+        parts.append(f"window start {_fmt(start, '.4f')} vs unigram baseline {_fmt(base, '.4f')} "
+                     f"({_fmt(base - start if start is not None and base is not None else None, '.2f')} below)")
+    return [f"True loss (`{ev}`, nats/token): " + "; ".join(parts) + ".", ""] if parts else []
+
+
 def render_markdown(result: dict, title: str = "") -> str:
     """Markdown summary of one setting's result on eval set ``"all"``: a metrics table and a
     rho / AbsDiff vs distance table, one row per estimator."""
@@ -42,7 +60,7 @@ def render_markdown(result: dict, title: str = "") -> str:
              f"{true.min():.4f} to {true.max():.4f} nats/token (std {_fmt(float(np.std(true, ddof=1)) if len(true) > 1 else None, '.4f')}); "
              f"retrain {_fmt(result['retrain_seconds_per_order'], '.3g')} s/order; store {_fmt(st.get('bytes'), ',')} bytes "
              f"(formula {_fmt(st.get('formula_bytes'), ',')}), "
-             f"recorded in {_fmt(st.get('record_seconds'), '.3g')} s.", "",
+             f"recorded in {_fmt(st.get('record_seconds'), '.3g')} s.", "", *_regime_lines(result, ev, true),
              ]
     rows = []
     for name, r in ests.items():
