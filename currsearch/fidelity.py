@@ -428,7 +428,7 @@ def run_fidelity(cfg, estimator_names: list[str], out_dir, n_random: int = 30, n
     man = store.manifest
     info = {"path": str(store.path), "bytes": int(store.nbytes()), "formula_bytes": man.get("formula_bytes"),
             "terms": sorted(store.terms), "record_seconds": float(man.get("record_seconds", float("nan"))),
-            "reference_seconds": float(man.get("reference_seconds", float("nan")))}
+            "reference_seconds": float(man.get("reference_seconds", float("nan"))), "nonlinearity": nonlinearity_index(store)}
     result = evaluate_estimators(orders, true, list(trainer.plan.eval_names), fitted, retrain_s, fit_s, info)
     setting = "warm" if cfg.train.carry_optimizer_state else "fresh"
     names = list(trainer.plan.eval_names)

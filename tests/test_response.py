@@ -26,6 +26,7 @@ import torch
 import currsearch.record as record_module
 from currsearch.adam import AdamState
 from currsearch.adjoint import FULL_RESPONSE, RECORDED_VARIANTS, Variant
+from currsearch.fidelity import nonlinearity_index
 from currsearch.errors import ConfigError, StoreError
 from currsearch.gradients import eval_gradients
 from currsearch.record import once_anchor, record
@@ -482,3 +483,12 @@ def test_resume_without_a_saved_adjoint_carries_it_back_bit_identically(store3, 
     for name in ("response_readout", "transport_readout", "transport_v_readout", "precedence"):
         assert torch.equal(resumed.get(name), store3.get(name)), name
     assert _payload(resumed) == _payload(store3)
+
+
+def test_nonlinearity_index_is_finite_and_grows_with_the_learning_rate(store3, tiny_lr_store):
+    """The curvature drift of the window is a finite positive number, far smaller at lr 1e-5 than
+    at the tiny config's lr; the second-moment drift and the step count come from the checkpoints."""
+    big, small = nonlinearity_index(store3), nonlinearity_index(tiny_lr_store)
+    assert set(big) == {"index", "curvature_drift", "second_moment_drift", "adam_step0"}
+    assert 0 < small["index"] < 0.1 * big["index"] < float("inf")
+    assert small["adam_step0"] > 0 and 0 <= small["second_moment_drift"] < float("inf")

@@ -47,6 +47,10 @@ def _regime_lines(result: dict, ev: str, true: np.ndarray) -> list[str]:
         start, base = result["window_start_loss"][ev], result["unigram_baseline"][ev]
         parts.append(f"window start {_fmt(start, '.4f')} vs unigram baseline {_fmt(base, '.4f')} "
                      f"({_fmt(base - start if start is not None and base is not None else None, '.2f')} below)")
+    nl = result.get("store", {}).get("nonlinearity")
+    if nl:  # currsearch.fidelity.nonlinearity_index: first-order estimates hold where it is small
+        parts.append(f"nonlinearity: curvature drift {_fmt(nl['curvature_drift'], '.2f')}, second-moment drift "
+                     f"{_fmt(nl['second_moment_drift'], '.2f')}, Adam steps at the window start {nl['adam_step0']}")
     return [f"True loss (`{ev}`, nats/token): " + "; ".join(parts) + ".", ""] if parts else []
 
 
