@@ -76,12 +76,27 @@ class BatchPlan:
         return self.warmup_pool[perm[i * batch_size : (i + 1) * batch_size]]
 
 
+#: token ids of tokenized texts, keyed by the tokenizer's and the texts' SHA-256 (in-process): plans of
+#: one corpus and tokenizer that differ in T, batch size or sequence length tokenize it once
+_ENCODED: dict[tuple[str, str], list[int]] = {}
+
+
+def _token_ids(texts: list[str], tokenizer) -> list[int]:
+    """The texts' token ids, each text followed by ``eos`` (cached in :data:`_ENCODED`)."""
+    key = (hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
+           hashlib.sha256("\x00".join(texts).encode()).hexdigest())
+    if key not in _ENCODED:
+        eos = tokenizer.eos_token_id
+        ids: list[int] = []
+        for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            ids.extend(enc)
+            ids.append(eos)
+        _ENCODED[key] = ids
+    return _ENCODED[key]
+
+
 def _sequences(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids.extend(enc)
-        ids.append(eos)
+    ids = _token_ids(texts, tokenizer)
     n = len(ids) // seq_len
     return torch.tensor(ids[: n * seq_len], dtype=torch.int64).view(n, seq_len)
 
@@ -91,11 +106,12 @@ def _domain_sequences(corpus, tokenizer, cfg: Config, names: list[str], g: torch
     ``eval_seqs_per_domain`` validation sequences), plus the ``all`` eval set (their union)."""
     d, S = cfg.data, cfg.data.seq_len
     train_seqs, eval_sets = {}, {}
+    cols = {split: (corpus[split]["text"], corpus[split]["domain"]) for split in ("train", "validation")}  # read once
     for name in names:
-        texts = [t for t, dom in zip(corpus["train"]["text"], corpus["train"]["domain"]) if dom == name]
+        texts = [t for t, dom in zip(*cols["train"]) if dom == name]
         seqs = _sequences(texts, tokenizer, S)
         train_seqs[name] = seqs[torch.randperm(seqs.shape[0], generator=g)]
-        vtexts = [t for t, dom in zip(corpus["validation"]["text"], corpus["validation"]["domain"]) if dom == name]
+        vtexts = [t for t, dom in zip(*cols["validation"]) if dom == name]
         vseqs = _sequences(vtexts, tokenizer, S)
         if vseqs.shape[0] < d.eval_seqs_per_domain:
             raise CorpusError(
