@@ -404,10 +404,9 @@ def run_fidelity(cfg, estimator_names: list[str], out_dir, n_random: int = 30, n
     """
     if not estimator_names:
         raise ConfigError("give at least one estimator name, e.g. --estimators additive")
-    for name in estimator_names:
-        get_estimator(name)  # fail fast on unknown names
+    classes = [type(get_estimator(name)) for name in estimator_names]  # fails fast on unknown names
     out = Path(out_dir)
-    needed = [t for name in estimator_names for t in type(get_estimator(name)).required_terms if t not in cfg.record.terms]
+    needed = [t for cls in classes for t in cls.required_terms if t not in cfg.record.terms]
     if needed:  # record what the chosen estimators read, in one store
         cfg = cfg.replace(record={"terms": list(cfg.record.terms) + list(dict.fromkeys(needed))})
     trainer = Trainer.from_config(cfg)

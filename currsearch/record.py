@@ -526,7 +526,9 @@ class _Recorder:
         the sweep; a resumed sweep carries lambda from the last save (:meth:`_adjoint_resume`)."""
         tr = self.trainer
         b = self.reference_order[t]
-        g = batch_gradients(tr, theta, tr.plan.batches[b : b + 1], 1)[0][0]  # the clipped g(theta_t, B_t)
+        # the clipped g(theta_t, B_t), computed alone (not taken from the pair phase's vmapped chunk) so that a
+        # resume, which carries lambda through anchors without their pair terms, gets the same bits
+        g = batch_gradients(tr, theta, tr.plan.batches[b : b + 1], 1)[0][0]
         hvp = clipped_hvp(tr.model.loss, theta, tr.batch(b), tr.cfg.optim.grad_clip)
         lams = adjoint_step(lams, self.variants, hvp, g, adam, tr.lr(t), tr.model.decay_mask, tr.cfg.optim)
         if time.perf_counter() - self._adjoint_saved >= ADJOINT_SAVE_SECONDS:
