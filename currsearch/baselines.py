@@ -6,7 +6,9 @@ Two strategies spend ``n_runs`` real window trainings and keep the best order:
   ``random_keys`` space: the argsort of i.i.d. uniform keys is a uniform permutation);
 * ``optuna-real``: Optuna's TPE sampler on the same space, each trial a real training run.
 
-Both run as Optuna studies (a journal file makes them resume after a kill) and return every
+Both run as Optuna studies (a journal file makes them resume after a kill; the sampler is
+seeded per trial from (seed, trial), so a resumed search asks what an uninterrupted one would
+have, :func:`~currsearch.search.seeded_per_trial`) and return every
 trial in order, so the best loss after any prefix of ``k <= n_runs`` runs (the anytime curve
 that ``benchmarks/anytime.py`` draws) comes from one call.
 """
@@ -23,7 +25,7 @@ import optuna
 from search_spaces import BatchInfo, get_space
 
 from .errors import ConfigError
-from .search import ask_and_tell, make_sampler
+from .search import ask_and_tell, make_sampler, seeded_per_trial
 from .study import Session, make_storage, optuna_warnings_only, recover_stale_trials
 from .train import Trainer
 
@@ -154,5 +156,6 @@ def real_search(trainer: Trainer, name: str, n_runs: int, seed: int = 0, objecti
     with optuna_warnings_only():
         study, session = open_real_study(f"{name}-{objective}-seed{seed}", make_sampler(BASELINES[name], seed=seed), storage)
         done = len(complete_trials(study))
-        ask_and_tell(study, max(0, n_runs - done), 1, score, progress=progress, desc=name, session=session)
+        ask_and_tell(study, max(0, n_runs - done), 1, score, progress=progress, desc=name, session=session,
+                     sampler_for=seeded_per_trial(BASELINES[name], seed))
     return RealSearchResult.from_trials(name, complete_trials(study)[:n_runs], objective, seed, time.perf_counter() - t0)

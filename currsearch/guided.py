@@ -31,9 +31,9 @@ first k trials of a longer search are those of a search with ``n_runs = k`` (sam
 Resumable and kill-safe like the baselines (:mod:`currsearch.study`): each refit's proposals
 are stored in the study (user attr ``currsearch_guided_refit:<k>``) before they are enqueued,
 a proposal whose run was interrupted is enqueued again, and trials left RUNNING by a killed
-call run again. As for any resumed Optuna study, TPE's proposals after a restart may differ
-from an uninterrupted run's (a fresh sampler; ``resumed_at``); the refits' proposals do not,
-since they depend only on the first ``p_k`` runs.
+call run again. TPE is seeded per trial (:func:`~currsearch.search.seeded_per_trial`) and the
+refits' proposals depend only on the first ``p_k`` runs, so a resumed search trains the orders
+an uninterrupted one would have (``resumed_at`` says where calls began).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from search_spaces import BatchInfo, get_space
 
 from .baselines import RealSearchResult, complete_trials, objective_index, open_real_study, real_scorer
 from .errors import ConfigError
-from .search import ask_and_tell, check_resume, make_sampler
+from .search import ask_and_tell, check_resume, make_sampler, seeded_per_trial
 from .settings import Settings
 from .study import optuna_warnings_only, session_starts
 from .train import Trainer
@@ -277,7 +277,7 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
                     surrogate_s += time.perf_counter() - t1
                 stop = next((p for p in points if p > done), n_runs)
                 m = min(max(1, stop - done), left)
-                ask_and_tell(study, m, 1, score, session=session)
+                ask_and_tell(study, m, 1, score, session=session, sampler_for=seeded_per_trial("tpe", seed))
                 left -= m
     return _result(study, trainer, n_runs, objective, seed, s, time.perf_counter() - t0, surrogate_s)
 

@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import optuna
 import torch
 from pydantic import Field, field_validator
@@ -120,6 +121,26 @@ def make_sampler(name: str, seed: int | None = 0, n_objectives: int = 1, **optio
         return cls(seed=seed, **options)
     except TypeError as err:
         raise ConfigError(f"sampler {name!r}: bad option(s) {sorted(options)}: {err}") from None
+
+
+def seeded_per_trial(name: str, seed: int, **options) -> Callable[[int], optuna.samplers.BaseSampler]:
+    """``sampler_for(k)``: a fresh :func:`make_sampler` ``name`` for the k-th trial (k = 0, 1, ...),
+    seeded from ``(seed, k)`` by :class:`numpy.random.SeedSequence`.
+
+    Given to :func:`ask_and_tell` (``sampler_for``), it makes a study's suggestions a function of
+    its seed and its completed trials only, not of the sampler object's history: a study resumed
+    after a kill asks what an uninterrupted one would have (a restarted ``RandomSampler`` would
+    replay its first draws instead). Optuna's samplers keep no other state between trials.
+
+    Raises:
+        ConfigError: as :func:`make_sampler`.
+    """
+    make_sampler(name, seed=seed, **options)  # fail now on a bad name or option
+
+    def sampler_for(k: int) -> optuna.samplers.BaseSampler:
+        return make_sampler(name, seed=int(np.random.SeedSequence([seed, k]).generate_state(1)[0]), **options)
+
+    return sampler_for
 
 
 def _pareto_mask(values: torch.Tensor) -> torch.Tensor:
@@ -450,6 +471,7 @@ def ask_and_tell(
     *,
     session: Session | None = None,
     limit: Callable[[], int] | None = None,
+    sampler_for: Callable[[int], optuna.samplers.BaseSampler] | None = None,
 ) -> int:
     """Ask ``n_trials`` trials, ``batch_size`` at a time, score each batch with ONE ``score`` call and tell the results.
 
@@ -466,6 +488,9 @@ def ask_and_tell(
             (:class:`currsearch.study.Session`: lets a rerun recover the trials of a killed call).
         limit: if given, called before each batch: the most trials still wanted (e.g. fewer
             once a concurrent call has completed some); the loop stops at 0.
+        sampler_for: if given, ``study.sampler`` is set to ``sampler_for(k)`` before each ask,
+            k = the study's completed trials + the trial's place in its batch
+            (:func:`seeded_per_trial`: resumable searches that do not depend on a kill).
 
     Returns:
         The number of trials asked (``n_trials`` unless ``limit`` stopped it earlier).
@@ -481,7 +506,7 @@ def ask_and_tell(
             k = min(batch_size, n_trials - n_run, limit() if limit is not None else batch_size)
             if k <= 0:
                 break
-            trials = [study.ask() for _ in range(k)]
+            trials = [_ask(study, sampler_for, i) for i in range(k)]
             if session is not None:
                 for t in trials:
                     session.tag(t)
@@ -491,6 +516,13 @@ def ask_and_tell(
                 session.beat()
             bar.update(k)
     return n_run
+
+
+def _ask(study: optuna.Study, sampler_for, i: int) -> optuna.trial.Trial:
+    """``study.ask()``, with ``study.sampler = sampler_for(completed + i)`` first when given."""
+    if sampler_for is not None:
+        study.sampler = sampler_for(len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))) + i)
+    return study.ask()
 
 
 def _settings(settings: SearchSettings | None, legacy: dict[str, Any]) -> tuple[SearchSettings, Any]:

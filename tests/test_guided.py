@@ -25,7 +25,8 @@ def trainer(tiny_trainer):
 
 @pytest.fixture(scope="module")
 def run(trainer):
-    return guided_search(trainer, N, S, seed=0, progress=False)
+    # seed 1: its first refit proposes untrained orders (under seed 0 every candidate was a trained order)
+    return guided_search(trainer, N, S, seed=1, progress=False)
 
 
 class Killed(BaseException):
@@ -69,7 +70,7 @@ def test_budget_schedule_and_surrogate_orders_are_trained_for_real(run, trainer)
 
 
 def test_the_same_seed_reproduces_and_a_shorter_search_is_a_prefix(run, trainer):
-    again = guided_search(trainer, 17, S, seed=0, progress=False)
+    again = guided_search(trainer, 17, S, seed=1, progress=False)
     assert again.runs.orders == run.runs.orders[:17] and again.runs.losses == run.runs.losses[:17]
     assert again.sources == run.sources[:17] and again.refits == 1 and again.sources[16] == "surrogate:0"
 
@@ -77,17 +78,33 @@ def test_the_same_seed_reproduces_and_a_shorter_search_is_a_prefix(run, trainer)
 def test_resumes_after_an_interruption_and_retrains_the_interrupted_surrogate_order(run, trainer, tmp_path):
     journal = str(tmp_path / "g.journal")
     with pytest.raises(Killed):  # interrupted at the first surrogate order (the 17th run)
-        guided_search(InterruptedTrainer(trainer, 17), 18, S, seed=0, storage=journal, progress=False)
-    res = guided_search(trainer, 18, S, seed=0, storage=journal, progress=False)
-    assert res.n_runs == 18 and res.resumed_at == [17] and res.refits == 1  # 16 runs + the interrupted trial before it
-    assert res.runs.orders[:16] == run.runs.orders[:16]  # the runs before the interruption are kept
-    want = {tuple(run.runs.orders[i]) for i in _surrogate_runs(run, 0)}  # the same proposals, trained after all
-    assert want <= {tuple(o) for o, s in zip(res.runs.orders, res.sources) if s == "surrogate:0"}
-    study = optuna.load_study(study_name="guided-tpe-all-seed0", storage=optuna.storages.JournalStorage(
+        guided_search(InterruptedTrainer(trainer, 17), 18, S, seed=1, storage=journal, progress=False)
+    res = guided_search(trainer, 18, S, seed=1, storage=journal, progress=False)
+    assert res.n_runs == 18 and res.resumed_at == [18] and res.refits == 1  # after 16 runs and 2 enqueued trials
+    # TPE seeded per trial: the resumed search trains the orders the uninterrupted one did (the
+    # interrupted surrogate order is requeued behind its sibling, so those two swap places)
+    assert res.runs.orders[:16] == run.runs.orders[:16]
+    assert sorted(zip(res.runs.orders, res.runs.losses, res.sources)) == sorted(
+        zip(run.runs.orders[:18], run.runs.losses[:18], run.sources[:18]))
+    study = optuna.load_study(study_name="guided-tpe-all-seed1", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(journal)))
     assert sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials) == 1  # only the interrupted one
     with pytest.raises(ConfigError, match="another setup"):  # a resume with other settings is refused
-        guided_search(trainer, 18, S.model_copy(update={"enqueue": 1}), seed=0, storage=journal, progress=False)
+        guided_search(trainer, 18, S.model_copy(update={"enqueue": 1}), seed=1, storage=journal, progress=False)
+
+
+@pytest.mark.parametrize("name", ["random-search", "optuna-real"])
+def test_a_killed_real_search_resumes_into_the_uninterrupted_one(trainer, tmp_path, name):
+    """A restarted RandomSampler replayed its first draws after a kill (resumed orders repeated
+    early ones); seeded per trial, the resumed search equals the uninterrupted one, past TPE's
+    10 random start-up trials too."""
+    whole = real_search(trainer, name, 13, seed=5, progress=False)
+    journal = str(tmp_path / f"{name}.journal")
+    with pytest.raises(Killed):
+        real_search(InterruptedTrainer(trainer, 12), name, 13, seed=5, storage=journal, progress=False)
+    resumed = real_search(trainer, name, 13, seed=5, storage=journal, progress=False)
+    assert resumed.orders == whole.orders and resumed.losses == whole.losses
+    assert len(set(map(tuple, resumed.orders))) == 13
 
 
 def test_run_strategy_guided_tpe_spends_exactly_the_budget_with_ledger_and_baselines(tiny_cfg, tiny_set_args, tmp_path,
