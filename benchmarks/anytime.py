@@ -1,11 +1,12 @@
 """Best verified loss against budget: currsearch against search with real training.
 
 For each budget N (real-run equivalents, recording included) and seed, every currsearch
-strategy runs the main job under ``--budget N`` (:func:`currsearch.pipeline.run_pipeline`;
-``guided-tpe`` is its ``--strategy guided-tpe``: N real runs of TPE guided by the surrogate),
+strategy runs the main job under ``--budget N`` (:func:`currsearch.pipeline.run_pipeline`),
 and the two searches with real training (``random-search``, ``optuna-real``,
-:mod:`currsearch.baselines`) spend N real runs; their curves come from one run of
-``max(budgets)`` per seed (the best after the first N runs is what a budget of N would give).
+:mod:`currsearch.baselines`) spend N real runs. Searches whose first N runs are what a budget
+of N would spend (the baselines, and ``guided-tpe``, whose refit schedule does not depend on
+its budget: :mod:`currsearch.guided`; ``currsearch run --strategy guided-tpe --budget N``
+keeps the best of its N runs) come from one search of ``max(budgets)`` per seed.
 
     python benchmarks/anytime.py [CONFIG] --budgets 64,128,256,512,1024 --seeds 0,1,2 --out runs/anytime
 
@@ -31,6 +32,7 @@ from pathlib import Path
 from currsearch.baselines import BASELINES, real_search
 from currsearch.cli import csv_list, progress_logging, resolve_config
 from currsearch.errors import BudgetTooSmallError, CurrsearchError
+from currsearch.guided import guided_search
 from currsearch.manifest import atomic_write_bytes
 from currsearch.pipeline import PipelineSettings, RefineSettings, VerifySettings, run_pipeline
 from currsearch.reports.common import markdown_table, pyplot, save_figure
@@ -95,6 +97,9 @@ def collect(cfg, budgets: list[int], seeds: list[int], strategies: list[str], ou
                 _save(path, points)
             logger.info("%s seed %d: best %.4f after %d runs", name, seed, min(points[key]), len(points[key]))
     for strategy in strategies:
+        if STRATEGIES[strategy][0] == "guided-tpe":
+            _guided_points(trainer, budgets, seeds, out, points, path)
+            continue
         for budget in budgets:
             for seed in seeds:
                 key = f"currsearch/{strategy}/{budget}/{seed}"
@@ -105,6 +110,22 @@ def collect(cfg, budgets: list[int], seeds: list[int], strategies: list[str], ou
                 logger.info("%s N=%d seed %d: %s", strategy, budget, seed,
                             f"{p['best_loss']:.4f} ({p['run_equivalents']:.1f} run eq.)" if p["fits"] else "does not fit")
     return points
+
+
+def _guided_points(trainer: Trainer, budgets: list[int], seeds: list[int], out: Path, points: dict, path: Path) -> None:
+    """``guided-tpe`` at every budget from one search of ``max(budgets)`` runs per seed (journal
+    ``OUT/guided-tpe/seed<s>.journal``): the best of its first N runs, N real runs spent."""
+    for seed in seeds:
+        keys = {N: f"currsearch/guided-tpe/{N}/{seed}" for N in budgets}
+        if all(k in points for k in keys.values()):
+            continue
+        res = guided_search(trainer, max(budgets), seed=seed, storage=str(out / "guided-tpe" / f"seed{seed}.journal"))
+        durations = res.run_durations
+        for N, key in keys.items():
+            points[key] = {"fits": True, "best_loss": res.runs.best_after(N), "real_runs": N, "run_equivalents": float(N),
+                           "seconds": sum(durations[:N])}
+        _save(path, points)
+        logger.info("guided-tpe seed %d: best %.4f after %d runs", seed, res.best_loss, res.n_runs)
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
