@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,13 +29,9 @@ import torch
 from currsearch.adjoint import FULL_RESPONSE, RECORDED_VARIANTS, Variant
 from currsearch.cli import csv_list, progress_logging, resolve_config
 from currsearch.errors import CurrsearchError
-from currsearch.fidelity import (SETTINGS, check_disjoint, evaluate_estimators, fidelity_metrics, heldout_orders,
-                                 nonlinearity_index, retrain_orders)
+from currsearch.fidelity import SETTINGS, fidelity_metrics, run_fidelity
 from currsearch.manifest import atomic_write_bytes
-from currsearch.record import record
 from currsearch.reports.common import markdown_table
-from currsearch.train import Trainer
-from estimators import get_estimator
 from estimators.response import ResponseCost
 
 logger = logging.getLogger("currsearch.response_fidelity")
@@ -50,18 +45,6 @@ ABLATION = (
     FULL_RESPONSE,
 )
 TERMS = ["batch_losses", "updates", "grads", "readouts", "response", "precedence"]
-
-
-def true_losses(trainer, orders, path: Path) -> tuple[torch.Tensor, float]:
-    """Retrained final losses of ``orders`` (float64 ``[n, E]``) and seconds per run, cached in ``path``."""
-    key = [h.order.tolist() for h in orders]
-    if path.is_file():
-        d = json.loads(path.read_text())
-        if d["orders"] == key:
-            return torch.tensor(d["losses"], dtype=torch.float64), d["seconds_per_run"]
-    losses, sec = retrain_orders(trainer, orders)
-    atomic_write_bytes(path, json.dumps({"orders": key, "losses": losses.tolist(), "seconds_per_run": sec}).encode())
-    return losses, sec
 
 
 def subset_rho(result: dict, name: str, eval_set: str = "all") -> dict:
@@ -97,41 +80,29 @@ def spread(result: dict, eval_set: str = "all") -> dict:
 
 def run_setting(cfg, setting: str, names: list[str], seed: int, ablation: bool, out: Path, n_random: int = 30,
                 n_near: int = 5) -> dict:
-    """One optimizer-state setting: record, retrain, score; the result dict with ``extra``."""
+    """One optimizer-state setting through :func:`currsearch.fidelity.run_fidelity` (record with
+    :data:`TERMS`, retrain with the true losses cached in ``OUT/true_seed<seed>.json``, score);
+    the result dict with ``extra`` (subset rho, order spread, fit runs), also in ``OUT/fidelity.json``."""
     cfg = cfg.replace(train={"carry_optimizer_state": SETTINGS[setting]}, record={"terms": TERMS, "anchor_stride": 1})
-    trainer = Trainer.from_config(cfg)
-    variants = RECORDED_VARIANTS + (ABLATION if ablation else ())
-    store = record(cfg, out / "store", trainer=trainer, check_budget=False, response_variants=variants)
-    fitted, fit_s = {}, {}
-    for name in names:
-        t0 = time.perf_counter()
-        fitted[name] = get_estimator(name).fit(store)
-        fit_s[name] = time.perf_counter() - t0
-    if ablation:
-        for v in ABLATION:
-            fitted[f"R:{v.name}"] = ResponseCost(variant=v.name).fit(store)
-    calibration = [o for est in fitted.values() if est.needs_runs for o in est.fit_orders().tolist()]
-    difficulty = torch.tensor([m["unigram_nll"] for m in trainer.plan.metadata], dtype=torch.float64)
-    orders = heldout_orders(trainer.T, trainer.plan.domains, difficulty, n_random=n_random, n_near=n_near, seed=seed,
-                            exclude=calibration)
-    check_disjoint(orders, calibration)
-    true, retrain_s = true_losses(trainer, orders, out / f"true_seed{seed}.json")
-    man = store.manifest
-    info = {"bytes": int(store.nbytes()), "record_seconds": float(man["record_seconds"]),
-            "reference_seconds": float(man["reference_seconds"]), "nonlinearity": nonlinearity_index(store)}
-    res = evaluate_estimators(orders, true, list(trainer.plan.eval_names), fitted, retrain_s, fit_s, info)
-    res["extra"] = {"rho": {n: subset_rho(res, n) for n in fitted}, "spread": spread(res), "setting": setting, "seed": seed,
-                    "fit_runs": {n: len(e.fit_orders()) for n, e in fitted.items() if e.needs_runs}}
+    extra = {f"R:{v.name}": ResponseCost(variant=v.name) for v in ABLATION} if ablation else None
+    res = run_fidelity(cfg, names, out, n_random=n_random, n_near=n_near, seed=seed, store_dir=out / "store",
+                       extra_estimators=extra, response_variants=RECORDED_VARIANTS + (ABLATION if ablation else ()),
+                       check_budget=False, true_loss_cache=out / f"true_seed{seed}.json")
+    res["extra"] = {"rho": {n: subset_rho(res, n) for n in res["estimators"]}, "spread": spread(res), "setting": setting,
+                    "seed": seed, "fit_runs": res["fit_runs"]}
     atomic_write_bytes(out / "fidelity.json", json.dumps(res, indent=1, default=float).encode())
     return res
 
 
 def amortized_speedup(res: dict, name: str, orders: int = 1000) -> float:
-    """Retrain seconds per order / (estimate seconds per order + (recording + fit) / ``orders``)."""
+    """Retrain seconds per order / (estimate seconds per order + (recording + fit) / ``orders``).
+
+    The fit costs its real runs at the retraining time per order (``fit_runs``), not its measured
+    seconds, which are near 0 when the runs come from a calibration cache."""
     c = res["estimators"][name]["cost"]
     retrain = res["retrain_seconds_per_order"]
     rec = 0.0 if name == "reference" else res["store"]["record_seconds"]
-    fit = c["fit_seconds"] if c["fit_seconds"] == c["fit_seconds"] else 0.0
+    fit = res["extra"]["fit_runs"].get(name, 0) * retrain
     return retrain / (c["estimate_seconds_per_order"] + (rec + fit) / orders)
 
 

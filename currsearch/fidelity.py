@@ -16,6 +16,7 @@ to JSON as ``null``.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 import zlib
@@ -29,8 +30,9 @@ from tqdm.auto import tqdm
 
 from estimators.base import get_estimator
 
-from .adjoint import clipped_hvp
+from .adjoint import RECORDED_VARIANTS, clipped_hvp
 from .errors import ConfigError, StoreError
+from .manifest import atomic_write_bytes
 from .orders import random_transpositions
 from .record import record
 from .train import Trainer
@@ -287,19 +289,29 @@ def nonlinearity_index(store) -> dict:
     return {"index": kappa, "curvature_drift": kappa, "second_moment_drift": vd, "adam_step0": int(c0["adam_step"])}
 
 
-def retrain_orders(trainer, orders: list[HeldoutOrder], progress: bool = True) -> tuple[torch.Tensor, float]:
+def retrain_orders(trainer, orders: list[HeldoutOrder], progress: bool = True, cache=None) -> tuple[torch.Tensor, float]:
     """Retrain every order for real; returns (float64 ``[n, E]`` final eval losses in nats/token
     in ``trainer.plan.eval_names`` order, mean wall seconds per ``trainer.train`` call).
 
     The warm-up phase runs (and is cached) before timing starts; the timed call includes evaluation.
+    With ``cache`` (a JSON path), the result is read from it when it holds these same orders,
+    else computed and written there atomically (the caller keys the path by config and draw).
     """
+    key = [h.order.tolist() for h in orders]
+    if cache is not None and Path(cache).is_file():
+        d = json.loads(Path(cache).read_text())
+        if d["orders"] == key:
+            return torch.tensor(d["losses"], dtype=torch.float64), d["seconds_per_run"]
     trainer.window_start(progress=progress)
     losses, seconds = [], 0.0
     for h in tqdm(orders, desc="retraining held-out orders", unit="order", disable=not progress):
         t0 = time.perf_counter()
         losses.append(trainer.train(h.order).eval_losses)
         seconds += time.perf_counter() - t0
-    return torch.stack(losses).to(torch.float64), seconds / max(len(orders), 1)
+    true, per_run = torch.stack(losses).to(torch.float64), seconds / max(len(orders), 1)
+    if cache is not None:
+        atomic_write_bytes(Path(cache), json.dumps({"orders": key, "losses": true.tolist(), "seconds_per_run": per_run}).encode())
+    return true, per_run
 
 
 def _score_estimator(name: str, est, all_orders: torch.Tensor, true: torch.Tensor, eval_names: list[str], subsets: dict,
@@ -381,7 +393,8 @@ def evaluate_estimators(
 
 
 def run_fidelity(cfg, estimator_names: list[str], out_dir, n_random: int = 30, n_near: int = 5, seed: int = 0,
-                 store_dir=None, progress: bool = True) -> dict:
+                 store_dir=None, progress: bool = True, extra_estimators: dict | None = None,
+                 response_variants=RECORDED_VARIANTS, check_budget: bool = True, true_loss_cache=None) -> dict:
     """Record (or reuse) the store for ``cfg``, retrain held-out orders, score estimators (write the
     report with :func:`currsearch.reports.fidelity.write_report`).
 
@@ -391,11 +404,16 @@ def run_fidelity(cfg, estimator_names: list[str], out_dir, n_random: int = 30, n
             store records ``cfg.record.terms`` plus the terms they require.
         out_dir: report directory; the store goes to ``store_dir`` or ``out_dir/store``.
         n_random, n_near, seed: see :func:`heldout_orders`.
+        extra_estimators: ``{name: unfitted Estimator}`` scored too, for estimators built with
+            arguments (e.g. ``ResponseCost(variant=...)``); their terms must be recorded.
+        response_variants, check_budget: passed to :func:`~currsearch.record.record`.
+        true_loss_cache: JSON path of the held-out orders' true losses (:func:`retrain_orders`).
 
     Returns:
         The result dict (NaN kept as float here; null in ``fidelity.json``): that of
         :func:`evaluate_estimators` plus ``setting``, ``config``, ``seed``, ``n_random``,
-        ``n_near``, ``window_start_loss`` and ``unigram_baseline`` (``{eval set: nats/token}``,
+        ``n_near``, ``fit_runs`` (``{name: real runs}`` of the estimators fitted to runs),
+        ``window_start_loss`` and ``unigram_baseline`` (``{eval set: nats/token}``,
         :meth:`~currsearch.train.Trainer.unigram_baseline`).
 
     Raises:
@@ -411,19 +429,20 @@ def run_fidelity(cfg, estimator_names: list[str], out_dir, n_random: int = 30, n
         cfg = cfg.replace(record={"terms": list(cfg.record.terms) + list(dict.fromkeys(needed))})
     trainer = Trainer.from_config(cfg)
     difficulty = torch.tensor([m["unigram_nll"] for m in trainer.plan.metadata], dtype=torch.float64)
-    store = record(cfg, Path(store_dir) if store_dir else out / "store", progress=progress, trainer=trainer)
+    store = record(cfg, Path(store_dir) if store_dir else out / "store", progress=progress, trainer=trainer,
+                   check_budget=check_budget, response_variants=response_variants)
     if store.T != trainer.T:
         raise StoreError(f"store at {str(store.path)!r} has T = {store.T} batches but the config gives T = {trainer.T}")
     fitted, fit_s = {}, {}
-    for name in estimator_names:
+    for name, est in [(n, get_estimator(n)) for n in estimator_names] + list((extra_estimators or {}).items()):
         t0 = time.perf_counter()
-        fitted[name] = get_estimator(name).fit(store)
+        fitted[name] = est.fit(store)
         fit_s[name] = time.perf_counter() - t0
     calibration = [o for est in fitted.values() if est.needs_runs for o in est.fit_orders().tolist()]
     orders = heldout_orders(trainer.T, trainer.plan.domains, difficulty, n_random=n_random, n_near=n_near, seed=seed,
                             exclude=calibration)
     check_disjoint(orders, calibration)
-    true, retrain_s = retrain_orders(trainer, orders, progress=progress)
+    true, retrain_s = retrain_orders(trainer, orders, progress=progress, cache=true_loss_cache)
     man = store.manifest
     info = {"path": str(store.path), "bytes": int(store.nbytes()), "formula_bytes": man.get("formula_bytes"),
             "terms": sorted(store.terms), "record_seconds": float(man.get("record_seconds", float("nan"))),
@@ -432,6 +451,7 @@ def run_fidelity(cfg, estimator_names: list[str], out_dir, n_random: int = 30, n
     setting = "warm" if cfg.train.carry_optimizer_state else "fresh"
     names = list(trainer.plan.eval_names)
     result = {"setting": setting, "config": cfg.to_dict(), "seed": seed, "n_random": n_random, "n_near": n_near,
+              "fit_runs": {n: len(e.fit_orders()) for n, e in fitted.items() if e.needs_runs},
               "window_start_loss": dict(zip(names, trainer.evaluate(trainer.window_start().theta).tolist())),
               "unigram_baseline": dict(zip(names, trainer.unigram_baseline().tolist())), **result}
     return result
