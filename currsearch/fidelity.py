@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import time
 import zlib
@@ -36,6 +37,8 @@ from .manifest import atomic_write_bytes
 from .orders import random_transpositions
 from .record import record
 from .train import Trainer
+
+logger = logging.getLogger(__name__)
 
 #: Bin edges of the normalized Kendall distance to the reference; the last bin is closed.
 DISTANCE_BINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 1.0)
@@ -299,9 +302,12 @@ def retrain_orders(trainer, orders: list[HeldoutOrder], progress: bool = True, c
     """
     key = [h.order.tolist() for h in orders]
     if cache is not None and Path(cache).is_file():
-        d = json.loads(Path(cache).read_text())
-        if d["orders"] == key:
-            return torch.tensor(d["losses"], dtype=torch.float64), d["seconds_per_run"]
+        try:
+            d = json.loads(Path(cache).read_text())
+            if d["orders"] == key:
+                return torch.tensor(d["losses"], dtype=torch.float64), d["seconds_per_run"]
+        except (ValueError, KeyError, TypeError):
+            logger.warning("true-loss cache %s is unreadable; retraining its orders", cache)
     trainer.window_start(progress=progress)
     losses, seconds = [], 0.0
     for h in tqdm(orders, desc="retraining held-out orders", unit="order", disable=not progress):

@@ -33,7 +33,8 @@ are stored in the study (user attr ``currsearch_guided_refit:<k>``) before they 
 a proposal whose run was interrupted is enqueued again, and trials left RUNNING by a killed
 call run again. TPE is seeded per trial (:func:`~currsearch.search.seeded_per_trial`) and the
 refits' proposals depend only on the first ``p_k`` runs, so a resumed search trains the orders
-an uninterrupted one would have (``resumed_at`` says where calls began).
+an uninterrupted one would have (an interrupted surrogate order runs after the proposals queued
+behind it; ``resumed_at`` says where calls began).
 """
 
 from __future__ import annotations

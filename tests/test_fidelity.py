@@ -136,7 +136,14 @@ class _Lookup(Estimator):
 def test_evaluate_and_report_on_real_retraining(own_trainer, tmp_path):
     orders = _tiny_orders(own_trainer, n_random=2, n_near=1, near=(1, 2))[:6]
     assert len(orders) == 6
-    true, sec = retrain_orders(own_trainer, orders, progress=False)
+    cache = tmp_path / "true.json"
+    true, sec = retrain_orders(own_trainer, orders, progress=False, cache=cache)
+    # the cache answers for the same orders without a trainer; other orders or a damaged file retrain
+    cached, cached_sec = retrain_orders(SimpleNamespace(), orders, cache=cache)
+    assert torch.equal(cached, true) and cached_sec == sec
+    assert torch.equal(retrain_orders(own_trainer, orders[:2], progress=False, cache=cache)[0], true[:2])
+    cache.write_text("{not json")
+    assert torch.equal(retrain_orders(own_trainer, orders[:2], progress=False, cache=cache)[0], true[:2])
     names = list(own_trainer.plan.eval_names)
     assert true.shape == (6, len(names)) and true.dtype == torch.float64 and sec > 0
     table = {tuple(h.order.tolist()): true[i] for i, h in enumerate(orders)}
