@@ -82,14 +82,14 @@ def run_setting(cfg, setting: str, names: list[str], seed: int, ablation: bool, 
                 n_near: int = 5) -> dict:
     """One optimizer-state setting through :func:`currsearch.fidelity.run_fidelity` (record with
     :data:`TERMS`, retrain with the true losses cached in ``OUT/true_seed<seed>.json``, score);
-    the result dict with ``extra`` (subset rho, order spread, fit runs), also in ``OUT/fidelity.json``."""
+    the result dict with ``extra`` (subset rho, order spread), also in ``OUT/fidelity.json``."""
     cfg = cfg.replace(train={"carry_optimizer_state": SETTINGS[setting]}, record={"terms": TERMS, "anchor_stride": 1})
     extra = {f"R:{v.name}": ResponseCost(variant=v.name) for v in ABLATION} if ablation else None
     res = run_fidelity(cfg, names, out, n_random=n_random, n_near=n_near, seed=seed, store_dir=out / "store",
                        extra_estimators=extra, response_variants=RECORDED_VARIANTS + (ABLATION if ablation else ()),
                        check_budget=False, true_loss_cache=out / f"true_seed{seed}.json")
     res["extra"] = {"rho": {n: subset_rho(res, n) for n in res["estimators"]}, "spread": spread(res), "setting": setting,
-                    "seed": seed, "fit_runs": res["fit_runs"]}
+                    "seed": seed}
     atomic_write_bytes(out / "fidelity.json", json.dumps(res, indent=1, default=float).encode())
     return res
 
@@ -102,7 +102,7 @@ def amortized_speedup(res: dict, name: str, orders: int = 1000) -> float:
     c = res["estimators"][name]["cost"]
     retrain = res["retrain_seconds_per_order"]
     rec = 0.0 if name == "reference" else res["store"]["record_seconds"]
-    fit = res["extra"]["fit_runs"].get(name, 0) * retrain
+    fit = res["fit_runs"].get(name, 0) * retrain
     return retrain / (c["estimate_seconds_per_order"] + (rec + fit) / orders)
 
 
