@@ -67,3 +67,13 @@ def tiny_set_args(tiny_cfg) -> list[str]:
             if v is not None:
                 args += ["--set", f"{sec}.{k}={json.dumps(v)}"]
     return args
+
+
+@pytest.fixture(scope="session")
+def search_store(tiny_cfg, tmp_path_factory):
+    """A tiny recorded store (default terms, projection_dim 32) shared by the search and Ray backend tests."""
+    from currsearch.record import record
+
+    s = record(tiny_cfg.replace(record={"projection_dim": 32}), tmp_path_factory.mktemp("search") / "s", progress=False)
+    s.trainer()  # build (and cache) the plan once for every search
+    return s

@@ -13,16 +13,13 @@ import torch
 from currsearch.backends import RayBackend, SerialBackend, gpus_per_actor
 from currsearch.errors import ConfigError, StoreError
 from currsearch.orders import random_order
-from currsearch.record import record
 from currsearch.search import run_search
 from estimators import get_estimator
 
 
 @pytest.fixture(scope="module")
-def store(tiny_cfg, tmp_path_factory):
-    s = record(tiny_cfg.replace(record={"projection_dim": 32}), tmp_path_factory.mktemp("search") / "s", progress=False)
-    s.trainer()  # build (and cache) the plan once for every search below
-    return s
+def store(search_store):
+    return search_store
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,13 @@ import torch
 
 from currsearch.errors import ConfigError, StoreError
 from currsearch.orders import validate_orders
-from currsearch.record import record
 from currsearch.search import ask_and_tell, run_search
 from estimators import get_estimator
 
 
 @pytest.fixture(scope="module")
-def store(tiny_cfg, tmp_path_factory):
-    s = record(tiny_cfg.replace(record={"projection_dim": 32}), tmp_path_factory.mktemp("search") / "s", progress=False)
-    s.trainer()  # build (and cache) the plan once for every search below
-    return s
+def store(search_store):
+    return search_store
 
 
 def _is_permutation(order, T):
