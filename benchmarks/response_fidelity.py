@@ -9,7 +9,8 @@ non-block orders, the order spread (random-order std, structured range) and the 
 nonlinearity index (``currsearch.fidelity.nonlinearity_index``).
 
     python benchmarks/response_fidelity.py [CONFIG] --settings fresh,warm --seed 2 [--ablation] \
-        [--estimators reference,additive,transported,linear-response,precedence,hybrid,fut1-hvp] --out runs/response
+        [--estimators reference,additive,transported,linear-response,precedence,hybrid,fut1-hvp] \
+        [--fit-runs 32] --out runs/response
 
 Writes ``OUT/<setting>/fidelity.json`` (the fidelity benchmark's result dict plus ``extra``) and
 ``OUT/summary.md`` (rho all / random / near / block / non-block on the ``all`` eval set, AbsDiff,
@@ -32,6 +33,7 @@ from currsearch.errors import CurrsearchError
 from currsearch.fidelity import SETTINGS, fidelity_metrics, run_fidelity
 from currsearch.manifest import atomic_write_bytes
 from currsearch.reports.common import markdown_table
+from estimators.base import get_estimator
 from estimators.response import ResponseCost
 
 logger = logging.getLogger("currsearch.response_fidelity")
@@ -79,12 +81,16 @@ def spread(result: dict, eval_set: str = "all") -> dict:
 
 
 def run_setting(cfg, setting: str, names: list[str], seed: int, ablation: bool, out: Path, n_random: int = 30,
-                n_near: int = 5) -> dict:
+                n_near: int = 5, fit_runs: int | None = None) -> dict:
     """One optimizer-state setting through :func:`currsearch.fidelity.run_fidelity` (record with
     :data:`TERMS`, retrain with the true losses cached in ``OUT/true_seed<seed>.json``, score);
-    the result dict with ``extra`` (subset rho, order spread), also in ``OUT/fidelity.json``."""
+    the result dict with ``extra`` (subset rho, order spread), also in ``OUT/fidelity.json``.
+    ``fit_runs``: real runs of every estimator fitted to runs (default: each one's own default)."""
     cfg = cfg.replace(train={"carry_optimizer_state": SETTINGS[setting]}, record={"terms": TERMS, "anchor_stride": 1})
-    extra = {f"R:{v.name}": ResponseCost(variant=v.name) for v in ABLATION} if ablation else None
+    extra = {f"R:{v.name}": ResponseCost(variant=v.name) for v in ABLATION} if ablation else {}
+    if fit_runs is not None:
+        extra |= {n: get_estimator(n, n_runs=fit_runs) for n in names if get_estimator(n).needs_runs}
+        names = [n for n in names if n not in extra]
     res = run_fidelity(cfg, names, out, n_random=n_random, n_near=n_near, seed=seed, store_dir=out / "store",
                        extra_estimators=extra, response_variants=RECORDED_VARIANTS + (ABLATION if ablation else ()),
                        check_budget=False, true_loss_cache=out / f"true_seed{seed}.json")
@@ -136,13 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablation", action="store_true", help="also record and score the adjoint variants of ABLATION")
     p.add_argument("--n-random", type=int, default=30, help="random held-out orders (default: 30)")
     p.add_argument("--n-near", type=int, default=5, help="held-out orders per number of transpositions (default: 5)")
+    p.add_argument("--fit-runs", type=int, help="real runs of the estimators fitted to runs (default: their own)")
     p.add_argument("--out", default="runs/response")
     args = p.parse_args(argv)
     try:
         cfg = resolve_config(args.config, args.set)
         out = Path(args.out)
         with progress_logging(True):
-            results = {s: run_setting(cfg, s, args.estimators, args.seed, args.ablation, out / s, args.n_random, args.n_near)
+            results = {s: run_setting(cfg, s, args.estimators, args.seed, args.ablation, out / s, args.n_random, args.n_near,
+                                     args.fit_runs)
                        for s in args.settings}
     except CurrsearchError as err:
         print(f"error: {err}", file=sys.stderr)

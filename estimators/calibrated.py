@@ -104,6 +104,24 @@ def fit_ridge(X: np.ndarray, y: np.ndarray, alphas=tuple(np.logspace(-4, 3, 30))
     return fit(X, y, sw, min(alphas, key=cv))
 
 
+def cached_runs(store, exclude: str = "") -> dict[tuple[int, ...], list[float]]:
+    """Final eval losses (``[E]``, nats/token) of every order trained for a fit cached in
+    ``STORE/calibration/`` (files the manifest lists, checksums checked; ``exclude`` skipped),
+    keyed by the order. A run depends only on the store's Trainer and the order, so a calibrated
+    estimator reuses them instead of retraining (e.g. ``calibrated-interactions`` and ``hybrid``
+    draw the same orders from :func:`calibration_orders` at equal ``n_runs`` and seed).
+
+    Raises:
+        StoreError: a listed cache file is missing, truncated or modified.
+    """
+    out = {}
+    for rel in sorted(type(store).read_manifest(store.path)["files"]):  # on disk: other processes may have fitted
+        if rel.startswith("calibration/") and rel != exclude:
+            d = json.loads(store.read_listed_bytes(rel) or b"{}")
+            out.update({tuple(o): list(l) for o, l in zip(d.get("orders", []), d.get("losses", []))})
+    return out
+
+
 def load_or_fit_runs(store, name: str, run_settings: list, make_orders, regress, fit_settings: list = (),
                      save_every: int = 16) -> dict:
     """Real runs and fitted coefficients of a calibrated estimator, cached in ``STORE/calibration/``.
@@ -118,6 +136,8 @@ def load_or_fit_runs(store, name: str, run_settings: list, make_orders, regress,
         fit_settings: JSON-serializable settings that change only the fit (stored in the file as
             ``fit_key``): changing them refits from the cached runs without retraining.
         save_every: runs between atomic saves of the partial runs (an interrupted fit resumes).
+            Orders already trained for another cached fit on this store are not retrained
+            (:func:`cached_runs`).
 
     Returns:
         ``{"orders": [n][T], "kinds": [n], "losses": [n][E] (nats/token), "fit": coefficients,
@@ -157,11 +177,16 @@ def load_or_fit_runs(store, name: str, run_settings: list, make_orders, regress,
     data.setdefault("losses", [])
     todo = range(len(data["losses"]), len(data["orders"]))
     if todo:
-        logger.info(f"{name}: retraining {len(todo)} of {len(data['orders'])} orders for real to fit the estimator "
-                    f"(saved every {save_every} runs in {path}; an interrupted fit resumes)")
-        tr = store.trainer()
+        trained = cached_runs(store, exclude=rel)
+        reused = sum(tuple(data["orders"][i]) in trained for i in todo)
+        logger.info(f"{name}: retraining {len(todo) - reused} of {len(data['orders'])} orders for real to fit the "
+                    f"estimator ({reused} reused from other fits on this store; saved every {save_every} runs in "
+                    f"{path}; an interrupted fit resumes)")
+        tr = store.trainer() if reused < len(todo) else None
         for i in tqdm(todo, desc=f"{name} runs", leave=False, disable=None):
-            data["losses"].append(tr.train(torch.tensor(data["orders"][i])).eval_losses.tolist())
+            known = trained.get(tuple(data["orders"][i]))
+            data["losses"].append(known if known is not None else
+                                  tr.train(torch.tensor(data["orders"][i])).eval_losses.tolist())
             if (i + 1) % save_every == 0:
                 save()
         save()
@@ -449,8 +474,11 @@ class CalibratedInteractions(Estimator):
         ``max_swaps`` swaps were made).
         """
         e = self.eval_names.index(eval_set)
-        return self.swap_descent(assignment_order(position_cost(self.W[:, e].cpu().numpy(), self.T)), eval_set,
-                                 max_swaps, chunk)
+        return self.swap_descent(assignment_order(self._position_cost(e)), eval_set, max_swaps, chunk)
+
+    def _position_cost(self, e: int) -> np.ndarray:
+        """Cost matrix float64 ``[T, T]`` (step t, batch l) of the position part of eval set ``e``'s model."""
+        return position_cost(self.W[:, e].cpu().numpy(), self.T)
 
     def swap_descent(self, order, eval_set: str = "all", max_swaps: int | None = None, chunk: int = 4096) -> torch.Tensor:
         """Best-improvement transpositions of ``order`` (int64 ``[T]``) on the estimate of
@@ -464,3 +492,20 @@ class CalibratedInteractions(Estimator):
         e, T = self.eval_names.index(eval_set), self.T
         order = validate_orders(order, T).view(T).cpu()
         return swap_descent(lambda o: self.estimate(o)[:, e], order, max_swaps, chunk)
+
+
+class CalibratedPositions(CalibratedInteractions):
+    """``calibrated-interactions``' fit on the T per-batch position features alone (the first T
+    columns of :func:`position_features`): ``L_e(pi) ~ b_e + sum_l w_{l,e} t_pi(l) / (T - 1)``.
+
+    Ours; not registered: a low-capacity model for few runs, fitted with :meth:`from_runs`
+    (``guided-tpe`` selects it by cross-validation, ``currsearch.guided.select_surrogate``).
+    Linear in the positions, so its :meth:`assignment_optimum` is exact (linear assignment).
+    """
+
+    def _features(self, orders: torch.Tensor) -> torch.Tensor:
+        return position_features(orders)[:, :orders.shape[1]]
+
+    def _position_cost(self, e: int) -> np.ndarray:
+        t = np.arange(self.T) / max(self.T - 1, 1)
+        return np.outer(t, self.W[:, e].cpu().numpy())

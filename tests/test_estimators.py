@@ -12,7 +12,7 @@ from currsearch.orders import random_order
 from currsearch.record import eval_gradients, record
 from currsearch.train import Trainer
 from estimators import available, get_estimator
-from estimators.calibrated import CalibratedInteractions, interaction_features
+from estimators.calibrated import CalibratedInteractions, interaction_features, load_or_fit_runs
 
 TRAJECTORY_ESTIMATORS = ["additive", "fut1", "fut2", "fut1-hvp"]
 
@@ -176,6 +176,10 @@ def test_calibrated_interactions_fits_three_families_caches_them_and_finds_a_swa
     monkeypatch.setattr(Trainer, "train", no_training)
     reweighted = get_estimator("calibrated-interactions", n_runs=16, clumped_weight=1.0).fit(store)
     assert reweighted.runs == est.runs and not torch.equal(reweighted.W, est.W)
+    # another fit on this store whose orders were trained for this one reuses their runs, no retraining
+    some = [est.runs["orders"][i] for i in (7, 2, 11)]
+    other = load_or_fit_runs(store, "other", ["x"], lambda: (torch.tensor(some), ["random"] * 3), lambda runs: {})
+    assert other["losses"] == [est.runs["losses"][i] for i in (7, 2, 11)]
     monkeypatch.undo()
     # features: a fully blocked order has T - G adjacent same-group steps; in any order the counts
     # a_l of same-group batches after batch l sum to sum_d k_d (k_d - 1) / 2 (k_d: group sizes)
