@@ -10,8 +10,9 @@ at a time, saved after each (an interrupted run resumes)::
         --estimator fut1-hvp --kinds near,random --out runs/medium_fid/fresh/fut1-hvp.json
 
 Writes ``OUT`` (JSON): the orders' names and kinds, true and estimated losses (nats/token, per
-eval set), seconds per estimate and per retrain (measured in ``fidelity.json``'s run), and
-Spearman rho per subset (``all`` kinds chosen, each kind) on the ``all`` eval set.
+eval set), seconds per estimate and per retrain (measured in ``fidelity.json``'s run),
+Spearman rho per subset (``all`` kinds chosen, each kind) on the ``all`` eval set, and the rho of
+``fidelity.json``'s estimators on the same orders.
 """
 
 from __future__ import annotations
@@ -84,9 +85,11 @@ def score_subset(cfg, result_dir, estimator: str, kinds: list[str], out, progres
     for g in dict.fromkeys(groups):
         m = torch.tensor([x == g for x in groups])
         rho[g] = fidelity_metrics(estimate[m], true[m])["spearman"]
+    others = {n: fidelity_metrics(torch.tensor([e["estimates"][i][e_all] for i in picked]), true)["spearman"]
+              for n, e in res["estimators"].items()}  # the estimators of fidelity.json on the same orders
     per_order = sum(done["seconds"]) / len(done["seconds"])
     done |= {"names": [res["orders"][i]["name"] for i in picked], "kinds": groups, "true": true.tolist(),
-             "spearman": rho, "seconds_per_estimate": per_order,
+             "spearman": rho, "others_spearman_all": others, "seconds_per_estimate": per_order,
              "retrain_seconds_per_order": res["retrain_seconds_per_order"],
              "estimate_over_retrain": per_order / res["retrain_seconds_per_order"]}
     atomic_write_bytes(out, json.dumps(done, indent=1).encode())

@@ -198,7 +198,8 @@ def select_surrogate(plan, orders: list[list[int]], losses: list[float], folds: 
     """The model class, ``CalibratedInteractions`` or ``CalibratedPositions``, whose out-of-fold
     estimates of ``losses`` (``[n]``, nats/token) of ``orders`` (``[n][T]``) have the higher
     Spearman rho (``folds``-fold cross-validation, a fixed permutation; ties keep
-    ``CalibratedInteractions``). Deterministic.
+    ``CalibratedInteractions``, and so do runs too few for a fold's fit to have
+    ``CalibratedInteractions.min_runs``). Deterministic.
 
     Why: fitted to the first 16-56 runs of a TPE search on the default config, the 824-feature
     ``calibrated-interactions`` ranks the next runs at rho -0.17 to +0.21 on average, the
@@ -208,6 +209,8 @@ def select_surrogate(plan, orders: list[list[int]], losses: list[float], folds: 
     o, y = np.asarray(orders), np.asarray(losses, dtype=np.float64)
     parts = np.array_split(np.random.default_rng(0).permutation(len(y)), folds)
     best, best_rho = CalibratedInteractions, -np.inf
+    if len(y) - max(map(len, parts)) < CalibratedInteractions.min_runs:
+        return best
     for cls in (CalibratedInteractions, CalibratedPositions):
         oof = np.empty_like(y)
         for f in parts:

@@ -95,6 +95,10 @@ def test_cv_selected_surrogate_picks_the_model_that_ranks_held_out_runs(run, tra
     first = propose(plan, "all", orders, run.runs.losses, trained, cv)
     assert first == propose(plan, "all", orders, run.runs.losses, trained, cv)
     assert 1 <= len(first) <= cv.enqueue and len(set(map(tuple, first))) == len(first) and not set(map(tuple, first)) & trained
+    # 16 runs are too few for 5 folds of >= 16 training runs: the default model; a whole search runs
+    assert select_surrogate(plan, orders[:16], run.runs.losses[:16]) is CalibratedInteractions
+    res = guided_search(trainer, N, cv, seed=1, progress=False)
+    assert res.runs.orders[:17] == run.runs.orders[:17] and res.refits == 2 and res.n_runs == N
 
 
 def test_resumes_after_an_interruption_and_retrains_the_interrupted_surrogate_order(run, trainer, tmp_path):
