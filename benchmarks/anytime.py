@@ -32,7 +32,7 @@ from pathlib import Path
 from currsearch.baselines import BASELINES, real_search
 from currsearch.cli import csv_list, progress_logging, resolve_config
 from currsearch.errors import BudgetTooSmallError, CurrsearchError
-from currsearch.guided import GuidedSettings, guided_search
+from currsearch.guided import guided_search
 from currsearch.manifest import atomic_write_bytes
 from currsearch.pipeline import PipelineSettings, RefineSettings, VerifySettings, run_pipeline
 from currsearch.reports.common import markdown_table, pyplot, save_figure
@@ -53,10 +53,7 @@ STRATEGIES = {
     "precedence": ("surrogate", "precedence", 0),
     "hybrid": ("surrogate", "hybrid", 0),
     "guided-tpe": ("guided-tpe", "calibrated-interactions", 0),
-    "guided-tpe-cv": ("guided-tpe", "calibrated-interactions", 0),
 }
-#: settings of the ``guided-tpe`` strategies (``-cv``: the surrogate selected per refit by cross-validation)
-GUIDED = {"guided-tpe": GuidedSettings(), "guided-tpe-cv": GuidedSettings(surrogate="cv-selected")}
 
 
 def _points(path: Path) -> dict:
@@ -101,7 +98,7 @@ def collect(cfg, budgets: list[int], seeds: list[int], strategies: list[str], ou
             logger.info("%s seed %d: best %.4f after %d runs", name, seed, min(points[key]), len(points[key]))
     for strategy in strategies:
         if STRATEGIES[strategy][0] == "guided-tpe":
-            _guided_points(trainer, strategy, budgets, seeds, out, points, path)
+            _guided_points(trainer, budgets, seeds, out, points, path)
             continue
         for budget in budgets:
             for seed in seeds:
@@ -115,22 +112,20 @@ def collect(cfg, budgets: list[int], seeds: list[int], strategies: list[str], ou
     return points
 
 
-def _guided_points(trainer: Trainer, name: str, budgets: list[int], seeds: list[int], out: Path, points: dict,
-                   path: Path) -> None:
-    """A ``guided-tpe`` strategy (:data:`GUIDED`) at every budget from one search of ``max(budgets)``
-    runs per seed (journal ``OUT/<name>/seed<s>.journal``): the best of its first N runs, N real runs spent."""
+def _guided_points(trainer: Trainer, budgets: list[int], seeds: list[int], out: Path, points: dict, path: Path) -> None:
+    """``guided-tpe`` at every budget from one search of ``max(budgets)`` runs per seed (journal
+    ``OUT/guided-tpe/seed<s>.journal``): the best of its first N runs, N real runs spent."""
     for seed in seeds:
-        keys = {N: f"currsearch/{name}/{N}/{seed}" for N in budgets}
+        keys = {N: f"currsearch/guided-tpe/{N}/{seed}" for N in budgets}
         if all(k in points for k in keys.values()):
             continue
-        res = guided_search(trainer, max(budgets), GUIDED[name], seed=seed,
-                            storage=str(out / name / f"seed{seed}.journal"))
+        res = guided_search(trainer, max(budgets), seed=seed, storage=str(out / "guided-tpe" / f"seed{seed}.journal"))
         durations = res.run_durations
         for N, key in keys.items():
             points[key] = {"fits": True, "best_loss": res.runs.best_after(N), "real_runs": N, "run_equivalents": float(N),
                            "seconds": sum(durations[:N])}
         _save(path, points)
-        logger.info("%s seed %d: best %.4f after %d runs", name, seed, res.best_loss, res.n_runs)
+        logger.info("guided-tpe seed %d: best %.4f after %d runs", seed, res.best_loss, res.n_runs)
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:

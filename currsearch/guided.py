@@ -43,16 +43,14 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
-import numpy as np
 import optuna
 import torch
 from pydantic import Field, model_validator
-from scipy import stats
 from tqdm.auto import tqdm
 
-from estimators.calibrated import CalibratedInteractions, CalibratedPositions
+from estimators.calibrated import CalibratedInteractions
 from search_spaces import BatchInfo, get_space
 
 from .baselines import RealSearchResult, complete_trials, objective_index, open_real_study, real_scorer
@@ -88,10 +86,6 @@ class GuidedSettings(Settings):
         starts: best real orders a swap descent starts from at each refit (>= 0; the
             surrogate's own optimum is always a candidate).
         max_swaps: transpositions per descent (None: until a swap-local optimum of the surrogate).
-        surrogate: ``"interactions"`` (``calibrated-interactions`` at every refit) or
-            ``"cv-selected"`` (at each refit, that model or the position-only
-            :class:`~estimators.calibrated.CalibratedPositions`, whichever ranks the runs so far
-            better out of fold: :func:`select_surrogate`).
     """
 
     first_batch: int = Field(16, ge=CalibratedInteractions.min_runs)
@@ -99,7 +93,6 @@ class GuidedSettings(Settings):
     enqueue: int = Field(4, ge=1)
     starts: int = Field(4, ge=0)
     max_swaps: Optional[int] = Field(4, ge=1)
-    surrogate: Literal["interactions", "cv-selected"] = "interactions"
 
     @model_validator(mode="after")
     def _enqueue_fits(self) -> "GuidedSettings":
@@ -194,47 +187,16 @@ class GuidedResult:
         return VerificationResult(self.eval_names, list(trainer.plan.domains), trainer.T, cands, search=self.record())
 
 
-def select_surrogate(plan, orders: list[list[int]], losses: list[float], folds: int = 5) -> type[CalibratedInteractions]:
-    """The model class, ``CalibratedInteractions`` or ``CalibratedPositions``, whose out-of-fold
-    estimates of ``losses`` (``[n]``, nats/token) of ``orders`` (``[n][T]``) have the higher
-    Spearman rho (``folds``-fold cross-validation, a fixed permutation; ties keep
-    ``CalibratedInteractions``, and so do runs too few for a fold's fit to have
-    ``CalibratedInteractions.min_runs``). Deterministic.
-
-    Why: fitted to the first 16-56 runs of a TPE search on the default config, the 824-feature
-    ``calibrated-interactions`` ranks the next runs at rho -0.17 to +0.21 on average, the
-    32-feature position-only model at -0.04 to +0.27 (``benchmarks/guided_skill.py`` on the
-    tuning searches of seeds 7 and 8); which one ranks better depends on the runs.
-    """
-    o, y = np.asarray(orders), np.asarray(losses, dtype=np.float64)
-    parts = np.array_split(np.random.default_rng(0).permutation(len(y)), folds)
-    best, best_rho = CalibratedInteractions, -np.inf
-    if len(y) - max(map(len, parts)) < CalibratedInteractions.min_runs:
-        return best
-    for cls in (CalibratedInteractions, CalibratedPositions):
-        oof = np.empty_like(y)
-        for f in parts:
-            keep = np.setdiff1d(np.arange(len(y)), f)
-            est = cls.from_runs(plan, ["objective"], o[keep].tolist(), y[keep, None].tolist())
-            oof[f] = est.estimate(torch.as_tensor(o[f]))[:, 0].numpy()
-        rho = stats.spearmanr(oof, y).statistic if np.ptp(oof) > 0 else -np.inf
-        if rho > best_rho:
-            best, best_rho = cls, rho
-    return best
-
-
 def propose(plan, objective: str, orders: list[list[int]], losses: list[float], exclude: set[tuple[int, ...]],
             s: GuidedSettings) -> list[list[int]]:
     """The surrogate's proposals from real runs: at most ``s.enqueue`` distinct orders, best estimate first.
 
-    Fits ``calibrated-interactions`` (or, with ``s.surrogate == "cv-selected"``, the model
-    :func:`select_surrogate` picks) to ``orders`` (``[n][T]``) and their ``objective``
+    Fits ``calibrated-interactions`` to ``orders`` (``[n][T]``) and their ``objective``
     ``losses`` (``[n]``, nats/token), then scores its ``assignment_optimum`` and a swap
     descent from each of the ``s.starts`` best real orders; orders in ``exclude`` (trained
     already) are skipped. Deterministic.
     """
-    cls = select_surrogate(plan, orders, losses) if s.surrogate == "cv-selected" else CalibratedInteractions
-    est = cls.from_runs(plan, [objective], orders, [[x] for x in losses])
+    est = CalibratedInteractions.from_runs(plan, [objective], orders, [[x] for x in losses])
     best_real = sorted(range(len(losses)), key=lambda i: (losses[i], i))[:s.starts]
     cands = [est.assignment_optimum(objective, max_swaps=s.max_swaps)]
     cands += [est.swap_descent(orders[i], objective, s.max_swaps) for i in best_real]
@@ -297,9 +259,7 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
     t0, surrogate_s = time.perf_counter(), 0.0
     with optuna_warnings_only():
         study, session = open_real_study(f"{NAME}-{objective}-seed{seed}", make_sampler("tpe", seed=seed), storage)
-        # the default surrogate is left out of the key, so journals written before the setting existed resume
-        key = s.model_dump(exclude={"surrogate"} if s.surrogate == "interactions" else None)
-        check_resume(study, {"guided": key, "T": trainer.T})
+        check_resume(study, {"guided": s.model_dump(), "T": trainer.T})
         left = max(0, n_runs - len(complete_trials(study)))
         with tqdm(total=left, desc=NAME, unit="run", disable=not (progress and left)) as bar:
 

@@ -498,9 +498,10 @@ class CalibratedPositions(CalibratedInteractions):
     """``calibrated-interactions``' fit on the T per-batch position features alone (the first T
     columns of :func:`position_features`): ``L_e(pi) ~ b_e + sum_l w_{l,e} t_pi(l) / (T - 1)``.
 
-    Ours; not registered: a low-capacity model for few runs, fitted with :meth:`from_runs`
-    (``guided-tpe`` selects it by cross-validation, ``currsearch.guided.select_surrogate``).
-    Linear in the positions, so its :meth:`assignment_optimum` is exact (linear assignment).
+    Ours; not registered: a low-capacity control for few runs, fitted with :meth:`from_runs`
+    (``benchmarks/guided_skill.py`` compares it with ``calibrated-interactions`` fitted to a
+    search's first runs). Linear in the positions, so its :meth:`assignment_optimum` is exact
+    (linear assignment).
     """
 
     def _features(self, orders: torch.Tensor) -> torch.Tensor:

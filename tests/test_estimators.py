@@ -12,7 +12,7 @@ from currsearch.orders import random_order
 from currsearch.record import eval_gradients, record
 from currsearch.train import Trainer
 from estimators import available, get_estimator
-from estimators.calibrated import CalibratedInteractions, interaction_features, load_or_fit_runs
+from estimators.calibrated import CalibratedInteractions, CalibratedPositions, interaction_features, load_or_fit_runs
 
 TRAJECTORY_ESTIMATORS = ["additive", "fut1", "fut2", "fut1-hvp"]
 
@@ -205,3 +205,17 @@ def test_calibrated_interactions_fits_three_families_caches_them_and_finds_a_swa
         CalibratedInteractions.from_runs(store, ["all"], o, est.runs["losses"])
     with pytest.raises(ConfigError, match="n_runs >= 16"):
         get_estimator("calibrated-interactions", n_runs=8)
+
+
+def test_position_only_model_fits_runs_and_its_assignment_optimum_is_exact(tiny_trainer):
+    g = torch.Generator().manual_seed(0)
+    orders = torch.stack([torch.randperm(tiny_trainer.T, generator=g) for _ in range(24)])
+    pos = torch.argsort(orders, 1).double() / (tiny_trainer.T - 1)  # [n, T]: position of batch l
+    w = torch.linspace(-1, 1, tiny_trainer.T, dtype=torch.float64)
+    est = CalibratedPositions.from_runs(tiny_trainer.plan, ["all"], orders, (pos @ w)[:, None])
+    assert est.W.shape == (tiny_trainer.T, 1)
+    every = torch.tensor(list(itertools.permutations(range(tiny_trainer.T))))
+    best = est.estimate(est.assignment_optimum("all")[None])[0, 0]
+    assert torch.isclose(best, est.estimate(every)[:, 0].min())
+    # a loss linear in the positions is recovered: the batch of the largest w goes first, of the smallest last
+    assert est.assignment_optimum("all")[-1].item() == 0 and est.assignment_optimum("all")[0].item() == tiny_trainer.T - 1

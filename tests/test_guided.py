@@ -2,7 +2,6 @@
 runs. Real tiny training (the session's T = 8 trainer: a plan of its own costs 4-7 s of
 tokenization), real Optuna journals, the real pipeline and CLI."""
 
-import itertools
 import json
 
 import optuna
@@ -12,9 +11,8 @@ import torch
 from currsearch.baselines import real_search
 from currsearch.cli import main
 from currsearch.errors import ConfigError
-from currsearch.guided import GuidedSettings, guided_search, propose, select_surrogate
+from currsearch.guided import GuidedSettings, guided_search, propose
 from currsearch.pipeline import PipelineSettings, run_pipeline
-from estimators.calibrated import CalibratedInteractions, CalibratedPositions, batch_groups
 
 S = GuidedSettings(first_batch=16, refit_every=4, enqueue=2, starts=2, max_swaps=None)  # descents to a local optimum
 N = 22  # refits after 16 and 20 runs
@@ -75,30 +73,6 @@ def test_the_same_seed_reproduces_and_a_shorter_search_is_a_prefix(run, trainer)
     again = guided_search(trainer, 17, S, seed=1, progress=False)
     assert again.runs.orders == run.runs.orders[:17] and again.runs.losses == run.runs.losses[:17]
     assert again.sources == run.sources[:17] and again.refits == 1 and again.sources[16] == "surrogate:0"
-
-
-def test_cv_selected_surrogate_picks_the_model_that_ranks_held_out_runs(run, trainer):
-    orders, plan = run.runs.orders, trainer.plan
-    groups, _ = batch_groups(plan)
-    # a loss driven by adjacent same-group pairs (of 80 random orders): only the interactions model expresses it
-    g = torch.Generator().manual_seed(1)
-    rand = [torch.randperm(trainer.T, generator=g) for _ in range(80)]
-    adj = [float((groups[o][1:] == groups[o][:-1]).sum()) for o in rand]
-    assert select_surrogate(plan, [o.tolist() for o in rand], adj) is CalibratedInteractions
-    # the position-only model is linear in the positions: its assignment optimum is its exact minimum
-    est = CalibratedPositions.from_runs(plan, ["all"], orders, [[x] for x in run.runs.losses])
-    every = torch.tensor(list(itertools.permutations(range(trainer.T))))
-    assert torch.isclose(est.estimate(est.assignment_optimum("all")[None])[0, 0], est.estimate(every)[:, 0].min())
-    # proposals: deterministic, distinct, never a trained order
-    cv = S.model_copy(update={"surrogate": "cv-selected"})
-    trained = set(map(tuple, orders))
-    first = propose(plan, "all", orders, run.runs.losses, trained, cv)
-    assert first == propose(plan, "all", orders, run.runs.losses, trained, cv)
-    assert 1 <= len(first) <= cv.enqueue and len(set(map(tuple, first))) == len(first) and not set(map(tuple, first)) & trained
-    # 16 runs are too few for 5 folds of >= 16 training runs: the default model; a whole search runs
-    assert select_surrogate(plan, orders[:16], run.runs.losses[:16]) is CalibratedInteractions
-    res = guided_search(trainer, N, cv, seed=1, progress=False)
-    assert res.runs.orders[:17] == run.runs.orders[:17] and res.refits == 2 and res.n_runs == N
 
 
 def test_resumes_after_an_interruption_and_retrains_the_interrupted_surrogate_order(run, trainer, tmp_path):
