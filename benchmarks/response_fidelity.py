@@ -33,7 +33,7 @@ from currsearch.errors import CurrsearchError
 from currsearch.fidelity import SETTINGS, fidelity_metrics, run_fidelity
 from currsearch.manifest import atomic_write_bytes
 from currsearch.reports.common import markdown_table
-from estimators.base import get_estimator
+from estimators.base import available, get_estimator
 from estimators.response import ResponseCost
 
 logger = logging.getLogger("currsearch.response_fidelity")
@@ -100,6 +100,18 @@ def run_setting(cfg, setting: str, names: list[str], seed: int, ablation: bool, 
     return res
 
 
+def recording_seconds(res: dict, name: str) -> float:
+    """Seconds of the recording estimator ``name`` needs: none for ``reference``; the reference
+    run alone for a registered estimator that reads no recorded term (``calibrated-interactions``
+    needs only the store's Trainer and reference order, ``fut1-hvp`` its checkpoints); else the
+    whole recording of ``res`` (the terms were recorded together)."""
+    if name == "reference":
+        return 0.0
+    if name in available() and not type(get_estimator(name)).required_terms:
+        return res["store"]["reference_seconds"]
+    return res["store"]["record_seconds"]
+
+
 def amortized_speedup(res: dict, name: str, orders: int = 1000) -> float:
     """Retrain seconds per order / (estimate seconds per order + (recording + fit) / ``orders``).
 
@@ -107,7 +119,7 @@ def amortized_speedup(res: dict, name: str, orders: int = 1000) -> float:
     seconds, which are near 0 when the runs come from a calibration cache."""
     c = res["estimators"][name]["cost"]
     retrain = res["retrain_seconds_per_order"]
-    rec = 0.0 if name == "reference" else res["store"]["record_seconds"]
+    rec = recording_seconds(res, name)
     fit = res["fit_runs"].get(name, 0) * retrain
     return retrain / (c["estimate_seconds_per_order"] + (rec + fit) / orders)
 
