@@ -58,9 +58,14 @@ def score_subset(cfg, result_dir, estimator: str, kinds: list[str], out, progres
         The dict written to ``out``.
 
     Raises:
-        ConfigError: no order of the given kinds; StoreError: the store does not match ``cfg``.
+        ConfigError: no ``fidelity.json`` in ``result_dir``, or no order of the given kinds.
+        StoreError: the store does not match ``cfg``.
     """
-    res = json.loads((Path(result_dir) / "fidelity.json").read_text())
+    path = Path(result_dir) / "fidelity.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: run benchmarks/response_fidelity.py with --out {Path(result_dir).parent} "
+                          "for this setting first (its store, held-out orders and true losses are scored here)")
+    res = json.loads(path.read_text())
     group = [kind_group(o["kind"]) for o in res["orders"]]
     picked = sorted((i for i, g in enumerate(group) if g in kinds), key=lambda i: (kinds.index(group[i]), i))
     if not picked:
