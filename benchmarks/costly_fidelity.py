@@ -28,17 +28,17 @@ from tqdm.auto import tqdm
 
 from currsearch.cli import csv_list, resolve_config
 from currsearch.errors import ConfigError, CurrsearchError
-from currsearch.fidelity import fidelity_metrics
+from currsearch.fidelity import SUBSETS, fidelity_metrics, group_of
 from currsearch.manifest import atomic_write_bytes
 from currsearch.store import TrajectoryStore
 from currsearch.train import Trainer
 from estimators.base import get_estimator
 
 
-def kind_group(kind: str) -> str:
-    """The reference and the ``near-k`` orders form one group ``near`` (as in ``response_fidelity.py``);
-    other kinds are their own group."""
-    return "near" if kind == "reference" or kind.startswith("near") else kind
+def subset_of(kind: str, subsets: list[str]) -> str | None:
+    """The first of ``subsets`` (names of :data:`currsearch.fidelity.SUBSETS`) that holds a
+    held-out order of ``kind`` (``near`` holds the reference and the ``near-k`` orders), or None."""
+    return next((s for s in subsets if SUBSETS[s] is None or group_of(kind) in SUBSETS[s]), None)
 
 
 def score_subset(cfg, result_dir, estimator: str, kinds: list[str], out, progress: bool = True) -> dict:
@@ -49,8 +49,8 @@ def score_subset(cfg, result_dir, estimator: str, kinds: list[str], out, progres
         result_dir: a ``response_fidelity.py`` setting directory (``fidelity.json``; the store
             path is read from it).
         estimator: a registered estimator name.
-        kinds: order groups to score (``near``, ``random``, ``domain-block``, ...; :func:`kind_group`),
-            scored group by group in this order.
+        kinds: subsets of held-out orders to score (names of ``currsearch.fidelity.SUBSETS``:
+            ``near``, ``random``, ``structured``; :func:`subset_of`), scored subset by subset in this order.
         out: JSON path, rewritten atomically after every order; an existing file for the same
             estimator and orders resumes.
 
@@ -58,7 +58,7 @@ def score_subset(cfg, result_dir, estimator: str, kinds: list[str], out, progres
         The dict written to ``out``.
 
     Raises:
-        ConfigError: no ``fidelity.json`` in ``result_dir``, or no order of the given kinds.
+        ConfigError: no ``fidelity.json`` in ``result_dir``, an unknown subset, or no order of the given subsets.
         StoreError: the store does not match ``cfg``.
     """
     path = Path(result_dir) / "fidelity.json"
@@ -66,11 +66,14 @@ def score_subset(cfg, result_dir, estimator: str, kinds: list[str], out, progres
         raise ConfigError(f"{path} does not exist: run benchmarks/response_fidelity.py with --out {Path(result_dir).parent} "
                           "for this setting first (its store, held-out orders and true losses are scored here)")
     res = json.loads(path.read_text())
-    group = [kind_group(o["kind"]) for o in res["orders"]]
-    picked = sorted((i for i, g in enumerate(group) if g in kinds), key=lambda i: (kinds.index(group[i]), i))
+    unknown = [k for k in kinds if k not in SUBSETS]
+    if unknown:
+        raise ConfigError(f"unknown subsets {unknown}: choose from {sorted(SUBSETS)}")
+    group = [subset_of(o["kind"], kinds) for o in res["orders"]]
+    picked = sorted((i for i, g in enumerate(group) if g is not None), key=lambda i: (kinds.index(group[i]), i))
     if not picked:
-        raise ConfigError(f"no held-out order of kinds {kinds} in {result_dir}; kinds there: "
-                          f"{sorted({kind_group(o['kind']) for o in res['orders']})}")
+        raise ConfigError(f"no held-out order of subsets {kinds} in {result_dir}; kinds there: "
+                          f"{sorted({o['kind'] for o in res['orders']})}")
     e_all = res["eval_names"].index("all")
     out = Path(out)
     done = json.loads(out.read_text()) if out.is_file() else {}

@@ -30,7 +30,7 @@ import torch
 from currsearch.adjoint import FULL_RESPONSE, RECORDED_VARIANTS, Variant
 from currsearch.cli import csv_list, progress_logging, resolve_config
 from currsearch.errors import CurrsearchError
-from currsearch.fidelity import SETTINGS, fidelity_metrics, run_fidelity
+from currsearch.fidelity import SETTINGS, SUBSETS, fidelity_metrics, group_of, run_fidelity
 from currsearch.manifest import atomic_write_bytes
 from currsearch.reports.common import markdown_table
 from estimators.base import available, get_estimator
@@ -56,7 +56,7 @@ def subset_rho(result: dict, name: str, eval_set: str = "all") -> dict:
     true = torch.tensor(result["true_losses"])[:, j]
     kinds = [o["kind"] for o in result["orders"]]
     masks = {"all": [True] * len(kinds), "random": [k == "random" for k in kinds],
-             "near": [k == "reference" or k.startswith("near") for k in kinds],
+             "near": [group_of(k) in SUBSETS["near"] for k in kinds],
              "block": [k == "domain-block" for k in kinds], "non-block": [k != "domain-block" for k in kinds]}
     out = {}
     for s, m in masks.items():
