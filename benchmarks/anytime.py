@@ -34,17 +34,21 @@ from currsearch.cli import csv_list, progress_logging, resolve_config
 from currsearch.errors import BudgetTooSmallError, CurrsearchError
 from currsearch.guided import guided_search
 from currsearch.manifest import atomic_write_bytes
-from currsearch.pipeline import PipelineSettings, RefineSettings, VerifySettings, run_pipeline
+from currsearch.pipeline import HVP_RUNS_PER_ESTIMATE, PipelineSettings, RefineSettings, VerifySettings, run_pipeline
 from currsearch.reports.common import markdown_table, pyplot, save_figure
 from currsearch.search import SearchSettings
 from currsearch.train import Trainer
+from currsearch.trust_region import run_trust_region
 from estimators import get_estimator
 
 logger = logging.getLogger("currsearch.anytime")
 
 #: currsearch strategies: name -> (pipeline strategy, estimator, trust-region rounds); ``guided-tpe``
-#: (:mod:`currsearch.guided`) spends the whole budget on real runs, TPE guided by refitted surrogates
+#: (:mod:`currsearch.guided`) spends the whole budget on real runs, TPE guided by refitted surrogates;
+#: ``fut1-hvp-trust-region`` is trust-region rounds alone from the reference order
+#: (``currsearch search --rounds R``, :func:`trust_region_point`), as many as the budget plans for
 STRATEGIES = {
+    "fut1-hvp-trust-region": ("trust-region", "fut1-hvp", None),
     "calibrated-interactions": ("surrogate", "calibrated-interactions", 0),
     "calibrated-interactions+rounds": ("surrogate", "calibrated-interactions", 1),
     "additive+rounds": ("surrogate", "additive", 1),
@@ -82,6 +86,27 @@ def run_strategy(cfg, name: str, budget: int, seed: int, out: Path, trials: int)
             "real_runs": res.ledger.real_runs, "run_equivalents": res.ledger.run_equivalents, "seconds": res.ledger.seconds}
 
 
+def trust_region_point(cfg, budget: int, seed: int, out: Path) -> dict:
+    """``fut1-hvp`` trust-region rounds alone, from the reference order, under ``budget``.
+
+    Each round is planned at ``1 + top_k + trials * HVP_RUNS_PER_ESTIMATE`` run equivalents
+    (its recorded run, its retrained orders, its ``fut1-hvp`` estimates; :class:`RefineSettings`'
+    defaults), so ``budget // that`` rounds run (none: the point does not fit). The spend is
+    measured, not planned: its seconds over one real run's seconds (the mean over the rounds'
+    recorded runs and retrained orders), so an overshoot shows in ``run_equivalents``.
+    """
+    r = RefineSettings(rounds=1)
+    per_round = 1 + r.top_k + r.trials * HVP_RUNS_PER_ESTIMATE
+    rounds = int(budget // per_round)
+    if rounds < 1:
+        return {"fits": False, "why": f"one trust-region round is planned at {per_round:.0f} run equivalents"}
+    res = run_trust_region(cfg, out, r.trust_region("all", seed), rounds=rounds, progress=False)
+    run_s = sum(x.seconds["record"] + x.seconds["verify"] for x in res.rounds) / res.verified_runs
+    seconds = sum(sum(x.seconds.values()) for x in res.rounds)
+    return {"fits": True, "best_loss": res.incumbent_loss, "best": "trust_region", "real_runs": res.verified_runs,
+            "run_equivalents": seconds / run_s, "seconds": seconds}
+
+
 def collect(cfg, budgets: list[int], seeds: list[int], strategies: list[str], out: Path, trials: int) -> dict:
     """Run (or resume) every point; returns ``{"baselines": {name: {seed: [losses]}}, "currsearch": {strategy: {budget: {seed: point}}}}``."""
     path = out / "points.json"
@@ -103,6 +128,9 @@ def collect(cfg, budgets: list[int], seeds: list[int], strategies: list[str], ou
         for budget in budgets:
             for seed in seeds:
                 key = f"currsearch/{strategy}/{budget}/{seed}"
+                if key not in points and STRATEGIES[strategy][0] == "trust-region":
+                    points[key] = trust_region_point(cfg, budget, seed, out / strategy / f"N{budget}" / f"seed{seed}")
+                    _save(path, points)
                 if key not in points:
                     points[key] = run_strategy(cfg, strategy, budget, seed, out / strategy / f"N{budget}" / f"seed{seed}", trials)
                     _save(path, points)

@@ -183,7 +183,9 @@ def load_or_fit_runs(store, name: str, run_settings: list, make_orders, regress,
                     f"estimator ({reused} reused from other fits on this store; saved every {save_every} runs in "
                     f"{path}; an interrupted fit resumes)")
         tr = store.trainer() if reused < len(todo) else None
-        for i in tqdm(todo, desc=f"{name} runs", leave=False, disable=None):
+        # a bar whenever the job logs its progress (INFO), also into a log file (tqdm's own
+        # default shows it only on a terminal, so a redirected 1,024-run fit went silent)
+        for i in tqdm(todo, desc=f"{name} runs", unit="run", leave=False, disable=not logger.isEnabledFor(logging.INFO)):
             known = trained.get(tuple(data["orders"][i]))
             data["losses"].append(known if known is not None else
                                   tr.train(torch.tensor(data["orders"][i])).eval_losses.tolist())
