@@ -1,7 +1,8 @@
 """Best verified loss against budget: currsearch against search with real training.
 
 For each budget N (real-run equivalents, recording included) and seed, every currsearch
-strategy runs the main job under ``--budget N`` (:func:`currsearch.pipeline.run_pipeline`),
+strategy runs the main job under ``--budget N`` (:func:`currsearch.pipeline.run_pipeline`;
+``fut1-hvp-trust-region``: trust-region rounds alone, :func:`trust_region_point`),
 and the two searches with real training (``random-search``, ``optuna-real``,
 :mod:`currsearch.baselines`) spend N real runs. Searches whose first N runs are what a budget
 of N would spend (the baselines, and ``guided-tpe``, whose refit schedule does not depend on
@@ -128,11 +129,10 @@ def collect(cfg, budgets: list[int], seeds: list[int], strategies: list[str], ou
         for budget in budgets:
             for seed in seeds:
                 key = f"currsearch/{strategy}/{budget}/{seed}"
-                if key not in points and STRATEGIES[strategy][0] == "trust-region":
-                    points[key] = trust_region_point(cfg, budget, seed, out / strategy / f"N{budget}" / f"seed{seed}")
-                    _save(path, points)
                 if key not in points:
-                    points[key] = run_strategy(cfg, strategy, budget, seed, out / strategy / f"N{budget}" / f"seed{seed}", trials)
+                    job = out / strategy / f"N{budget}" / f"seed{seed}"
+                    points[key] = (trust_region_point(cfg, budget, seed, job) if STRATEGIES[strategy][0] == "trust-region"
+                                   else run_strategy(cfg, strategy, budget, seed, job, trials))
                     _save(path, points)
                 p = points[key]
                 logger.info("%s N=%d seed %d: %s", strategy, budget, seed,
