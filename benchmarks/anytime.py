@@ -94,7 +94,9 @@ def trust_region_point(cfg, budget: int, seed: int, out: Path) -> dict:
     (its recorded run, its retrained orders, its ``fut1-hvp`` estimates; :class:`RefineSettings`'
     defaults), so ``budget // that`` rounds run (none: the point does not fit). The spend is
     measured, not planned: its seconds over one real run's seconds (the mean over the rounds'
-    recorded runs and retrained orders), so an overshoot shows in ``run_equivalents``.
+    retrained orders, as the pipeline's ledger takes its unit from retrained orders; a round's
+    recording, which also writes its checkpoints, counts by its time), so an overshoot shows in
+    ``run_equivalents``.
     """
     r = RefineSettings(rounds=1)
     per_round = 1 + r.top_k + r.trials * HVP_RUNS_PER_ESTIMATE
@@ -102,7 +104,9 @@ def trust_region_point(cfg, budget: int, seed: int, out: Path) -> dict:
     if rounds < 1:
         return {"fits": False, "why": f"one trust-region round is planned at {per_round:.0f} run equivalents"}
     res = run_trust_region(cfg, out, r.trust_region("all", seed), rounds=rounds, progress=False)
-    run_s = sum(x.seconds["record"] + x.seconds["verify"] for x in res.rounds) / res.verified_runs
+    retrained = sum(len(x.candidates) for x in res.rounds)
+    run_s = (sum(x.seconds["verify"] for x in res.rounds) / retrained if retrained
+             else sum(x.seconds["record"] for x in res.rounds) / len(res.rounds))  # no candidate: a recorded run
     seconds = sum(sum(x.seconds.values()) for x in res.rounds)
     return {"fits": True, "best_loss": res.incumbent_loss, "best": "trust_region", "real_runs": res.verified_runs,
             "run_equivalents": seconds / run_s, "seconds": seconds}
