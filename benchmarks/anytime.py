@@ -35,7 +35,7 @@ from currsearch.cli import csv_list, progress_logging, resolve_config
 from currsearch.errors import BudgetTooSmallError, CurrsearchError
 from currsearch.guided import guided_search
 from currsearch.manifest import atomic_write_bytes
-from currsearch.pipeline import HVP_RUNS_PER_ESTIMATE, PipelineSettings, RefineSettings, VerifySettings, run_pipeline
+from currsearch.pipeline import PipelineSettings, RefineSettings, VerifySettings, run_pipeline
 from currsearch.reports.common import markdown_table, pyplot, save_figure
 from currsearch.search import SearchSettings
 from currsearch.train import Trainer
@@ -90,16 +90,15 @@ def run_strategy(cfg, name: str, budget: int, seed: int, out: Path, trials: int)
 def trust_region_point(cfg, budget: int, seed: int, out: Path) -> dict:
     """``fut1-hvp`` trust-region rounds alone, from the reference order, under ``budget``.
 
-    Each round is planned at ``1 + top_k + trials * HVP_RUNS_PER_ESTIMATE`` run equivalents
-    (its recorded run, its retrained orders, its ``fut1-hvp`` estimates; :class:`RefineSettings`'
-    defaults), so ``budget // that`` rounds run (none: the point does not fit). The spend is
+    Each round is planned at ``RefineSettings.round_run_equivalents`` (its recorded run, its
+    retrained orders, its ``fut1-hvp`` estimates; :class:`RefineSettings`' defaults: 51), so ``budget // that`` rounds run (none: the point does not fit). The spend is
     measured, not planned: its seconds over one real run's seconds (the mean over the rounds'
     retrained orders, as the pipeline's ledger takes its unit from retrained orders; a round's
     recording, which also writes its checkpoints, counts by its time), so an overshoot shows in
     ``run_equivalents``.
     """
     r = RefineSettings(rounds=1)
-    per_round = 1 + r.top_k + r.trials * HVP_RUNS_PER_ESTIMATE
+    per_round = r.round_run_equivalents
     rounds = int(budget // per_round)
     if rounds < 1:
         return {"fits": False, "why": f"one trust-region round is planned at {per_round:.0f} run equivalents"}

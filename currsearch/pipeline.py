@@ -101,6 +101,12 @@ class RefineSettings(Settings):
     top_k: int = Field(2, ge=1)
     estimator: str = "fut1-hvp"
 
+    @property
+    def round_run_equivalents(self) -> float:
+        """Planned cost of one round in real-run equivalents: its recorded run, its ``top_k``
+        retrained orders and its ``trials`` estimates at :data:`HVP_RUNS_PER_ESTIMATE` each."""
+        return 1 + self.top_k + self.trials * HVP_RUNS_PER_ESTIMATE
+
     def trust_region(self, objective: str, seed: int) -> TrustRegionSettings:
         """The :class:`TrustRegionSettings` of these rounds (raises ConfigError when ``rounds == 0``)."""
         return TrustRegionSettings(rounds=self.rounds, trials=self.trials, top_k=self.top_k, estimator=self.estimator,
@@ -236,7 +242,7 @@ def size_to_budget(s: PipelineSettings, trainer: Trainer, rcfg: Config, est_cls:
                           "(estimator_kwargs n_runs) or use --no-budget")
     record_eq = record_run_equivalents(trainer, rcfg)
     r = s.refine
-    refine_eq = r.rounds * (1 + r.top_k + r.trials * HVP_RUNS_PER_ESTIMATE) + 1 if r.rounds else 0.0
+    refine_eq = r.rounds * r.round_run_equivalents + 1 if r.rounds else 0.0
     left = s.budget - record_eq - s.verify.top_k - refine_eq
     need = est_cls.min_runs if est_cls.needs_runs else 0
     if left < need:
