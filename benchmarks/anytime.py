@@ -12,7 +12,7 @@ keeps the best of its N runs) come from one search of ``max(budgets)`` per seed.
     python benchmarks/anytime.py [CONFIG] --budgets 64,128,256,512,1024 --seeds 0,1,2 --out runs/anytime
 
 Writes ``OUT/anytime.json`` (every point), ``OUT/anytime.md`` (mean and std per point, the
-compute multiplier) and ``OUT/anytime.png``. Resumable: every job keeps its own journal and
+compute multiplier, each strategy against ``optuna-real`` paired by seed) and ``OUT/anytime.png``. Resumable: every job keeps its own journal and
 store under ``OUT``, and finished points are cached in ``OUT/points.json``.
 
 The **compute multiplier** at budget N is the budget random search needs to match
@@ -177,25 +177,34 @@ def multiplier(curve: list[float], target: float, budget: int) -> float | None:
 
 
 def summarize(points: dict, budgets: list[int], seeds: list[int], strategies: list[str]) -> dict:
-    """Mean and std per (strategy or baseline, budget), and the compute multiplier of each strategy."""
+    """Mean and std per (strategy or baseline, budget), each strategy's compute multiplier, and
+    ``paired``: each strategy against ``optuna-real`` seed by seed, ``{strategy: {N: {"mean_diff",
+    "ahead", "seeds"}}}`` with ``mean_diff`` the mean over seeds of (strategy's best - TPE's best
+    of N runs), nats/token (negative: the strategy is lower), and ``ahead`` the seeds where it is
+    strictly lower. Budgets a strategy does not fit on every seed are left out of its rows."""
     rows: dict = {}
+    pairs: dict = {}
     curves = {}
     for name in BASELINES:
         runs = [points[f"baseline/{name}/{s}"] for s in seeds]
         curves[name] = [statistics.fmean(min(r[:k]) for r in runs) for k in range(1, max(budgets) + 1)]
         rows[name] = {N: _mean_std([min(r[:N]) for r in runs]) for N in budgets}
     for st in strategies:
-        rows[st] = {}
+        rows[st], pairs[st] = {}, {}
         for N in budgets:
             ps = [points[f"currsearch/{st}/{N}/{s}"] for s in seeds]
             if all(p["fits"] for p in ps):
-                rows[st][N] = _mean_std([p["best_loss"] for p in ps])
+                losses = [p["best_loss"] for p in ps]
+                rows[st][N] = _mean_std(losses)
+                diffs = [x - min(points[f"baseline/optuna-real/{s}"][:N]) for x, s in zip(losses, seeds)]
+                pairs[st][N] = {"mean_diff": statistics.fmean(diffs), "ahead": sum(d < 0 for d in diffs), "seeds": len(diffs)}
     mult = {st: {N: multiplier(curves["random-search"], rows[st][N][0], N) for N in rows[st]} for st in strategies}
-    return {"budgets": budgets, "seeds": seeds, "rows": rows, "multiplier": mult, "random_curve": curves["random-search"]}
+    return {"budgets": budgets, "seeds": seeds, "rows": rows, "multiplier": mult, "random_curve": curves["random-search"],
+            "paired": pairs}
 
 
 def render(summary: dict) -> str:
-    """``anytime.md``: mean ± std best verified loss per budget, and the compute multiplier."""
+    """``anytime.md``: mean ± std best verified loss per budget, the compute multiplier and the paired differences against ``optuna-real``."""
     budgets = summary["budgets"]
     rows = []
     for name, by_n in summary["rows"].items():
@@ -203,12 +212,17 @@ def render(summary: dict) -> str:
     mult = [[st] + [("n/a" if N not in m else f"> {len(summary['random_curve']) / N:.1f}" if m[N] is None else f"{m[N]:.2f}")
                     for N in budgets] for st, m in summary["multiplier"].items()]
     head = ["strategy"] + [f"N = {N}" for N in budgets]
+    pair = [[st] + [(f"{by_n[N]['mean_diff']:+.4f} ({by_n[N]['ahead']} of {by_n[N]['seeds']})" if N in by_n else "n/a")
+                    for N in budgets] for st, by_n in summary["paired"].items()]
     return ("# Best verified loss against budget\n\nMean ± std over seeds "
             f"{summary['seeds']} of the best verified final loss on `all` (nats/token; lower is better). N counts every "
             "real-run equivalent a strategy spends, recording and calibration included.\n\n"
             + "\n".join(markdown_table(head, rows))
             + "\n\n## Compute multiplier\n\nThe budget random search needs (mean curve, interpolated in log N) to match "
-              "the strategy's mean at N, divided by N.\n\n" + "\n".join(markdown_table(head, mult)) + "\n")
+              "the strategy's mean at N, divided by N.\n\n" + "\n".join(markdown_table(head, mult))
+            + "\n\n## Against optuna-real, paired by seed\n\nMean over seeds of (strategy's best - optuna-real's best "
+              "at the same N), nats/token (negative: lower than TPE on real training), and in brackets the seeds "
+              "where the strategy is lower.\n\n" + "\n".join(markdown_table(head, pair)) + "\n")
 
 
 def plot(summary: dict, path: Path) -> Path:

@@ -1,0 +1,33 @@
+"""benchmarks/anytime.py's summary arithmetic: means, the compute multiplier and the paired table."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("anytime", Path(__file__).parents[1] / "benchmarks" / "anytime.py")
+anytime = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(anytime)
+
+
+def _points() -> dict:
+    """Two seeds, 4 runs per baseline; guided-tpe below TPE at N = 2 on seed 0 only, and not fitting N = 4 on seed 1."""
+    return {
+        "baseline/random-search/0": [5.0, 4.9, 4.8, 4.7], "baseline/random-search/1": [5.0, 5.0, 4.9, 4.9],
+        "baseline/optuna-real/0": [5.0, 4.8, 4.8, 4.6], "baseline/optuna-real/1": [4.9, 4.9, 4.9, 4.8],
+        "currsearch/guided-tpe/2/0": {"fits": True, "best_loss": 4.7}, "currsearch/guided-tpe/2/1": {"fits": True, "best_loss": 4.95},
+        "currsearch/guided-tpe/4/0": {"fits": True, "best_loss": 4.65}, "currsearch/guided-tpe/4/1": {"fits": False},
+    }
+
+
+def test_summary_means_multiplier_and_paired_differences():
+    s = anytime.summarize(_points(), [2, 4], [0, 1], ["guided-tpe"])
+    assert s["rows"]["optuna-real"][2][0] == pytest.approx(4.85)
+    assert s["rows"]["guided-tpe"][2][0] == pytest.approx(4.825)
+    assert 4 not in s["rows"]["guided-tpe"]  # does not fit on seed 1: left out, as in the paired table
+    # random search's mean curve 5.0, 4.95, 4.85, 4.8 reaches 4.825 halfway (in log N) from 3 to 4 runs
+    assert s["multiplier"]["guided-tpe"][2] == pytest.approx(12 ** 0.5 / 2)
+    pair = s["paired"]["guided-tpe"]
+    assert pair == {2: {"mean_diff": pytest.approx(-0.025), "ahead": 1, "seeds": 2}}  # -0.1 on seed 0, +0.05 on seed 1
+    md = anytime.render(s)
+    assert "| guided-tpe | -0.0250 (1 of 2) | n/a |" in md and "paired by seed" in md
