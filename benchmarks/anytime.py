@@ -36,7 +36,7 @@ from currsearch.errors import BudgetTooSmallError, CurrsearchError
 from currsearch.guided import guided_search
 from currsearch.manifest import atomic_write_bytes
 from currsearch.pipeline import PipelineSettings, RefineSettings, VerifySettings, run_pipeline
-from currsearch.reports.common import markdown_table, pyplot, save_figure
+from currsearch.reports.common import markdown_table, pyplot, save_figure, write_result_files
 from currsearch.search import SearchSettings
 from currsearch.train import Trainer
 from currsearch.trust_region import run_trust_region
@@ -266,8 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     summary = summarize(points, budgets, seeds, args.strategies)
-    (out / "anytime.json").write_text(json.dumps({"summary": summary, "points": points}, indent=1))
-    (out / "anytime.md").write_text(render(summary))
+    write_result_files(out, "anytime", {"summary": summary, "points": points}, render(summary))
     plot(summary, out / "anytime.png")
     print(render(summary))
     print(f"wrote {out}/anytime.json, anytime.md, anytime.png")

@@ -11,28 +11,31 @@ from typing import Sequence
 
 import optuna
 
+from ..manifest import atomic_write_bytes
 from ..results import json_safe, to_json
 
 
 def write_json(path, result) -> Path:
     """Write ``result`` (a dict or typed result; :func:`~currsearch.results.to_json`) to ``path``
-    as indented strict JSON (:func:`~currsearch.results.json_safe`: NaN as null); returns the path.
+    as indented strict JSON (:func:`~currsearch.results.json_safe`: NaN as null), atomically
+    (:func:`~currsearch.manifest.atomic_write_bytes`: a killed job leaves the old file or the new
+    one, never half of one); returns the path.
 
     Raises:
         TypeError: a value with no JSON form (:func:`~currsearch.results.to_json`).
     """
     path = Path(path)
-    path.write_text(json.dumps(json_safe(result), indent=1, allow_nan=False))
+    atomic_write_bytes(path, json.dumps(json_safe(result), indent=1, allow_nan=False).encode())
     return path
 
 
 def write_result_files(out_dir, name: str, result, markdown: str) -> list[Path]:
     """Create ``out_dir`` and write a report's ``NAME.json`` (:func:`write_json`: the whole result,
-    NaN as null) and ``NAME.md`` (``markdown``); returns ``[json path, md path]``."""
+    NaN as null) and ``NAME.md`` (``markdown``), each atomically; returns ``[json path, md path]``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [write_json(out / f"{name}.json", result), out / f"{name}.md"]
-    paths[1].write_text(markdown)
+    atomic_write_bytes(paths[1], markdown.encode())
     return paths
 
 
