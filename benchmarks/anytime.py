@@ -12,8 +12,9 @@ keeps the best of its N runs) come from one search of ``max(budgets)`` per seed.
     python benchmarks/anytime.py [CONFIG] --budgets 64,128,256,512,1024 --seeds 0,1,2 --out runs/anytime
 
 Writes ``OUT/anytime.json`` (every point), ``OUT/anytime.md`` (mean and std per point, the
-compute multiplier, each strategy against ``optuna-real`` paired by seed) and ``OUT/anytime.png``. Resumable: every job keeps its own journal and
-store under ``OUT``, and finished points are cached in ``OUT/points.json``.
+compute multiplier, each strategy against ``optuna-real`` paired by seed) and
+``OUT/anytime.png``. Resumable: every job keeps its own journal and store under ``OUT``, and
+finished points are cached in ``OUT/points.json``.
 
 The **compute multiplier** at budget N is the budget random search needs to match
 currsearch's mean result at N, interpolated (linearly in log N) on random search's mean
@@ -204,7 +205,8 @@ def summarize(points: dict, budgets: list[int], seeds: list[int], strategies: li
 
 
 def render(summary: dict) -> str:
-    """``anytime.md``: mean ± std best verified loss per budget, the compute multiplier and the paired differences against ``optuna-real``."""
+    """``anytime.md``: mean ± std best verified loss per budget, the compute multiplier, and the
+    paired differences against ``optuna-real`` (:func:`summarize`)."""
     budgets = summary["budgets"]
     rows = []
     for name, by_n in summary["rows"].items():
