@@ -92,10 +92,11 @@ def trust_region_point(cfg, budget: int, seed: int, out: Path) -> dict:
     """``fut1-hvp`` trust-region rounds alone, from the reference order, under ``budget``.
 
     Each round is planned at ``RefineSettings.round_run_equivalents`` (its recorded run, its
-    retrained orders, its ``fut1-hvp`` estimates; :class:`RefineSettings`' defaults: 51), so ``budget // that`` rounds run (none: the point does not fit). The spend is
-    measured, not planned: its seconds over one real run's seconds (the mean over the rounds'
-    retrained orders, as the pipeline's ledger takes its unit from retrained orders; a round's
-    recording, which also writes its checkpoints, counts by its time), so an overshoot shows in
+    retrained orders, its ``fut1-hvp`` estimates; :class:`RefineSettings`' defaults: 51), so
+    ``budget // that`` rounds run (none: the point does not fit). The spend is measured, not
+    planned: its seconds over one real run's seconds (the mean over the rounds' retrained orders,
+    as the pipeline's ledger takes its unit from retrained orders; a round's recording, which
+    also writes its checkpoints, counts by its time), so an overshoot shows in
     ``run_equivalents``.
     """
     r = RefineSettings(rounds=1)
