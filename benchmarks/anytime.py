@@ -48,7 +48,7 @@ logger = logging.getLogger("currsearch.anytime")
 #: currsearch strategies: name -> (pipeline strategy, estimator, trust-region rounds); ``guided-tpe``
 #: (:mod:`currsearch.guided`) spends the whole budget on real runs, TPE guided by refitted surrogates;
 #: ``fut1-hvp-trust-region`` is trust-region rounds alone from the reference order
-#: (``currsearch search --rounds R``, :func:`trust_region_point`), as many as the budget plans for
+#: (``currsearch search --rounds R``, :func:`trust_region_point`), as many as their measured spend fits in the budget
 STRATEGIES = {
     "fut1-hvp-trust-region": ("trust-region", "fut1-hvp", None),
     "calibrated-interactions": ("surrogate", "calibrated-interactions", 0),
@@ -91,26 +91,21 @@ def run_strategy(cfg, name: str, budget: int, seed: int, out: Path, trials: int)
 def trust_region_point(cfg, budget: int, seed: int, out: Path) -> dict:
     """``fut1-hvp`` trust-region rounds alone, from the reference order, under ``budget``.
 
-    Each round is planned at ``RefineSettings.round_run_equivalents`` (its recorded run, its
-    retrained orders, its ``fut1-hvp`` estimates; :class:`RefineSettings`' defaults: 51), so
-    ``budget // that`` rounds run (none: the point does not fit). The spend is measured, not
-    planned: its seconds over one real run's seconds (the mean over the rounds' retrained orders,
-    as the pipeline's ledger takes its unit from retrained orders; a round's recording, which
-    also writes its checkpoints, counts by its time), so an overshoot shows in
-    ``run_equivalents``.
+    The first round runs when its plan fits (``RefineSettings.round_run_equivalents``: its
+    recorded run, its retrained orders, its ``fut1-hvp`` estimates; :class:`RefineSettings`'
+    defaults: 51); each later one when the measured spend so far plus the costliest finished
+    round fit (``TrustRegionSettings.budget``). The spend is measured, not planned
+    (:func:`~currsearch.trust_region.rounds_run_equivalents`: seconds over one retrained run's),
+    so an overshoot of the first round's plan shows in ``run_equivalents``.
     """
     r = RefineSettings(rounds=1)
-    per_round = r.round_run_equivalents
-    rounds = int(budget // per_round)
-    if rounds < 1:
-        return {"fits": False, "why": f"one trust-region round is planned at {per_round:.0f} run equivalents"}
-    res = run_trust_region(cfg, out, r.trust_region("all", seed), rounds=rounds, progress=False)
-    retrained = sum(len(x.candidates) for x in res.rounds)
-    run_s = (sum(x.seconds["verify"] for x in res.rounds) / retrained if retrained
-             else sum(x.seconds["record"] for x in res.rounds) / len(res.rounds))  # no candidate: a recorded run
-    seconds = sum(sum(x.seconds.values()) for x in res.rounds)
+    if r.round_run_equivalents > budget:
+        return {"fits": False, "why": f"one trust-region round is planned at {r.round_run_equivalents:.0f} run equivalents"}
+    most = int(budget // (1 + r.top_k))  # a round is at least its recording and its retrained orders
+    res = run_trust_region(cfg, out, r.trust_region("all", seed), rounds=most, budget=budget, progress=False)
     return {"fits": True, "best_loss": res.incumbent_loss, "best": "trust_region", "real_runs": res.verified_runs,
-            "run_equivalents": seconds / run_s, "seconds": seconds}
+            "run_equivalents": res.run_equivalents, "rounds": len(res.rounds),
+            "seconds": sum(sum(x.seconds.values()) for x in res.rounds)}
 
 
 def collect(cfg, budgets: list[int], seeds: list[int], strategies: list[str], out: Path, trials: int) -> dict:

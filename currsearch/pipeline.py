@@ -89,8 +89,8 @@ class RefineSettings(Settings):
     Attributes:
         rounds: rounds (0 skips the phase; None: :data:`DEFAULT_ROUNDS` without a budget, 0
             under one, since the rounds' ``fut1-hvp`` estimates count by their time, which the
-            budget can only plan, and measured 85-133 run equivalents for a gain of 0.0005-0.006
-            nats/token on the default config).
+            budget can plan only until a round has measured it, and measured 85-133 run
+            equivalents for a gain of 0.0005-0.006 nats/token on the default config).
         trials: orders estimated per round (>= 3).
         top_k: orders retrained per round (>= 1, < trials).
         estimator: the estimator of the rounds (default ``fut1-hvp``, accurate near the recorded run).
@@ -107,10 +107,11 @@ class RefineSettings(Settings):
         retrained orders and its ``trials`` estimates at :data:`HVP_RUNS_PER_ESTIMATE` each."""
         return 1 + self.top_k + self.trials * HVP_RUNS_PER_ESTIMATE
 
-    def trust_region(self, objective: str, seed: int) -> TrustRegionSettings:
-        """The :class:`TrustRegionSettings` of these rounds (raises ConfigError when ``rounds == 0``)."""
+    def trust_region(self, objective: str, seed: int, budget: float | None = None) -> TrustRegionSettings:
+        """The :class:`TrustRegionSettings` of these rounds, stopped early when their measured
+        spend would exceed ``budget`` run equivalents (raises ConfigError when ``rounds == 0``)."""
         return TrustRegionSettings(rounds=self.rounds, trials=self.trials, top_k=self.top_k, estimator=self.estimator,
-                                   objective=objective, seed=seed)
+                                   objective=objective, seed=seed, budget=budget)
 
 
 class PipelineSettings(Settings):
@@ -205,7 +206,9 @@ class BudgetPlan:
         fit_runs: real runs of a calibrated estimator's fit (0 for the others).
         verify: searched orders retrained.
         refine: the trust-region rounds (each: a re-recording, ``top_k`` runs and ``trials``
-            ``fut1-hvp`` estimates at :data:`HVP_RUNS_PER_ESTIMATE`; plus the final check).
+            ``fut1-hvp`` estimates at :data:`HVP_RUNS_PER_ESTIMATE`; plus the final check). A
+            round after the first starts only if the rounds' measured spend leaves room for it
+            (``TrustRegionSettings.budget``).
     """
 
     budget: int
@@ -216,8 +219,8 @@ class BudgetPlan:
 
     @property
     def total(self) -> float:
-        """Planned run equivalents of all phases (<= budget; the rounds' time-counted
-        ``fut1-hvp`` estimates can exceed their plan, the ledger says by how much)."""
+        """Planned run equivalents of all phases (<= budget; the first trust-region round's
+        time-counted ``fut1-hvp`` estimates can exceed its plan, the ledger says by how much)."""
         return self.record + self.fit_runs + self.verify + self.refine
 
 
@@ -340,11 +343,13 @@ def _with_best_fit_run(result: VerificationResult, est: Estimator) -> Verificati
 
 
 def _refine(cfg: Config, store: TrajectoryStore, est: Estimator, result: VerificationResult, s: PipelineSettings,
-            ledger: ComputeLedger, progress: bool) -> tuple[VerificationResult, TrustRegionResult | None]:
-    """Trust-region rounds from the best verified order (skipped when ``refine.rounds == 0``)."""
+            plan: BudgetPlan | None, ledger: ComputeLedger, progress: bool,
+            ) -> tuple[VerificationResult, TrustRegionResult | None]:
+    """Trust-region rounds from the best verified order (skipped when ``refine.rounds == 0``),
+    within the run equivalents ``plan`` reserved for them less the final check."""
     if not s.refine.rounds:
         return result, None
-    trs = s.refine.trust_region(s.search.objectives[0], s.search.seed)
+    trs = s.refine.trust_region(s.search.objectives[0], s.search.seed, budget=plan.refine - 1 if plan else None)
     logger.info("trust-region rounds from the best verified order (%d rounds, %s)", trs.rounds, trs.estimator)
     with ledger.phase("trust_region") as counts:
         result, tr = refine_verified(cfg, s.out / "trust_region", result, trs, progress=progress,
@@ -416,7 +421,7 @@ def run_pipeline(cfg: Config, settings: PipelineSettings | None = None, progress
         counts["equivalents"] = 0.0         # as the baselines' sampler time does (module docstring of ledger)
         res = run_search(store, search, backend=SerialBackend(est), progress=progress)
     result = _verify(store, est, res, s, ledger, progress)
-    result, tr = _refine(rcfg, store, est, result, s, ledger, progress)
+    result, tr = _refine(rcfg, store, est, result, s, plan, ledger, progress)
     trained = [c.seconds for c in result.candidates.values() if c.kind != "fit"]  # fit_best was not retrained
     run_seconds = float(torch.tensor(trained).median())
     out = PipelineResult(s, Path(store.path), res, result, tr, ledger.summary(run_seconds), plan)

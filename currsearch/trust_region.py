@@ -63,6 +63,11 @@ class TrustRegionSettings(Settings):
         sampler, batch_size, seed: as :func:`currsearch.search.run_search` (round r uses ``seed + r``).
         objective: the eval set whose final loss (nats/token) is minimized.
         min_radius, max_radius: radius bounds (default max: T - 1).
+        budget: real-run equivalents the rounds may spend, measured as their wall seconds over
+            one real run's (:func:`rounds_run_equivalents`); a round starts only if the spend
+            so far plus the costliest finished round fit in it (None: all ``rounds`` run).
+            The first round always runs: plan it (``fut1-hvp``'s time per estimate varies by
+            config, so only a finished round measures it).
 
     Raises:
         ConfigError: (on construction) a value out of range or an unknown key.
@@ -80,6 +85,7 @@ class TrustRegionSettings(Settings):
     seed: int = 0
     min_radius: int = 1
     max_radius: Optional[int] = None
+    budget: Optional[float] = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _ranges(self) -> "TrustRegionSettings":
@@ -155,12 +161,37 @@ class TrustRegionResult:
     incumbent_loss: float
     verified_runs: int
     seconds: float
+    run_equivalents: float
 
     @classmethod
     def from_rounds(cls, rounds: list[TrustRegionRound], objective: str, estimator: str, seconds: float) -> TrustRegionResult:
         """The result of finished ``rounds`` (at least one)."""
         return cls(rounds, objective, estimator, rounds[0].incumbent_loss, rounds[-1].next_incumbent,
-                   rounds[-1].next_incumbent_loss, sum(1 + len(x.candidates) for x in rounds), seconds)
+                   rounds[-1].next_incumbent_loss, sum(1 + len(x.candidates) for x in rounds), seconds,
+                   sum(rounds_run_equivalents(rounds)))
+
+
+def rounds_run_equivalents(rounds: list[TrustRegionRound]) -> list[float]:
+    """Each round's measured spend in real-run equivalents: its wall seconds (recording,
+    search with its estimates, retraining) over the seconds of one real run, the mean over
+    the rounds' retrained candidates (as the pipeline's ledger takes its unit from retrained
+    orders), or over their recordings (one run each) when no candidate was retrained."""
+    retrained = sum(len(x.candidates) for x in rounds)
+    run_s = (sum(x.seconds["verify"] for x in rounds) / retrained if retrained
+             else sum(x.seconds["record"] for x in rounds) / len(rounds))
+    return [sum(x.seconds.values()) / run_s for x in rounds]
+
+
+def _fits_budget(rounds: list[TrustRegionRound], budget: float | None) -> bool:
+    """Whether one more round fits ``budget`` (always without one, and before the first round)."""
+    if budget is None or not rounds:
+        return True
+    spent = rounds_run_equivalents(rounds)
+    if sum(spent) + max(spent) <= budget:
+        return True
+    logger.info("stopping after %d trust-region rounds: %.1f run equivalents spent, the costliest round took %.1f, "
+                "the budget is %.1f", len(rounds), sum(spent), max(spent), budget)
+    return False
 
 
 def record_config(cfg: Config, estimator_cls) -> Config:
@@ -274,7 +305,8 @@ def run_trust_region(cfg: Config, out_dir, settings: TrustRegionSettings | None 
             (e.g. ``rounds=2, trials=6``).
 
     Returns:
-        :class:`TrustRegionResult` (the first ``rounds`` rounds of ``trust_region.json``).
+        :class:`TrustRegionResult` (the first ``rounds`` rounds of ``trust_region.json``, fewer
+        when ``settings.budget`` stops them).
 
     Raises:
         ConfigError: invalid settings (see :class:`TrustRegionSettings`), an unknown
@@ -294,18 +326,22 @@ def run_trust_region(cfg: Config, out_dir, settings: TrustRegionSettings | None 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "trust_region.json"
-    rounds = _load_rounds(state_path, state)
+    done = _load_rounds(state_path, state)
     obj = trainer.plan.eval_names.index(s.objective)
-    for done in rounds:  # resume: continue from the last finished round
-        incumbent, radius = torch.tensor(done.next_incumbent), done.next_radius
     t_all = time.perf_counter()
-    for r in range(len(rounds), s.rounds):
-        rounds.append(_run_round(r, s, rcfg, trainer, out / f"round_{r}", incumbent, radius, max_radius, obj, progress))
-        _save_rounds(state_path, state, rounds)
-        if progress:
-            _log_round(rounds[-1])
+    rounds: list[TrustRegionRound] = []
+    for r in range(s.rounds):  # resume: finished rounds are read back, under the same budget rule
+        if not _fits_budget(rounds, s.budget):
+            break
+        if r < len(done):
+            rounds.append(done[r])
+        else:
+            rounds.append(_run_round(r, s, rcfg, trainer, out / f"round_{r}", incumbent, radius, max_radius, obj, progress))
+            _save_rounds(state_path, state, rounds)
+            if progress:
+                _log_round(rounds[-1])
         incumbent, radius = torch.tensor(rounds[-1].next_incumbent), rounds[-1].next_radius
-    return TrustRegionResult.from_rounds(rounds[:s.rounds], s.objective, s.estimator, time.perf_counter() - t_all)
+    return TrustRegionResult.from_rounds(rounds, s.objective, s.estimator, time.perf_counter() - t_all)
 
 
 def refine_verified(cfg: Config, out_dir, result: VerificationResult, settings: TrustRegionSettings | None = None, *,
