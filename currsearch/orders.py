@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import OrderError
+from .manifest import atomic_write_bytes
 
 
 def validate_orders(orders, T: int, allow_repeats: bool = False) -> torch.Tensor:
@@ -122,5 +123,5 @@ def parse_order(spec: str, T: int) -> torch.Tensor:
 
 
 def save_order(path: str | Path, order: torch.Tensor, **extra) -> None:
-    """Write ``{"order": [...], **extra}`` as JSON (readable by :func:`parse_order`)."""
-    Path(path).write_text(json.dumps({"order": [int(i) for i in order], **extra}, indent=1))
+    """Write ``{"order": [...], **extra}`` as JSON (readable by :func:`parse_order`), atomically."""
+    atomic_write_bytes(Path(path), json.dumps({"order": [int(i) for i in order], **extra}, indent=1).encode())

@@ -4,13 +4,13 @@ study), or, with ``--rounds``, trust-region rounds that record their own stores.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..backends import RayBackend
 from ..errors import ConfigError
 from ..export import export_order
 from ..orders import parse_order
+from ..reports.common import write_json
 from ..reports.trust_region import render_trust_region_markdown, write_trust_region_report
 from ..search import SearchSettings, run_search
 from ..store import TrajectoryStore
@@ -59,7 +59,7 @@ def cmd_search(args) -> int:
     finally:
         if backend is not None:
             backend.close()
-    (out / "search.json").write_text(json.dumps(res.top_record(), indent=1))
+    write_json(out / "search.json", res.top_record())
     export_order(out / "best_order.json", res.best_order, estimates=dict(zip(res.eval_names, res.estimates[0].tolist())))
     print(res.summary())
     print(f"study {res.study.study_name!r} in {s.storage}: {res.n_trials} trials ({res.n_run} run now); "

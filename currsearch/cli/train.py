@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from ..orders import parse_order, save_order
 from ..record import record
+from ..reports.common import write_json
 from ..store import TrajectoryStore
 from ..train import Trainer
 from .common import add_config_options, print_table, resolve_config
@@ -34,7 +34,7 @@ def cmd_train(args) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "result.json").write_text(json.dumps({**res.summary(), "config": cfg.to_dict()}, indent=1))
+        write_json(out / "result.json", {**res.summary(), "config": cfg.to_dict()})
         save_order(out / "order.json", order)
         params = {k: v.detach().cpu().contiguous().clone() for k, v in trainer.model.unflatten(res.theta).items()}
         save_file(params, str(out / "model.safetensors"))

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..export import export_order
+from ..manifest import atomic_write_bytes
 from ..trust_region import TrustRegionResult
 from .common import fmt, history_plot, markdown_table
 
@@ -35,7 +36,7 @@ def write_trust_region_report(result: TrustRegionResult, out_dir) -> list[Path]:
     final incumbent) into ``out_dir``; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "trust_region.md").write_text(render_trust_region_markdown(result))
+    atomic_write_bytes(out / "trust_region.md", render_trust_region_markdown(result).encode())
     xs, ys = [], []
     for x in result.rounds:
         xs += [x.round] * (1 + len(x.candidates))

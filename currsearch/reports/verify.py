@@ -9,6 +9,7 @@ import torch
 from matplotlib.patches import Patch
 
 from ..export import export_order
+from ..manifest import atomic_write_bytes
 from ..results import to_json
 from ..verify import VerificationResult, VerificationSummary, summarize
 from .common import fmt, markdown_table, pyplot, save_figure, study_history_plot, write_json
@@ -99,7 +100,7 @@ def write_report(out_dir, result: VerificationResult, study=None, extra: dict | 
     summary = summarize(result)
     best = summary.best_searched or result.best()
     write_json(out / "report.json", {**to_json(result), "summary": to_json(summary), "best": best, **(extra or {})})
-    (out / "report.md").write_text(render_markdown(result, summary) + extra_markdown)
+    atomic_write_bytes(out / "report.md", (render_markdown(result, summary) + extra_markdown).encode())
     paths = [out / "report.json", out / "report.md"]
     if study is not None:
         p = study_history_plot(out / "optimization_history.png", study, "estimated objective (nats/token)",
