@@ -79,10 +79,11 @@ def test_trust_region_rounds_resume_and_cli(tiny_cfg, tmp_path):
     sets += [f"--set=model.{k}={v}" for k, v in (("n_layer", 1), ("n_embd", 32), ("n_head", 2))]
     sets += ["--set=optim.lr=0.003", "--set=train.warmup_steps=10"]
     out = tmp_path / "cli"
-    assert main(["search", *sets, "--rounds", "1", "--trials", "4", "--top-k", "1", "--batch", "2", "--out", str(out), "--quiet"]) == 0
+    assert main(["search", *sets, "--rounds", "1", "--budget", "1000", "--trials", "4", "--top-k", "1", "--batch", "2", "--out", str(out), "--quiet"]) == 0
     assert (out / "trust_region.md").is_file() and (out / "trust_region_rounds.png").is_file()
     assert json.loads((out / "best_order.json").read_text())["order"]
     assert main(["search", "--out", str(tmp_path / "x")]) == 2  # neither --store nor --rounds
+    assert main(["search", "--store", str(out), "--budget", "5", "--out", str(tmp_path / "x")]) == 2  # --budget needs --rounds
 
 
 def test_fut1_hvp_estimate_does_not_depend_on_its_batch(tiny_cfg, tiny_trainer, tmp_path):

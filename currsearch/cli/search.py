@@ -43,6 +43,9 @@ def cmd_search(args) -> int:
     """One-shot surrogate search on ``--store``; writes ``search.json`` and ``best_order.json``."""
     if args.rounds:
         return cmd_trust_region(args)
+    if args.budget is not None:
+        raise ConfigError("--budget caps trust-region rounds; give --rounds R, or drop --budget (a one-shot search "
+                          "on --store trains nothing)")
     if not args.store:
         raise ConfigError("currsearch search needs --store DIR (a recorded store), or --rounds R for trust-region "
                           "rounds that record their own")
@@ -72,7 +75,7 @@ def cmd_trust_region(args) -> int:
     if args.store or args.backend != "serial" or (args.objectives and len(args.objectives) != 1) or args.storage:
         raise ConfigError("--rounds records its own stores (OUT/round_R/store), keeps its own journals, scores serially "
                           "and minimizes one objective; drop --store/--storage/--backend, give one --objectives")
-    opts = given(args, "estimator", "sampler", "trials", "seed", "radius", "top_k")
+    opts = given(args, "estimator", "sampler", "trials", "seed", "radius", "top_k", "budget")
     opts.update(given(args, "batch") and {"batch_size": args.batch})
     opts.update(args.objectives and {"objective": args.objectives[0]} or {})
     s = TrustRegionSettings(rounds=args.rounds, **opts)
@@ -101,6 +104,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--top-k best by real training, re-record at the new incumbent (resumes; default: 0, one-shot)")
     p.add_argument("--radius", type=int, help="initial trust-region radius in transpositions (default: 4)")
     p.add_argument("--top-k", type=int, help="orders retrained per round with --rounds (default: 2)")
+    p.add_argument("--budget", type=float, help="with --rounds: real-run equivalents the rounds may spend, measured "
+                   "by their time; a round after the first starts only if the spend so far plus the costliest "
+                   "round fit (default: no cap)")
     p.add_argument("--start", default="reference", help="first incumbent with --rounds: 'reference', 'random:SEED' or a "
                    "JSON order file, e.g. a best_order.json of `currsearch run` (default: reference)")
     p.set_defaults(func=cmd_search)
