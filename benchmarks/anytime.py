@@ -7,7 +7,9 @@ and the two searches with real training (``random-search``, ``optuna-real``,
 :mod:`currsearch.baselines`) spend N real runs. Searches whose first N runs are what a budget
 of N would spend (the baselines, and ``guided-tpe``, whose refit schedule does not depend on
 its budget: :mod:`currsearch.guided`; ``currsearch run --strategy guided-tpe --budget N``
-keeps the best of its N runs) come from one search of ``max(budgets)`` per seed.
+keeps the best of its N runs) come from one search of ``max(budgets)`` per seed. The rounds of
+``fut1-hvp-trust-region`` are kept in one directory per seed: a budget reads back the rounds a
+smaller one ran (which its budget rule would have run the same way) and runs only the rest.
 
     python benchmarks/anytime.py [CONFIG] --budgets 64,128,256,512,1024 --seeds 0,1,2 --out runs/anytime
 
@@ -130,9 +132,10 @@ def collect(cfg, budgets: list[int], seeds: list[int], strategies: list[str], ou
             for seed in seeds:
                 key = f"currsearch/{strategy}/{budget}/{seed}"
                 if key not in points:
-                    job = out / strategy / f"N{budget}" / f"seed{seed}"
-                    points[key] = (trust_region_point(cfg, budget, seed, job) if STRATEGIES[strategy][0] == "trust-region"
-                                   else run_strategy(cfg, strategy, budget, seed, job, trials))
+                    if STRATEGIES[strategy][0] == "trust-region":  # rounds shared by every budget (module docstring)
+                        points[key] = trust_region_point(cfg, budget, seed, out / strategy / f"seed{seed}")
+                    else:
+                        points[key] = run_strategy(cfg, strategy, budget, seed, out / strategy / f"N{budget}" / f"seed{seed}", trials)
                     _save(path, points)
                 p = points[key]
                 logger.info("%s N=%d seed %d: %s", strategy, budget, seed,

@@ -219,8 +219,9 @@ class BudgetPlan:
 
     @property
     def total(self) -> float:
-        """Planned run equivalents of all phases (<= budget; the first trust-region round's
-        time-counted ``fut1-hvp`` estimates can exceed its plan, the ledger says by how much)."""
+        """Planned run equivalents of all phases (<= budget; a trust-region round's
+        time-counted ``fut1-hvp`` estimates can exceed the plan, the first round's, or the
+        costliest earlier round's that admitted a later one; the ledger says by how much)."""
         return self.record + self.fit_runs + self.verify + self.refine
 
 

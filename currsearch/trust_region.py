@@ -67,7 +67,8 @@ class TrustRegionSettings(Settings):
             one real run's (:func:`rounds_run_equivalents`); a round starts only if the spend
             so far plus the costliest finished round fit in it (None: all ``rounds`` run).
             The first round always runs: plan it (``fut1-hvp``'s time per estimate varies by
-            config, so only a finished round measures it).
+            config, so only a finished round measures it). A round costlier than every earlier
+            one can still overshoot.
 
     Raises:
         ConfigError: (on construction) a value out of range or an unknown key.

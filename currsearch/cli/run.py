@@ -78,8 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random", type=int, help="random baseline orders (default: 5)")
     p.add_argument("--rounds", type=int, help="trust-region rounds (fut1-hvp) from the best verified order "
                    "(default: 0 under a budget, 2 with --no-budget; their estimates count by time: under a "
-                   "budget a round after the first starts only if the measured spend leaves room for it, and the "
-                   "first can overshoot its plan, which the ledger shows)")
+                   "budget a round after the first starts only if the measured spend leaves room for the costliest "
+                   "round so far; a costlier round can still overshoot, which the ledger shows)")
     p.add_argument("--tr-trials", type=int, help="orders estimated per trust-region round (default: 16)")
     p.add_argument("--fit-runs", type=int, help="with --no-budget: real runs that fit a calibrated estimator "
                    "(default: the estimator's own, 1024 for calibrated-interactions); under a budget the fit gets "
