@@ -98,7 +98,8 @@ def trust_region_point(cfg, budget: int, seed: int, out: Path) -> dict:
     defaults: 51); each later one when the measured spend so far plus the costliest finished
     round fit (``TrustRegionSettings.budget``). The spend is measured, not planned
     (:func:`~currsearch.trust_region.rounds_run_equivalents`: seconds over one retrained run's),
-    so an overshoot of the first round's plan shows in ``run_equivalents``.
+    so an overshoot (the first round over its plan, a later one costlier than every earlier
+    round) shows in ``run_equivalents``.
     """
     r = RefineSettings(rounds=1)
     if r.round_run_equivalents > budget:

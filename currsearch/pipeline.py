@@ -220,8 +220,8 @@ class BudgetPlan:
     @property
     def total(self) -> float:
         """Planned run equivalents of all phases (<= budget; a trust-region round's
-        time-counted ``fut1-hvp`` estimates can exceed the plan, the first round's, or the
-        costliest earlier round's that admitted a later one; the ledger says by how much)."""
+        time-counted ``fut1-hvp`` estimates can exceed the plan: the first round's own, a later
+        round's when it costs more than every earlier one; the ledger says by how much)."""
         return self.record + self.fit_runs + self.verify + self.refine
 
 
