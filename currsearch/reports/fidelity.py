@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fidelity import group_of
+from ..manifest import atomic_write_bytes
 from .common import fmt, markdown_table, pyplot, save_figure, write_result_files
 
 #: Titles of the optimizer-state settings in the combined report.
@@ -132,5 +133,5 @@ def write_settings_report(results: dict, out_dir) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [p for s, r in results.items() for p in write_report(r, out / s)]
     body = "\n".join(render_markdown(r, f"{s}: {SETTING_TITLES.get(s, s)}") for s, r in results.items())
-    (out / "fidelity.md").write_text(f"# Fidelity benchmark\n\n{body}")
+    atomic_write_bytes(out / "fidelity.md", f"# Fidelity benchmark\n\n{body}".encode())
     return paths + [out / "fidelity.md"]
