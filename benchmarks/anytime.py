@@ -96,10 +96,11 @@ def trust_region_point(cfg, budget: int, seed: int, out: Path) -> dict:
     The first round runs when its plan fits (``RefineSettings.round_run_equivalents``: its
     recorded run, its retrained orders, its ``fut1-hvp`` estimates; :class:`RefineSettings`'
     defaults: 51); each later one when the measured spend so far plus the costliest finished
-    round fit (``TrustRegionSettings.budget``). The spend is measured, not planned
-    (:func:`~currsearch.trust_region.rounds_run_equivalents`: seconds over one retrained run's),
-    so an overshoot (the first round over its plan, a later one costlier than every earlier
-    round) shows in ``run_equivalents``.
+    round fit (``TrustRegionSettings.budget``), and a round's search stops early when its
+    estimates would leave too little of the budget for its retraining (a round so cut is
+    finished again by a larger budget reading the shared directory). The spend is measured,
+    not planned (:func:`~currsearch.trust_region.rounds_run_equivalents`: seconds over one
+    retrained run's); ``run_equivalents`` shows any timing noise past the budget.
     """
     r = RefineSettings(rounds=1)
     if r.round_run_equivalents > budget:

@@ -107,11 +107,13 @@ class RefineSettings(Settings):
         retrained orders and its ``trials`` estimates at :data:`HVP_RUNS_PER_ESTIMATE` each."""
         return 1 + self.top_k + self.trials * HVP_RUNS_PER_ESTIMATE
 
-    def trust_region(self, objective: str, seed: int, budget: float | None = None) -> TrustRegionSettings:
+    def trust_region(self, objective: str, seed: int, budget: float | None = None,
+                     run_seconds: float | None = None) -> TrustRegionSettings:
         """The :class:`TrustRegionSettings` of these rounds, stopped early when their measured
-        spend would exceed ``budget`` run equivalents (raises ConfigError when ``rounds == 0``)."""
+        spend would exceed ``budget`` run equivalents of ``run_seconds`` each (None: measured
+        by the rounds); raises ConfigError when ``rounds == 0``."""
         return TrustRegionSettings(rounds=self.rounds, trials=self.trials, top_k=self.top_k, estimator=self.estimator,
-                                   objective=objective, seed=seed, budget=budget)
+                                   objective=objective, seed=seed, budget=budget, run_seconds=run_seconds)
 
 
 class PipelineSettings(Settings):
@@ -219,9 +221,10 @@ class BudgetPlan:
 
     @property
     def total(self) -> float:
-        """Planned run equivalents of all phases (<= budget; a trust-region round's
-        time-counted ``fut1-hvp`` estimates can exceed the plan: the first round's own, a later
-        round's when it costs more than every earlier one; the ledger says by how much)."""
+        """Planned run equivalents of all phases (<= budget; the trust-region rounds' search
+        stops early when its time-counted ``fut1-hvp`` estimates would leave too little of
+        ``refine`` for their retraining, ``TrustRegionSettings.budget``; the ledger says what
+        was spent)."""
         return self.record + self.fit_runs + self.verify + self.refine
 
 
@@ -232,7 +235,8 @@ def size_to_budget(s: PipelineSettings, trainer: Trainer, rcfg: Config, est_cls:
     Policy: the recording (only the estimator's required terms), the ``verify.top_k``
     searched orders and the ``refine`` rounds are planned first; a calibrated estimator's fit
     gets every run left (``n_runs``, replacing a given one); any other estimator spends what
-    is left on verifying more searched orders. Under a budget the reference, random and
+    is left on verifying more searched orders, and its search proposes at least that many
+    (``search.trials`` raised to ``verify.top_k``). Under a budget the reference, random and
     heuristic orders are not retrained (the comparison is ``PipelineSettings.baselines``).
 
     Raises:
@@ -256,7 +260,8 @@ def size_to_budget(s: PipelineSettings, trainer: Trainer, rcfg: Config, est_cls:
             + (f", and {need} runs to fit {est_cls.name}" if need else "") + "; raise --budget or use --rounds 0 / a smaller --top-k")
     fit_runs, top_k = (math.floor(left), s.verify.top_k) if est_cls.needs_runs else (0, s.verify.top_k + math.floor(left))
     kwargs = {**s.search.estimator_kwargs, **({"n_runs": fit_runs} if est_cls.needs_runs else {})}
-    sized = s.model_copy(update={"search": s.search.model_copy(update={"estimator_kwargs": kwargs}),
+    trials = max(s.search.trials, top_k)  # the orders to verify are searched ones
+    sized = s.model_copy(update={"search": s.search.model_copy(update={"estimator_kwargs": kwargs, "trials": trials}),
                                  "verify": VerifySettings(top_k=top_k, random=0, baselines=False)})
     return sized, BudgetPlan(s.budget, record_eq, fit_runs, top_k, refine_eq)
 
@@ -344,13 +349,15 @@ def _with_best_fit_run(result: VerificationResult, est: Estimator) -> Verificati
 
 
 def _refine(cfg: Config, store: TrajectoryStore, est: Estimator, result: VerificationResult, s: PipelineSettings,
-            plan: BudgetPlan | None, ledger: ComputeLedger, progress: bool,
+            plan: BudgetPlan | None, ledger: ComputeLedger, run_seconds: float, progress: bool,
             ) -> tuple[VerificationResult, TrustRegionResult | None]:
     """Trust-region rounds from the best verified order (skipped when ``refine.rounds == 0``),
-    within the run equivalents ``plan`` reserved for them less the final check."""
+    within the run equivalents ``plan`` reserved for them less the final check, counted in the
+    ledger's unit ``run_seconds``."""
     if not s.refine.rounds:
         return result, None
-    trs = s.refine.trust_region(s.search.objectives[0], s.search.seed, budget=plan.refine - 1 if plan else None)
+    trs = s.refine.trust_region(s.search.objectives[0], s.search.seed, budget=plan.refine - 1 if plan else None,
+                                run_seconds=run_seconds)
     logger.info("trust-region rounds from the best verified order (%d rounds, %s)", trs.rounds, trs.estimator)
     with ledger.phase("trust_region") as counts:
         result, tr = refine_verified(cfg, s.out / "trust_region", result, trs, progress=progress,
@@ -422,8 +429,8 @@ def run_pipeline(cfg: Config, settings: PipelineSettings | None = None, progress
         counts["equivalents"] = 0.0         # as the baselines' sampler time does (module docstring of ledger)
         res = run_search(store, search, backend=SerialBackend(est), progress=progress)
     result = _verify(store, est, res, s, ledger, progress)
-    result, tr = _refine(rcfg, store, est, result, s, plan, ledger, progress)
-    trained = [c.seconds for c in result.candidates.values() if c.kind != "fit"]  # fit_best was not retrained
-    run_seconds = float(torch.tensor(trained).median())
+    # the ledger's unit, which the rounds' budget counts in too: the median retrained order (fit_best was not retrained)
+    run_seconds = float(torch.tensor([c.seconds for c in result.candidates.values() if c.kind != "fit"]).median())
+    result, tr = _refine(rcfg, store, est, result, s, plan, ledger, run_seconds, progress)
     out = PipelineResult(s, Path(store.path), res, result, tr, ledger.summary(run_seconds), plan)
     return dataclasses.replace(out, baselines=_baselines(trainer, s, out.baseline_runs, progress))

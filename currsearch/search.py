@@ -339,6 +339,11 @@ class SearchSettings(Settings):
         space_options: keyword options of the space (e.g. ``{"by": "difficulty"}``).
         estimator_kwargs: keyword arguments of the estimator (default backend only).
         sampler_options: keyword arguments of the Optuna sampler class.
+        max_seconds: wall seconds this call's trials may take (None: no limit; like the
+            ``timeout`` of Optuna's ``study.optimize``, but never past it by a batch): the first
+            batch is asked in full, each later one at most as many trials as the seconds left
+            fit at the mean seconds per trial so far, so the search can stop short of ``trials``
+            (``SearchResult.n_run`` says how many ran).
     """
 
     estimator: str = "additive"
@@ -355,6 +360,7 @@ class SearchSettings(Settings):
     space_options: dict[str, Any] = Field(default_factory=dict)
     estimator_kwargs: dict[str, Any] = Field(default_factory=dict)
     sampler_options: dict[str, Any] = Field(default_factory=dict)
+    max_seconds: float | None = Field(None, gt=0)
 
     @field_validator("objectives", mode="before")
     @classmethod
@@ -675,9 +681,18 @@ def _search(store, s: SearchSettings, sp: SearchSpace, backend, sampler, progres
     budget = max(0, s.trials - complete())
     logger.info("study %r: %d trial(s) to run (of %d)", study.study_name, budget, s.trials)
     reused: list[int] = []
+    first, t_trials = complete(), time.perf_counter()
+
+    def limit() -> int:  # trials still wanted, and (under max_seconds) that fit in the seconds left
+        left, done = s.trials - complete(), complete() - first
+        if s.max_seconds is None or done == 0:
+            return left
+        elapsed = time.perf_counter() - t_trials
+        return min(left, max(0, math.floor((s.max_seconds - elapsed) / (elapsed / done))))
+
     n_run = ask_and_tell(
         study, budget, s.batch, _scorer(sp, backend, objectives, study, reused), progress=progress,
-        desc=f"search {study.study_name}", session=session, limit=lambda: s.trials - complete(),
+        desc=f"search {study.study_name}", session=session, limit=limit,
     )
     res = collect_result(study, sp, backend, objectives, n_run=n_run, seconds=time.perf_counter() - t0)
     res.requeued, res.n_reused, res.resumed_at = requeued, len(reused), session_starts(study)

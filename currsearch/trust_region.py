@@ -67,8 +67,16 @@ class TrustRegionSettings(Settings):
             one real run's (:func:`rounds_run_equivalents`); a round starts only if the spend
             so far plus the costliest finished round fit in it (None: all ``rounds`` run).
             The first round always runs: plan it (``fut1-hvp``'s time per estimate varies by
-            config, so only a finished round measures it). A round costlier than every earlier
-            one can still overshoot.
+            config, so only a finished round measures it). A round's search stops early when
+            its estimates would leave too little of the budget for the round's retraining
+            (``SearchSettings.max_seconds``; the round is then marked ``search_cut``), so the
+            rounds end within the budget except by timing noise, by a round's first batch of
+            estimates (it runs in full when any time is left) and by a round's fixed costs
+            (recording with checkpoint writes, opening the store and study), which on a
+            tiny model (tests: 0.04 s per run) alone exceed the budget's share.
+        run_seconds: wall seconds of one real run, the unit of ``budget`` (> 0; e.g. the
+            pipeline's ledger unit, so that both count alike; None: measured by the rounds, the
+            mean of their retrained orders, in the first round its recorded training steps).
 
     Raises:
         ConfigError: (on construction) a value out of range or an unknown key.
@@ -87,6 +95,7 @@ class TrustRegionSettings(Settings):
     min_radius: int = 1
     max_radius: Optional[int] = None
     budget: Optional[float] = Field(None, gt=0)
+    run_seconds: Optional[float] = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _ranges(self) -> "TrustRegionSettings":
@@ -119,7 +128,9 @@ class TrustRegionRound:
         predicted_improvement, actual_improvement: of the best estimated candidate over the incumbent;
         rho: actual / predicted (None when no gain was predicted); improved: whether the incumbent moved;
         next_incumbent, next_radius, next_incumbent_loss: the state after the round;
-        seconds: ``{"record", "search", "verify"}`` wall seconds.
+        seconds: ``{"record", "search", "verify"}`` wall seconds;
+        search_cut: the budget stopped the round's search before its ``trials`` (such a round
+            is finished again when read back: :func:`run_trust_region`).
     """
 
     round: int
@@ -136,6 +147,7 @@ class TrustRegionRound:
     next_radius: int
     next_incumbent_loss: float
     seconds: dict[str, float]
+    search_cut: bool = False
 
     @classmethod
     def from_json(cls, d: dict) -> TrustRegionRound:
@@ -165,29 +177,36 @@ class TrustRegionResult:
     run_equivalents: float
 
     @classmethod
-    def from_rounds(cls, rounds: list[TrustRegionRound], objective: str, estimator: str, seconds: float) -> TrustRegionResult:
-        """The result of finished ``rounds`` (at least one)."""
+    def from_rounds(cls, rounds: list[TrustRegionRound], objective: str, estimator: str, seconds: float,
+                    run_seconds: float | None = None) -> TrustRegionResult:
+        """The result of finished ``rounds`` (at least one); ``run_seconds`` as :func:`rounds_run_equivalents`."""
         return cls(rounds, objective, estimator, rounds[0].incumbent_loss, rounds[-1].next_incumbent,
                    rounds[-1].next_incumbent_loss, sum(1 + len(x.candidates) for x in rounds), seconds,
-                   sum(rounds_run_equivalents(rounds)))
+                   sum(rounds_run_equivalents(rounds, run_seconds)))
 
 
-def rounds_run_equivalents(rounds: list[TrustRegionRound]) -> list[float]:
+def rounds_run_equivalents(rounds: list[TrustRegionRound], run_seconds: float | None = None) -> list[float]:
     """Each round's measured spend in real-run equivalents: its wall seconds (recording,
-    search with its estimates, retraining) over the seconds of one real run, the mean over
-    the rounds' retrained candidates (as the pipeline's ledger takes its unit from retrained
-    orders), or over their recordings (one run each) when no candidate was retrained."""
-    retrained = sum(len(x.candidates) for x in rounds)
-    run_s = (sum(x.seconds["verify"] for x in rounds) / retrained if retrained
-             else sum(x.seconds["record"] for x in rounds) / len(rounds))
+    search with its estimates, retraining) over ``run_seconds``, the seconds of one real run
+    (None: the mean over the rounds' retrained candidates, as the pipeline's ledger takes its
+    unit from retrained orders, or over their recordings, one run each, when no candidate was
+    retrained)."""
+    run_s = run_seconds or _retrained_run_seconds(rounds) or sum(x.seconds["record"] for x in rounds) / len(rounds)
     return [sum(x.seconds.values()) / run_s for x in rounds]
 
 
-def _fits_budget(rounds: list[TrustRegionRound], budget: float | None) -> bool:
-    """Whether one more round fits ``budget`` (always without one, and before the first round)."""
+def _retrained_run_seconds(rounds: list[TrustRegionRound]) -> float | None:
+    """Mean wall seconds of the rounds' retrained candidates (None when none was retrained)."""
+    retrained = sum(len(x.candidates) for x in rounds)
+    return sum(x.seconds["verify"] for x in rounds) / retrained if retrained else None
+
+
+def _fits_budget(rounds: list[TrustRegionRound], s: TrustRegionSettings) -> bool:
+    """Whether one more round fits ``s.budget`` (always without one, and before the first round)."""
+    budget = s.budget
     if budget is None or not rounds:
         return True
-    spent = rounds_run_equivalents(rounds)
+    spent = rounds_run_equivalents(rounds, s.run_seconds)
     if sum(spent) + max(spent) <= budget:
         return True
     logger.info("stopping after %d trust-region rounds: %.1f run equivalents spent, the costliest round took %.1f, "
@@ -246,18 +265,38 @@ def _save_rounds(state_path: Path, settings: dict, rounds: list[TrustRegionRound
     atomic_write_bytes(state_path, json.dumps({"settings": settings, "rounds": to_json(rounds)}, indent=1).encode())
 
 
+def _search_seconds(s: TrustRegionSettings, done: list[TrustRegionRound], store, spent_s: float) -> float | None:
+    """Wall seconds a round's search may still take under ``s.budget`` (None: no limit): the
+    run equivalents left after the finished rounds, less the round's retraining, in seconds of
+    one real run (the finished rounds' retrained runs, else this round's recorded training
+    steps), less the ``spent_s`` seconds the round has taken so far."""
+    if s.budget is None:
+        return None
+    run_s = s.run_seconds or _retrained_run_seconds(done) or store.manifest["reference_seconds"]
+    left = s.budget - (sum(rounds_run_equivalents(done, s.run_seconds)) if done else 0.0) - s.top_k
+    return left * run_s - spent_s
+
+
 def _run_round(r: int, s: TrustRegionSettings, rcfg: Config, trainer, rdir: Path, incumbent: torch.Tensor, radius: int,
-               max_radius: int, obj: int, progress: bool) -> TrustRegionRound:
-    """Round ``r`` (module docstring, steps 1-4) from ``incumbent`` within ``radius``."""
+               max_radius: int, obj: int, progress: bool, done: list[TrustRegionRound],
+               carried: TrustRegionRound | None = None) -> TrustRegionRound:
+    """Round ``r`` (module docstring, steps 1-4) from ``incumbent`` within ``radius``, after the
+    finished rounds ``done``; ``carried``: this round as an earlier call left it with its
+    search cut (its store and journal are reused and its record and search seconds counted)."""
+    before = {"record": 0.0, "search": 0.0} if carried is None else carried.seconds
     t0 = time.perf_counter()
     store = record(rcfg, rdir / "store", progress=progress, trainer=trainer, reference_order=incumbent)
     inc_loss = float(store.final()["eval_loss"][obj])
     t1 = time.perf_counter()
     est = get_estimator(s.estimator, **s.estimator_kwargs).fit(store)
+    allowed = _search_seconds(s, done, store, before["record"] + before["search"] + time.perf_counter() - t0)
     search = SearchSettings(space="local", space_options={"center": incumbent.tolist(), "moves": radius},
                             sampler=s.sampler, trials=s.trials, batch=s.batch_size, storage=str(rdir / "study.journal"),
                             objectives=[s.objective], seed=s.seed + r, enqueue_assignment=False)
+    if allowed is not None:  # no trial at all when none fits: the search reads back what the journal holds
+        search = search.model_copy(update={"max_seconds": allowed} if allowed > 0 else {"trials": 0})
     res = run_search(store, search, backend=SerialBackend(est), progress=progress)
+    cut = res.n_trials < s.trials
     inc_est = float(est.estimate(incumbent)[obj])
     cands = [(o, e) for o, e in res.top(len(res.orders)) if not torch.equal(o, incumbent)][:s.top_k]
     t2 = time.perf_counter()
@@ -278,7 +317,8 @@ def _run_round(r: int, s: TrustRegionSettings, rcfg: Config, trainer, rdir: Path
         predicted_improvement=predicted, actual_improvement=actual, rho=rho, improved=improved,
         next_incumbent=nxt.tolist(), next_radius=_next_radius(radius, rho, improved, s.min_radius, max_radius),
         next_incumbent_loss=verified[best_i] if improved else inc_loss,
-        seconds={"record": t1 - t0, "search": t2 - t1, "verify": t3 - t2})
+        seconds={"record": before["record"] + t1 - t0, "search": before["search"] + t2 - t1, "verify": t3 - t2},
+        search_cut=cut)
 
 
 def _log_round(x: TrustRegionRound) -> None:
@@ -332,17 +372,18 @@ def run_trust_region(cfg: Config, out_dir, settings: TrustRegionSettings | None 
     t_all = time.perf_counter()
     rounds: list[TrustRegionRound] = []
     for r in range(s.rounds):  # resume: finished rounds are read back, under the same budget rule
-        if not _fits_budget(rounds, s.budget):
+        if not _fits_budget(rounds, s):
             break
-        if r < len(done):
+        if r < len(done) and not done[r].search_cut:
             rounds.append(done[r])
-        else:
-            rounds.append(_run_round(r, s, rcfg, trainer, out / f"round_{r}", incumbent, radius, max_radius, obj, progress))
+        else:  # a round whose search a budget cut is finished again, under this call's budget
+            rounds.append(_run_round(r, s, rcfg, trainer, out / f"round_{r}", incumbent, radius, max_radius, obj,
+                                     progress, rounds, done[r] if r < len(done) else None))
             _save_rounds(state_path, state, rounds)
             if progress:
                 _log_round(rounds[-1])
         incumbent, radius = torch.tensor(rounds[-1].next_incumbent), rounds[-1].next_radius
-    return TrustRegionResult.from_rounds(rounds, s.objective, s.estimator, time.perf_counter() - t_all)
+    return TrustRegionResult.from_rounds(rounds, s.objective, s.estimator, time.perf_counter() - t_all, s.run_seconds)
 
 
 def refine_verified(cfg: Config, out_dir, result: VerificationResult, settings: TrustRegionSettings | None = None, *,

@@ -13,9 +13,11 @@ from currsearch.cli import main
 from currsearch.errors import ConfigError, OrderError
 from currsearch.export import OrderSampler, export_order
 from currsearch.orders import parse_order
-from currsearch.pipeline import PipelineSettings, RefineSettings, VerifySettings, run_pipeline
+from currsearch.pipeline import PipelineSettings, RefineSettings, VerifySettings, run_pipeline, size_to_budget
 from currsearch.search import SearchSettings
 from currsearch.train import Trainer
+from currsearch.trust_region import record_config, rounds_run_equivalents
+from estimators import get_estimator
 
 
 RECORD_ARGS = ["--set", "record.projection_dim=16", "--set", "record.anchor_stride=4"]
@@ -124,6 +126,19 @@ def test_budget_is_respected_and_baselines_reproduce(tiny_cfg, tmp_path, capsys)
     with pytest.raises(ConfigError, match="budget 10 is below the minimum 19"):
         run_pipeline(cfg, s.model_copy(update={"budget": 10, "out": tmp_path / "x"}), progress=False)
     assert not (tmp_path / "x").exists()
+    # an estimator without a fit spends what is left on verifying searched orders, and searches at least that many
+    fut1 = type(get_estimator("fut1"))
+    sized, plan = size_to_budget(s.model_copy(update={"search": s.search.model_copy(update={"estimator": "fut1"})}),
+                                 trainer, record_config(cfg, fut1), fut1)
+    assert plan.fit_runs == 0 and sized.verify.top_k == 27 and sized.search.trials == 27  # fut1 records 2.3 runs
+    # trust-region rounds under a budget count in the ledger's unit (their budget rule and the ledger agree)
+    with_round = s.model_copy(update={"budget": 40, "baselines": (), "out": tmp_path / "r",
+                                      "refine": RefineSettings(rounds=1, trials=4, top_k=1)})
+    res = run_pipeline(cfg, with_round, progress=False)
+    tr, tr_entry = res.trust_region, next(e for e in res.ledger.entries if e.phase == "trust_region")
+    assert res.budget.refine == (1 + 1 + 4 * 3) + 1 and len(tr.rounds) == 1
+    assert tr.run_equivalents == pytest.approx(sum(rounds_run_equivalents(tr.rounds, res.ledger.run_seconds)))
+    assert tr.run_equivalents < tr_entry.run_equivalents  # the phase adds the final incumbent's check
 
 
 class _Batches(Dataset):

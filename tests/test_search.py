@@ -66,6 +66,9 @@ def test_resume_from_a_journal_runs_only_the_missing_trials(store, tmp_path):
         run_search(store, n_trials=24, storage=str(journal), study_name="s", space="lehmer", progress=False)
     db = run_search(store, n_trials=8, storage=f"sqlite:///{tmp_path / 'study.db'}", progress=False)
     assert db.n_trials == 8
+    # max_seconds: the first batch is asked in full, no later one when the time is spent
+    timed = run_search(store, n_trials=20, batch_size=4, storage=str(journal), study_name="t", max_seconds=1e-9, progress=False)
+    assert timed.n_run == 4 and timed.n_trials == 4
 
 
 def test_multi_objective_nsga2_returns_a_pareto_set(store):
@@ -132,7 +135,7 @@ def test_search_settings_validate_with_clear_errors_and_the_old_keywords_still_w
         "additive", "random_keys", "tpe", 128, 32, ("all",), 0, None)
     for bad, msg in [({"trials": -1}, "trials"), ({"batch": 0}, "batch"), ({"objectives": []}, "is empty"),
                      ({"objectives": ["all", "all"]}, "repeat"), ({"sampler": "annealing"}, "unknown sampler"),
-                     ({"nope": 1}, "nope")]:
+                     ({"nope": 1}, "nope"), ({"max_seconds": 0}, "max_seconds")]:
         with pytest.raises(ConfigError, match=msg):
             SearchSettings(**bad)
     a = run_search(store, SearchSettings(trials=8, batch=4), progress=False)

@@ -74,6 +74,12 @@ def test_trust_region_rounds_resume_and_cli(tiny_cfg, tmp_path):
     assert clipped.rounds == rs[:1] and clipped.verified_runs == 2
     with pytest.raises(ConfigError, match="other settings"):
         run_trust_region(tiny_cfg, tmp_path / "tr", **{**kw, "top_k": 2})
+    # a budget that leaves the first round no time for estimates cuts its search; a larger one finishes it again
+    cut = run_trust_region(tiny_cfg, tmp_path / "cut", **{**kw, "rounds": 1}, budget=1 + kw["top_k"])
+    assert cut.rounds[0].search_cut and len(cut.rounds[0].candidates) == 0
+    whole = run_trust_region(tiny_cfg, tmp_path / "cut", **{**kw, "rounds": 1})
+    assert not whole.rounds[0].search_cut and whole.rounds[0].candidates == rs[0].candidates
+    assert whole.rounds[0].seconds["record"] >= cut.rounds[0].seconds["record"]  # the cut call's time is counted
 
     sets = [f"--set=data.{k}={json.dumps(v)}" for k, v in tiny_cfg.to_dict()["data"].items() if k in ("num_batches", "batch_size", "seq_len", "eval_seqs_per_domain", "vocab_size")]
     sets += [f"--set=model.{k}={v}" for k, v in (("n_layer", 1), ("n_embd", 32), ("n_head", 2))]

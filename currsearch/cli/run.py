@@ -79,7 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, help="trust-region rounds (fut1-hvp) from the best verified order "
                    "(default: 0 under a budget, 2 with --no-budget; their estimates count by time: under a "
                    "budget a round after the first starts only if the measured spend leaves room for the costliest "
-                   "round so far; a costlier round can still overshoot, which the ledger shows)")
+                   "round so far, and a round's search stops early when its estimates would leave too little of "
+                   "the budget for its retraining)")
     p.add_argument("--tr-trials", type=int, help="orders estimated per trust-region round (default: 16)")
     p.add_argument("--fit-runs", type=int, help="with --no-budget: real runs that fit a calibrated estimator "
                    "(default: the estimator's own, 1024 for calibrated-interactions); under a budget the fit gets "

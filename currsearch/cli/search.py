@@ -106,7 +106,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, help="orders retrained per round with --rounds (default: 2)")
     p.add_argument("--budget", type=float, help="with --rounds: real-run equivalents the rounds may spend, measured "
                    "by their time; a round after the first starts only if the spend so far plus the costliest "
-                   "round fit (default: no cap)")
+                   "round fit, and a round's search stops early when its estimates would leave too little for "
+                   "its retraining (default: no cap)")
     p.add_argument("--start", default="reference", help="first incumbent with --rounds: 'reference', 'random:SEED' or a "
                    "JSON order file, e.g. a best_order.json of `currsearch run` (default: reference)")
     p.set_defaults(func=cmd_search)
