@@ -339,11 +339,11 @@ class SearchSettings(Settings):
         space_options: keyword options of the space (e.g. ``{"by": "difficulty"}``).
         estimator_kwargs: keyword arguments of the estimator (default backend only).
         sampler_options: keyword arguments of the Optuna sampler class.
-        max_seconds: wall seconds this call's trials may take (None: no limit; like the
-            ``timeout`` of Optuna's ``study.optimize``, but never past it by a batch): the first
-            batch is asked in full, each later one at most as many trials as the seconds left
-            fit at the mean seconds per trial so far, so the search can stop short of ``trials``
-            (``SearchResult.n_run`` says how many ran).
+        max_seconds: wall seconds this call's trials may take (> 0; None: no limit), like
+            the ``timeout`` of Optuna's ``study.optimize`` but sized per batch: the first batch
+            is asked in full, each later one holds at most as many trials as fit in the seconds
+            left at the mean seconds per trial so far, so the search can stop short of
+            ``trials`` (``SearchResult.n_run`` says how many ran).
     """
 
     estimator: str = "additive"

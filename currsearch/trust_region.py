@@ -369,6 +369,7 @@ def run_trust_region(cfg: Config, out_dir, settings: TrustRegionSettings | None 
     state_path = out / "trust_region.json"
     done = _load_rounds(state_path, state)
     obj = trainer.plan.eval_names.index(s.objective)
+    trainer.window_start(progress=progress)  # the warm-up phase (cached on disk) is no round's cost
     t_all = time.perf_counter()
     rounds: list[TrustRegionRound] = []
     for r in range(s.rounds):  # resume: finished rounds are read back, under the same budget rule
