@@ -183,9 +183,11 @@ def summarize(points: dict, budgets: list[int], seeds: list[int], strategies: li
     ``paired``: each strategy against ``optuna-real`` seed by seed, ``{strategy: {N: {"mean_diff",
     "ahead", "seeds"}}}`` with ``mean_diff`` the mean over seeds of (strategy's best - TPE's best
     of N runs), nats/token (negative: the strategy is lower), and ``ahead`` the seeds where it is
-    strictly lower. Budgets a strategy does not fit on every seed are left out of its rows."""
+    strictly lower. Budgets a strategy does not fit on every seed are left out of its rows, and
+    so are those missing from ``points`` on some seed (``not_run``: ``{strategy: [N, ...]}``)."""
     rows: dict = {}
     pairs: dict = {}
+    not_run: dict = {}
     curves = {}
     for name in BASELINES:
         runs = [points[f"baseline/{name}/{s}"] for s in seeds]
@@ -194,15 +196,17 @@ def summarize(points: dict, budgets: list[int], seeds: list[int], strategies: li
     for st in strategies:
         rows[st], pairs[st] = {}, {}
         for N in budgets:
-            ps = [points[f"currsearch/{st}/{N}/{s}"] for s in seeds]
-            if all(p["fits"] for p in ps):
+            ps = [points.get(f"currsearch/{st}/{N}/{s}") for s in seeds]
+            if None in ps:
+                not_run.setdefault(st, []).append(N)
+            elif all(p["fits"] for p in ps):
                 losses = [p["best_loss"] for p in ps]
                 rows[st][N] = _mean_std(losses)
                 diffs = [x - min(points[f"baseline/optuna-real/{s}"][:N]) for x, s in zip(losses, seeds)]
                 pairs[st][N] = {"mean_diff": statistics.fmean(diffs), "ahead": sum(d < 0 for d in diffs), "seeds": len(diffs)}
     mult = {st: {N: multiplier(curves["random-search"], rows[st][N][0], N) for N in rows[st]} for st in strategies}
     return {"budgets": budgets, "seeds": seeds, "rows": rows, "multiplier": mult, "random_curve": curves["random-search"],
-            "paired": pairs}
+            "paired": pairs, "not_run": not_run}
 
 
 def render(summary: dict) -> str:
@@ -211,7 +215,9 @@ def render(summary: dict) -> str:
     budgets = summary["budgets"]
     rows = []
     for name, by_n in summary["rows"].items():
-        rows.append([name] + [f"{by_n[N][0]:.4f} ± {by_n[N][1]:.4f}" if N in by_n else "does not fit" for N in budgets])
+        missing = summary.get("not_run", {}).get(name, [])
+        rows.append([name] + [f"{by_n[N][0]:.4f} ± {by_n[N][1]:.4f}" if N in by_n else "not run" if N in missing
+                              else "does not fit" for N in budgets])
     mult = [[st] + [("n/a" if N not in m else f"> {len(summary['random_curve']) / N:.1f}" if m[N] is None else f"{m[N]:.2f}")
                     for N in budgets] for st, m in summary["multiplier"].items()]
     head = ["strategy"] + [f"N = {N}" for N in budgets]
@@ -254,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategies", type=csv_list, default=list(STRATEGIES))
     p.add_argument("--trials", type=int, default=128, help="surrogate trials per currsearch job (default: 128)")
     p.add_argument("--out", default="runs/anytime")
+    p.add_argument("--no-run", action="store_true", help="only summarize the points already in OUT/points.json "
+                   "(missing ones show as 'not run'), e.g. after stopping a long run")
     args = p.parse_args(argv)
     try:
         cfg = resolve_config(args.config, args.set)
@@ -263,8 +271,13 @@ def main(argv: list[str] | None = None) -> int:
             raise CurrsearchError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        with progress_logging(quiet=False):
-            points = collect(cfg, budgets, seeds, args.strategies, out, args.trials)
+        if args.no_run:
+            points = _points(out / "points.json")
+            if not all(f"baseline/{b}/{s}" in points for b in BASELINES for s in seeds):
+                raise CurrsearchError(f"{out / 'points.json'} lacks the baselines of seeds {seeds}; run without --no-run first")
+        else:
+            with progress_logging(quiet=False):
+                points = collect(cfg, budgets, seeds, args.strategies, out, args.trials)
     except CurrsearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

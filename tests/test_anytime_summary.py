@@ -31,3 +31,7 @@ def test_summary_means_multiplier_and_paired_differences():
     assert pair == {2: {"mean_diff": pytest.approx(-0.025), "ahead": 1, "seeds": 2}}  # -0.1 on seed 0, +0.05 on seed 1
     md = anytime.render(s)
     assert "| guided-tpe | -0.0250 (1 of 2) | n/a |" in md and "paired by seed" in md
+    # a point missing on some seed (a stopped run, summarized with --no-run) is "not run", not "does not fit"
+    pts = {k: v for k, v in _points().items() if k != "currsearch/guided-tpe/4/1"}
+    s = anytime.summarize(pts, [2, 4], [0, 1], ["guided-tpe"])
+    assert s["not_run"] == {"guided-tpe": [4]} and "| guided-tpe | 4.8250 ± 0.1768 | not run |" in anytime.render(s)
