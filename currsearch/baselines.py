@@ -16,6 +16,7 @@ that ``benchmarks/anytime.py`` draws) comes from one call.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -25,7 +26,8 @@ import optuna
 from search_spaces import BatchInfo, get_space
 
 from .errors import ConfigError
-from .search import ask_and_tell, make_sampler, seeded_per_trial
+from .manifest import TRAJECTORY_SECTIONS
+from .search import ask_and_tell, check_resume, make_sampler, seeded_per_trial
 from .study import Session, make_storage, optuna_warnings_only, recover_stale_trials
 from .train import Trainer
 
@@ -97,26 +99,39 @@ def objective_index(trainer: Trainer, objective: str) -> int:
 def real_scorer(trainer: Trainer, space, obj: int) -> Callable[[list], list]:
     """``score(trials)`` for :func:`~currsearch.search.ask_and_tell` whose objective is real training:
     each trial's order (``space.suggest``) is trained from the window start; the trial is told
-    its final eval loss of column ``obj`` (nats/token) and keeps ``order`` (T ints) and
-    ``losses`` (all E eval losses, ``plan.eval_names`` order) as user attrs."""
+    its final eval loss of column ``obj`` (nats/token; +inf when training diverged to a
+    non-finite loss, so the run counts in the budget and a resumed search does not replace it)
+    and keeps ``order`` (T ints) and ``losses`` (all E eval losses, ``plan.eval_names`` order)
+    as user attrs."""
 
     def score(trials):
         out = []
         for t in trials:
             order = space.suggest(t)
             losses = trainer.train(order).eval_losses
-            out.append((float(losses[obj]), {"order": order.tolist(), "losses": losses.tolist()}))
+            value = float(losses[obj])  # a diverged run (NaN or inf) is a run too: +inf, a COMPLETE trial, never best
+            out.append((value if math.isfinite(value) else math.inf, {"order": order.tolist(), "losses": losses.tolist()}))
         return out
 
     return score
 
 
-def open_real_study(study_name: str, sampler: optuna.samplers.BaseSampler, storage) -> tuple[optuna.Study, Session]:
+def open_real_study(study_name: str, sampler: optuna.samplers.BaseSampler, storage, trainer: Trainer,
+                    ) -> tuple[optuna.Study, Session]:
     """Create or load a study of real runs on ``storage`` (:func:`~currsearch.study.make_storage`),
-    start this call's :class:`~currsearch.study.Session` and re-queue the trials a killed call
-    left RUNNING (:func:`~currsearch.study.recover_stale_trials`). Call within
-    :func:`~currsearch.study.optuna_warnings_only`."""
+    check that a loaded one trained the same window (``trainer``'s config fingerprint of the
+    data, model, optim and train sections, user attr ``currsearch_config``), start this call's
+    :class:`~currsearch.study.Session` and re-queue the trials a killed call left RUNNING
+    (:func:`~currsearch.study.recover_stale_trials`). Call within
+    :func:`~currsearch.study.optuna_warnings_only`.
+
+    Raises:
+        ConfigError: the study's runs were trained with another config (a study from before
+            this check holds no fingerprint and is taken as it is).
+    """
     study = optuna.create_study(storage=make_storage(storage), sampler=sampler, study_name=study_name, load_if_exists=True)
+    check_resume(study, {"config": trainer.cfg.fingerprint(*TRAJECTORY_SECTIONS)},
+                 fix="its runs trained another config; use another --out (or storage) or the same config")
     session = Session(study)
     recover_stale_trials(study, session)
     return study, session
@@ -154,7 +169,8 @@ def real_search(trainer: Trainer, name: str, n_runs: int, seed: int = 0, objecti
     score = real_scorer(trainer, get_space("random_keys", BatchInfo.from_plan(trainer.plan)), objective_index(trainer, objective))
     t0 = time.perf_counter()
     with optuna_warnings_only():
-        study, session = open_real_study(f"{name}-{objective}-seed{seed}", make_sampler(BASELINES[name], seed=seed), storage)
+        study, session = open_real_study(f"{name}-{objective}-seed{seed}", make_sampler(BASELINES[name], seed=seed), storage,
+                                         trainer)
         done = len(complete_trials(study))
         ask_and_tell(study, max(0, n_runs - done), 1, score, progress=progress, desc=name, session=session,
                      sampler_for=seeded_per_trial(BASELINES[name], seed))

@@ -40,6 +40,7 @@ behind it; ``resumed_at`` says where calls began).
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -214,13 +215,14 @@ def _enqueue_refit(study: optuna.Study, k: int, point: int, plan, objective: str
 
     The proposals come from the stored ``currsearch_guided_refit:<k>`` attr when an earlier
     call made them (so a resumed call never refits twice), else from :func:`propose` on the
-    first ``point`` completed runs, stored before they are enqueued."""
+    first ``point`` completed runs (those with a finite loss; none when fewer than the fit's
+    minimum are), stored before they are enqueued."""
     attempted = {tuple(t.user_attrs["order"]) for t in study.get_trials(deepcopy=False) if "losses" in t.user_attrs}
     proposals = study.user_attrs.get(f"{REFIT_ATTR}:{k}")
     if proposals is None:
-        runs = complete_trials(study)[:point]
+        runs = [t for t in complete_trials(study)[:point] if math.isfinite(t.value)]  # a diverged run (+inf) fits nothing
         proposals = propose(plan, objective, [t.user_attrs["order"] for t in runs], [float(t.value) for t in runs],
-                            attempted, s)
+                            attempted, s) if len(runs) >= CalibratedInteractions.min_runs else []
         study.set_user_attr(f"{REFIT_ATTR}:{k}", proposals)
         logger.info("refit %d on %d runs: %d surrogate order(s) enqueued", k, point, len(proposals))
     queued = {tuple(t.user_attrs["order"]) for t in study.get_trials(deepcopy=False, states=_LIVE) if "order" in t.user_attrs}
@@ -235,8 +237,8 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
 
     Args:
         trainer: the Trainer whose window is trained (its cached warm-up phase is shared).
-        n_runs: real runs to spend (>= 1): exactly this many trials are asked (a trial whose
-            training gives a non-finite loss counts, and fails).
+        n_runs: real runs to spend (>= 1): exactly this many trials are asked (a run whose
+            training diverges to a non-finite loss counts, with loss +inf).
         settings: :class:`GuidedSettings` (default: all defaults).
         seed: TPE's seed (the surrogate's fit and search are deterministic).
         objective: the eval set whose final loss (nats/token) is minimized.
@@ -258,7 +260,8 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
     train = real_scorer(trainer, space, objective_index(trainer, objective))
     t0, surrogate_s = time.perf_counter(), 0.0
     with optuna_warnings_only():
-        study, session = open_real_study(f"{NAME}-{objective}-seed{seed}", make_sampler("tpe", seed=seed), storage)
+        study, session = open_real_study(f"{NAME}-{objective}-seed{seed}", make_sampler("tpe", seed=seed), storage,
+                                         trainer)
         check_resume(study, {"guided": s.model_dump(), "T": trainer.T})
         left = max(0, n_runs - len(complete_trials(study)))
         with tqdm(total=left, desc=NAME, unit="run", disable=not (progress and left)) as bar:

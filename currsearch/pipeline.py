@@ -47,7 +47,7 @@ from .errors import BudgetTooSmallError, ConfigError
 from .guided import GuidedResult, GuidedSettings, guided_search
 from .ledger import ComputeLedger, LedgerSummary
 from .record import record, record_run_equivalents
-from .search import SearchResult, SearchSettings, run_search
+from .search import SearchResult, SearchSettings, check_study_before_fit, run_search
 from .settings import Settings
 from .store import TrajectoryStore
 from .train import Trainer
@@ -234,7 +234,7 @@ def size_to_budget(s: PipelineSettings, trainer: Trainer, rcfg: Config, est_cls:
 
     Policy: the recording (only the estimator's required terms), the ``verify.top_k``
     searched orders and the ``refine`` rounds are planned first; a calibrated estimator's fit
-    gets every run left (``n_runs``, replacing a given one); any other estimator spends what
+    gets every run left (``n_runs``; giving one is an error); any other estimator spends what
     is left on verifying more searched orders, and its search proposes at least that many
     (``search.trials`` raised to ``verify.top_k``). Under a budget the reference, random and
     heuristic orders are not retrained (the comparison is ``PipelineSettings.baselines``).
@@ -363,6 +363,8 @@ def _refine(cfg: Config, store: TrajectoryStore, est: Estimator, result: Verific
         result, tr = refine_verified(cfg, s.out / "trust_region", result, trs, progress=progress,
                                      trainer=store.trainer(), estimator=est)
         counts["real_runs"] = tr.verified_runs + 1  # the rounds' runs + the final incumbent's verification
+        # counted from the rounds' stored seconds, so rounds read back by a resumed job count what they cost
+        counts["equivalents"] = tr.run_equivalents + 1.0
     return result, tr
 
 
@@ -421,10 +423,12 @@ def run_pipeline(cfg: Config, settings: PipelineSettings | None = None, progress
     if unknown:  # before anything is written (the search would find it only after the recording)
         raise ConfigError(f"unknown objective eval set(s) {unknown}; the plan has {list(trainer.plan.eval_names)}")
     s, plan = size_to_budget(s, trainer, rcfg, est_cls)
+    search = s.search.model_copy(update={"storage": str(s.out / "study.journal")})
+    check_study_before_fit(search, est_cls.name, fix="it was searched with another --budget or --fit-runs; use "
+                           "another --out or the same --budget / --fit-runs")
     ledger = ComputeLedger()
     store = _record(rcfg, s.out, trainer, ledger, progress)
     est = _fit(store, s.search, ledger)
-    search = s.search.model_copy(update={"storage": str(s.out / "study.journal")})
     with ledger.phase("search") as counts:  # the sampler's and the surrogate's time count in seconds only,
         counts["equivalents"] = 0.0         # as the baselines' sampler time does (module docstring of ledger)
         res = run_search(store, search, backend=SerialBackend(est), progress=progress)

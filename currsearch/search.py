@@ -40,6 +40,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -425,10 +426,12 @@ def _starts(space: SearchSpace, backend, settings: SearchSettings) -> list[tuple
     return queued
 
 
-def check_resume(study: optuna.Study, meta: dict[str, Any]) -> None:
+def check_resume(study: optuna.Study, meta: dict[str, Any], fix: str = "use another study_name (or storage) or "
+                 "the same settings", record: bool = True) -> None:
     """Check a resumed study's setup, then record it: ``meta`` (JSON-serializable values, e.g.
     estimator, space, objectives) is compared with the study's user attrs ``currsearch_<key>``,
-    and keys the study lacks (a fresh study) are stored.
+    and keys the study lacks (a fresh study) are stored (unless ``record`` is False: a check
+    before the work). ``fix`` ends the error message: what the user can do.
 
     Raises:
         ConfigError: a stored value differs (the study was run with another setup), naming the keys.
@@ -436,10 +439,9 @@ def check_resume(study: optuna.Study, meta: dict[str, Any]) -> None:
     old = {k: study.user_attrs.get(f"currsearch_{k}") for k in meta}
     diff = [f"{k} ({old[k]!r} in the study vs {v!r} now)" for k, v in meta.items() if old[k] is not None and old[k] != v]
     if diff:
-        raise ConfigError(
-            f"study {study.study_name!r} exists in this storage with another setup: {', '.join(diff)}; "
-            "use another study_name (or storage) or the same settings"
-        )
+        raise ConfigError(f"study {study.study_name!r} exists in this storage with another setup: {', '.join(diff)}; {fix}")
+    if not record:
+        return
     for k, v in meta.items():
         if old[k] is None:
             study.set_user_attr(f"currsearch_{k}", v)
@@ -543,10 +545,36 @@ def _settings(settings: SearchSettings | None, legacy: dict[str, Any]) -> tuple[
     return SearchSettings(**{**base, **values}), sampler_obj
 
 
+def _study_name(s: SearchSettings, estimator_name: str) -> str:
+    return s.study_name or f"{estimator_name}-{s.space}-{'+'.join(s.objectives)}"
+
+
+def _kwargs_meta(s: SearchSettings) -> str:
+    return json.dumps(s.estimator_kwargs, sort_keys=True, default=str)  # e.g. a fit's n_runs, seed
+
+
+def check_study_before_fit(s: SearchSettings, estimator_name: str, fix: str) -> None:
+    """Refuse, before a fit's real runs are spent, a search that :func:`run_search` would refuse
+    after them: ``s.storage`` (a ``.journal`` path) already holds this search's study with
+    other ``estimator_kwargs`` (e.g. another budget's ``n_runs``). Nothing is written.
+
+    Raises:
+        ConfigError: the stored estimator options differ; ``fix`` ends the message.
+    """
+    if s.storage is None or not str(s.storage).endswith(".journal") or not Path(s.storage).expanduser().is_file():
+        return
+    with optuna_warnings_only():
+        try:
+            study = optuna.load_study(study_name=_study_name(s, estimator_name), storage=make_storage(s.storage))
+        except KeyError:  # the journal holds other studies only
+            return
+    check_resume(study, {"estimator_kwargs": _kwargs_meta(s)}, fix=fix, record=False)
+
+
 def _open_study(store: TrajectoryStore, s: SearchSettings, sp: SearchSpace, backend, sampler) -> optuna.Study:
     """Create or load the study, check that a resumed one has the same setup."""
     objectives = list(s.objectives)
-    name = s.study_name or f"{backend.estimator_name}-{s.space}-{'+'.join(objectives)}"
+    name = _study_name(s, backend.estimator_name)
     study = optuna.create_study(
         storage=make_storage(s.storage), sampler=sampler, study_name=name,
         directions=["minimize"] * len(objectives), load_if_exists=True,
@@ -560,7 +588,7 @@ def _open_study(store: TrajectoryStore, s: SearchSettings, sp: SearchSpace, back
         "estimator": backend.estimator_name,
         "space": s.space,
         "space_options": json.dumps(sp.options, sort_keys=True, default=str),
-        "estimator_kwargs": json.dumps(s.estimator_kwargs, sort_keys=True, default=str),  # e.g. a fit's n_runs, seed
+        "estimator_kwargs": _kwargs_meta(s),
         "objectives": objectives,
         "T": store.T,
     }

@@ -227,12 +227,13 @@ def _next_radius(radius: int, rho: float | None, improved: bool, lo: int, hi: in
     return radius
 
 
-def _state_settings(s: TrustRegionSettings, rcfg: Config, start: torch.Tensor, max_radius: int) -> dict:
-    """The settings a ``trust_region.json`` must hold to be resumed (same keys as ever)."""
+def _state_settings(s: TrustRegionSettings, rcfg: Config, start: torch.Tensor, radius: int, max_radius: int) -> dict:
+    """The settings a ``trust_region.json`` must hold to be resumed (``radius``: the first
+    round's, ``min(s.radius, max_radius)``)."""
     rec = rcfg.record
     return {"estimator": s.estimator, "estimator_kwargs": dict(s.estimator_kwargs), "objective": s.objective,
             "trials": s.trials, "top_k": s.top_k, "sampler": s.sampler, "batch_size": s.batch_size, "seed": s.seed,
-            "start": start.tolist(), "min_radius": s.min_radius, "max_radius": max_radius,
+            "start": start.tolist(), "radius": radius, "min_radius": s.min_radius, "max_radius": max_radius,
             "config": rcfg.fingerprint(*TRAJECTORY_SECTIONS),
             "record": [rec.anchor_stride, rec.projection, rec.projection_dim, rec.projection_seed]}
 
@@ -253,7 +254,10 @@ def _load_rounds(state_path: Path, settings: dict) -> list[TrustRegionRound]:
         raise ConfigError(damaged.format(f"not JSON: {err}")) from None
     if not isinstance(state, dict) or not isinstance(state.get("rounds"), list):
         raise ConfigError(damaged.format("not an object with a 'rounds' list"))
-    if state.get("settings") != settings:
+    stored = state.get("settings")
+    if isinstance(stored, dict) and "radius" not in stored and "max_radius" in stored:  # written before the key:
+        stored = {**stored, "radius": min(TrustRegionSettings.model_fields["radius"].default, stored["max_radius"])}
+    if stored != settings:
         raise ConfigError(f"{str(state_path)!r} holds a trust-region run with other settings; use another --out or the same settings")
     try:
         return [TrustRegionRound.from_json(x) for x in state["rounds"]]
@@ -296,6 +300,8 @@ def _run_round(r: int, s: TrustRegionSettings, rcfg: Config, trainer, rdir: Path
     if allowed is not None:  # no trial at all when none fits: the search reads back what the journal holds
         search = search.model_copy(update={"max_seconds": allowed} if allowed > 0 else {"trials": 0})
     res = run_search(store, search, backend=SerialBackend(est), progress=progress)
+    if carried is not None and res.n_run == 0:  # nothing new to retrain: the cut round stands as it was
+        return carried
     cut = res.n_trials < s.trials
     inc_est = float(est.estimate(incumbent)[obj])
     cands = [(o, e) for o, e in res.top(len(res.orders)) if not torch.equal(o, incumbent)][:s.top_k]
@@ -363,7 +369,7 @@ def run_trust_region(cfg: Config, out_dir, settings: TrustRegionSettings | None 
     max_radius = T - 1 if s.max_radius is None else s.max_radius
     radius = min(s.radius, max_radius)
     incumbent = validate_orders(torch.arange(T) if start is None else start, T).view(-1)
-    state = _state_settings(s, rcfg, incumbent, max_radius)
+    state = _state_settings(s, rcfg, incumbent, radius, max_radius)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "trust_region.json"

@@ -13,6 +13,8 @@ Estimators declare the recorded terms they need (``required_terms``); ``fit`` ra
 
 from __future__ import annotations
 
+import inspect
+
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -166,11 +168,21 @@ def get_estimator(name: str, **kwargs) -> Estimator:
     """Instantiate a registered estimator by name.
 
     Raises:
-        ConfigError: unknown name (the message lists the known ones).
+        ConfigError: unknown name (the message lists the known ones), or a keyword the
+            estimator does not take (e.g. ``n_runs``, a fit's real runs, for an estimator
+            that is not fitted to real runs; the message lists the ones it takes).
     """
     if name not in _REGISTRY:
         raise ConfigError(f"unknown estimator {name!r}; choose one of {sorted(_REGISTRY)}")
-    return _REGISTRY[name](**kwargs)
+    cls = _REGISTRY[name]
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            hint = " (--fit-runs applies only to estimators fitted to real runs)" if "n_runs" in unknown else ""
+            raise ConfigError(f"estimator {name!r} takes no option(s) {unknown}{hint}; "
+                              f"its options are {sorted(params) or 'none'}")
+    return cls(**kwargs)
 
 
 def available() -> list[str]:

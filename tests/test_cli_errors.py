@@ -95,6 +95,7 @@ def test_bad_storage(tmp_path, capsys, storage, small_store):
     (["run", "--objectives", "klingon", "--budget", "40"], "klingon"),
     (["run", "--budget", "5"], "below the minimum"),
     (["run", "--fit-runs", "20", "--budget", "40"], "fit-runs"),
+    (["run", "--fit-runs", "20", "--no-budget", "--estimator", "additive"], "fit-runs"),  # not fitted to runs
     (["run", "--budget", "40", "--no-budget"], "not allowed with"),
     (["ablate", "search", "--top-k", "-1"], "top_k"),                               # 19
     (["search", "--estimator", "bogus", "--trials", "2"], "bogus"),                 # 21

@@ -2,7 +2,9 @@
 runs. Real tiny training (the session's T = 8 trainer: a plan of its own costs 4-7 s of
 tokenization), real Optuna journals, the real pipeline and CLI."""
 
+import dataclasses
 import json
+import math
 
 import optuna
 import pytest
@@ -105,6 +107,33 @@ def test_a_killed_real_search_resumes_into_the_uninterrupted_one(trainer, tmp_pa
     resumed = real_search(trainer, name, 13, seed=5, storage=journal, progress=False)
     assert resumed.orders == whole.orders and resumed.losses == whole.losses
     assert len(set(map(tuple, resumed.orders))) == 13
+
+
+class DivergingTrainer(InterruptedTrainer):
+    """The real trainer whose ``n``-th run diverges (its eval losses become NaN), as a too high learning rate would."""
+
+    def train(self, order):
+        self.calls += 1
+        res = self.trainer.train(order)
+        return dataclasses.replace(res, eval_losses=torch.full_like(res.eval_losses, math.nan)) if self.calls == self.n else res
+
+
+def test_a_diverged_run_counts_and_a_resume_keeps_it(trainer, tmp_path):
+    journal = str(tmp_path / "runs.journal")
+    res = real_search(DivergingTrainer(trainer, 2), "random-search", 3, seed=0, storage=journal, progress=False)
+    assert res.n_runs == 3 and res.losses[1] == math.inf and res.best_loss == min(res.losses[0], res.losses[2])
+    assert real_search(trainer, "random-search", 3, seed=0, storage=journal, progress=False).losses == res.losses
+
+
+def test_a_journal_of_another_config_is_refused(trainer, tiny_cfg, tmp_path):
+    journal = str(tmp_path / "runs.journal")
+    real_search(trainer, "random-search", 2, seed=0, storage=journal, progress=False)
+    other = type(trainer).from_config(tiny_cfg.replace(optim={"lr": tiny_cfg.optim.lr * 2}))
+    with pytest.raises(ConfigError, match="another config"):
+        real_search(other, "random-search", 3, seed=0, storage=journal, progress=False)
+    guided_search(trainer, 1, S, seed=0, storage=journal, progress=False)
+    with pytest.raises(ConfigError, match="another config"):
+        guided_search(other, 1, S, seed=0, storage=journal, progress=False)
 
 
 def test_run_strategy_guided_tpe_spends_exactly_the_budget_with_ledger_and_baselines(tiny_cfg, tiny_set_args, tmp_path,

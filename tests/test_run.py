@@ -138,7 +138,18 @@ def test_budget_is_respected_and_baselines_reproduce(tiny_cfg, tmp_path, capsys)
     tr, tr_entry = res.trust_region, next(e for e in res.ledger.entries if e.phase == "trust_region")
     assert res.budget.refine == (1 + 1 + 4 * 3) + 1 and len(tr.rounds) == 1
     assert tr.run_equivalents == pytest.approx(sum(rounds_run_equivalents(tr.rounds, res.ledger.run_seconds)))
-    assert tr.run_equivalents < tr_entry.run_equivalents  # the phase adds the final incumbent's check
+    assert tr_entry.run_equivalents == pytest.approx(tr.run_equivalents + 1)  # + the final incumbent's check
+    # a resumed job reads its rounds back and still counts what they cost
+    again = run_pipeline(cfg, with_round, progress=False)
+    assert again.trust_region.rounds == tr.rounds
+    assert next(e for e in again.ledger.entries if e.phase == "trust_region").run_equivalents == pytest.approx(
+        tr.run_equivalents * res.ledger.run_seconds / again.ledger.run_seconds + 1)
+    # another budget on the same --out is refused before its fit spends a run (its search would refuse it after)
+    fits = sorted((tmp_path / "r" / "store" / "calibration").iterdir())
+    before = [f.read_bytes() for f in fits]
+    with pytest.raises(ConfigError, match="another --budget"):
+        run_pipeline(cfg, with_round.model_copy(update={"budget": 41}), progress=False)
+    assert [f.read_bytes() for f in sorted((tmp_path / "r" / "store" / "calibration").iterdir())] == before
 
 
 class _Batches(Dataset):

@@ -72,11 +72,19 @@ def test_trust_region_rounds_resume_and_cli(tiny_cfg, tmp_path):
     assert run_trust_region(tiny_cfg, tmp_path / "tr", **kw, budget=2 * first).rounds == rs
     clipped = run_trust_region(tiny_cfg, tmp_path / "tr", **kw, budget=2 * first - 0.01)
     assert clipped.rounds == rs[:1] and clipped.verified_runs == 2
-    with pytest.raises(ConfigError, match="other settings"):
-        run_trust_region(tiny_cfg, tmp_path / "tr", **{**kw, "top_k": 2})
+    for change in ({"top_k": 2}, {"radius": 2}):
+        with pytest.raises(ConfigError, match="other settings"):
+            run_trust_region(tiny_cfg, tmp_path / "tr", **{**kw, **change})
+    state = tmp_path / "tr" / "trust_region.json"  # a file written before the radius was stored: the default radius
+    old = json.loads(state.read_text())
+    del old["settings"]["radius"]
+    state.write_text(json.dumps(old))
+    assert run_trust_region(tiny_cfg, tmp_path / "tr", **kw).rounds == rs
     # a budget that leaves the first round no time for estimates cuts its search; a larger one finishes it again
     cut = run_trust_region(tiny_cfg, tmp_path / "cut", **{**kw, "rounds": 1}, budget=1 + kw["top_k"])
     assert cut.rounds[0].search_cut and len(cut.rounds[0].candidates) == 0
+    # resumed under the same budget, the cut round has no new estimate: it stands as it was, nothing retrained
+    assert run_trust_region(tiny_cfg, tmp_path / "cut", **{**kw, "rounds": 1}, budget=1 + kw["top_k"]).rounds == cut.rounds
     whole = run_trust_region(tiny_cfg, tmp_path / "cut", **{**kw, "rounds": 1})
     assert not whole.rounds[0].search_cut and whole.rounds[0].candidates == rs[0].candidates
     assert whole.rounds[0].seconds["record"] >= cut.rounds[0].seconds["record"]  # the cut call's time is counted
