@@ -273,8 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         if args.no_run:
             points = _points(out / "points.json")
-            if not all(f"baseline/{b}/{s}" in points for b in BASELINES for s in seeds):
-                raise CurrsearchError(f"{out / 'points.json'} lacks the baselines of seeds {seeds}; run without --no-run first")
+            short = [f"{b} seed {s}" for b in BASELINES for s in seeds if len(points.get(f"baseline/{b}/{s}", [])) < max(budgets)]
+            if short:
+                raise CurrsearchError(f"{out / 'points.json'} lacks {max(budgets)} baseline runs of {', '.join(short)}; "
+                                      "run without --no-run first, or give smaller --budgets")
         else:
             with progress_logging(quiet=False):
                 points = collect(cfg, budgets, seeds, args.strategies, out, args.trials)

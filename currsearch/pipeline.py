@@ -43,7 +43,7 @@ from estimators.base import Estimator
 from .backends import SerialBackend
 from .baselines import BASELINES, RealSearchResult, real_search
 from .config import Config
-from .errors import BudgetTooSmallError, ConfigError
+from .errors import BudgetTooSmallError, ConfigError, CurrsearchError
 from .guided import GuidedResult, GuidedSettings, guided_search
 from .ledger import ComputeLedger, LedgerSummary
 from .record import record, record_run_equivalents
@@ -325,6 +325,9 @@ def _verify(store: TrajectoryStore, est: Estimator, res: SearchResult, s: Pipeli
     candidates = {f"search_{i + 1}": o for i, (o, _) in enumerate(res.top(s.verify.top_k))}
     if s.verify.baselines:
         candidates.update(baseline_orders(trainer, n_random=s.verify.random, seed=s.search.seed))
+    if not candidates:
+        raise CurrsearchError(f"the search gave no order a finite estimate ({res.n_trials} trials); nothing to verify: "
+                              "check the fit's runs for a diverged training (optim.lr) or use another --estimator")
     est_rows = est.estimate(torch.stack([torch.as_tensor(o) for o in candidates.values()]))
     logger.info("verifying %d orders by real training", len(candidates))
     with ledger.phase("verify") as counts:

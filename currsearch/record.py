@@ -437,10 +437,13 @@ class _Recorder:
         if done:
             c = TrajectoryStore(self.out, m).checkpoint(done[-1], device=tr.device)
             theta, adam, t0 = c["theta"], AdamState(c["adam_m"], c["adam_v"], int(c["adam_step"])), done[-1]
-            m["reference_train_loss"] = m["reference_train_loss"][:t0]
         else:
             s = tr.window_start(progress=self.progress)
             theta, adam, t0 = s.theta, s.adam, 0
+        ran = len(m["reference_train_loss"])
+        if ran > t0:  # a rewind (a damaged checkpoint) reruns steps t0.. and times them again: keep the
+            m["reference_seconds"] *= t0 / ran  # seconds of the steps kept (at their mean), not of those rerun
+            m["reference_train_loss"] = m["reference_train_loss"][:t0]
         bar = self._bar(len(self.anchors), len(done), "reference run")
         for t in range(t0, self.T):
             if t in self.anchors and t not in done:
@@ -452,6 +455,9 @@ class _Recorder:
             t1 = time.perf_counter()
             theta, adam, loss = tr.step(theta, adam, tr.lr(t), tr.batch(self.reference_order[t]))
             m["reference_seconds"] += time.perf_counter() - t1
+            if not math.isfinite(loss):  # before hours of recording a trajectory of NaNs
+                raise ConfigError(f"the reference run diverged at window step {t} (training loss {loss}); nothing "
+                                  "is recorded past it: lower optim.lr or set optim.grad_clip")
             m["reference_train_loss"].append(loss)
         bar.close()
         self._save(m, "final.safetensors", {"theta": theta, "eval_loss": tr.evaluate(theta)})
@@ -470,10 +476,14 @@ class _Recorder:
         self._adjoint_saved = time.perf_counter()
         lams = self._adjoint_resume(m, eg_final) if backward else None
         done = m["pairs_done"]
+        todo = [t for t in self.anchors if t not in done]
         once_t = once_anchor(self.anchors)
         bar = self._bar(len(self.anchors), len(done), "pairs (T batches per checkpoint)")
         for t in (reversed(self.anchors) if backward else self.anchors):
             if t in done:
+                if backward and todo and min(todo) < t < max(todo):  # a done anchor between two to redo (a
+                    c = store.checkpoint(t, device=tr.device)     # repaired store): carry lambda through it
+                    lams = self._adjoint_back(m, t, c["theta"], AdamState(c["adam_m"], c["adam_v"], int(c["adam_step"])), lams)
                 continue
             c = store.checkpoint(t, device=tr.device)
             adam = AdamState(c["adam_m"], c["adam_v"], int(c["adam_step"]))
@@ -502,11 +512,17 @@ class _Recorder:
         """lambda at the first anchor still to do. It starts from the last saved adjoint (or
         lambda_T when none is listed, e.g. a damaged store) and is carried back through the anchors
         done since, without recomputing their pair terms (one gradient and one HVP call each; the
-        same computation as the sweep, so bit-identical). A complete sweep carries nothing."""
-        if set(self.anchors) <= set(m["pairs_done"]):
+        same computation as the sweep, so bit-identical). A complete sweep carries nothing.
+
+        The first anchor still to do is the highest one not done (``hi``; after a repair, anchors
+        below it may be done): lambda is carried only through the done anchors above it, from a
+        saved adjoint above ``hi`` or else from lambda_T."""
+        todo = [t for t in self.anchors if t not in m["pairs_done"]]
+        if not todo:
             return []
+        hi = max(todo)
         at = m.get("adjoint_at")
-        rel = self._adjoint_file(at) if at is not None else None
+        rel = self._adjoint_file(at) if at is not None and at > hi else None
         if rel is not None and rel in m["files"]:
             d = TrajectoryStore(self.out, m)._read(rel, None, self.trainer.device)
             lams = [AdjointState.from_tensors(d, f"{v.name}_") for v in self.variants]
@@ -514,7 +530,7 @@ class _Recorder:
             at, lams = self.T, [AdjointState.final(eg_final) for _ in self.variants]
         store = TrajectoryStore(self.out, m)
         for t in reversed(self.anchors):
-            if t < at and t in m["pairs_done"]:
+            if hi < t < at:  # done, as every anchor above hi is
                 c = store.checkpoint(t, device=self.trainer.device)
                 lams = self._adjoint_back(m, t, c["theta"], AdamState(c["adam_m"], c["adam_v"], int(c["adam_step"])), lams)
         return lams

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -182,7 +183,8 @@ def verify(trainer, candidates: dict, estimates: dict | None = None, kinds: dict
         progress: log one line per candidate (INFO).
 
     Returns:
-        :class:`VerificationResult`. Identical orders are trained once (training is deterministic).
+        :class:`VerificationResult`, losses in nats/token; a run that diverged to a non-finite
+        loss has +inf (never the best). Identical orders are trained once (training is deterministic).
 
     Raises:
         OrderError: a candidate is not a permutation of ``0..T-1``.
@@ -196,7 +198,10 @@ def verify(trainer, candidates: dict, estimates: dict | None = None, kinds: dict
         if key not in done:
             t0 = time.perf_counter()
             res = trainer.train(order)
-            done[key] = (res.eval_losses.tolist(), time.perf_counter() - t0)
+            losses = [x if math.isfinite(x) else math.inf for x in res.eval_losses.tolist()]
+            if math.inf in losses:  # a diverged run: +inf, so it is never the best (a NaN would be, under min)
+                logger.warning("verifying %s: training diverged (non-finite eval loss), counted as +inf", name)
+            done[key] = (losses, time.perf_counter() - t0)
         losses, secs = done[key]
         out[name] = VerifiedCandidate((kinds or {}).get(name, kind_of(name)), list(key), dict(zip(names, losses)),
                                       _estimated(names, estimates, name), secs)
@@ -220,6 +225,6 @@ def summarize(result: VerificationResult, eval_set: str = "all") -> Verification
         eval_set=eval_set, best_searched=best, best_searched_loss=b, random_median=med,
         random_median_loss=loss[med] if med else None, heuristics=heur, reference_loss=ref,
         beats_random_median=(b < loss[med]) if best and med else None,
-        beats_all_heuristics=all(b < v for v in heur.values()) if best else None,
+        beats_all_heuristics=all(b < v for v in heur.values()) if best and heur else None,
         beats_reference=(b < ref) if best and ref is not None else None,
     )

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from currsearch.errors import ConfigError
+from currsearch.errors import ConfigError, CurrsearchError
 from currsearch.orders import random_transpositions, validate_orders
 
 from .base import Estimator, register
@@ -76,8 +76,21 @@ def fit_ridge(X: np.ndarray, y: np.ndarray, alphas=tuple(np.logspace(-4, 3, 30))
     (default: ones) weighs each run in the fit and in the cross-validation. With fewer runs than
     features (n < d) it solves the n x n dual system ``w = Z^T (Z Z^T + alpha I)^{-1} y`` (the
     same minimizer as the d x d primal, at O(n^2 d) instead of O(d^3)).
-    Returns ``(w [d], b)`` in raw feature units: ``y ~ X @ w + b``."""
+    Runs with a non-finite ``y`` (training diverged) are left out, with a warning.
+    Returns ``(w [d], b)`` in raw feature units: ``y ~ X @ w + b``.
+
+    Raises:
+        CurrsearchError: fewer than 2 runs have a finite loss (lower ``optim.lr`` or set
+            ``optim.grad_clip``)."""
+    y = np.asarray(y, dtype=np.float64)
     sw = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    ok = np.isfinite(y)
+    if not ok.all():
+        if ok.sum() < 2:
+            raise CurrsearchError(f"only {int(ok.sum())} of {len(y)} fit runs have a finite loss: training diverges; "
+                                  "lower optim.lr or set optim.grad_clip")
+        logger.warning("%d of %d fit runs diverged (non-finite loss) and are left out of the fit", int((~ok).sum()), len(y))
+        X, y, sw = X[ok], y[ok], sw[ok]
 
     def fit(Xf, yf, wf, a):
         mu = wf @ Xf / wf.sum()
@@ -381,6 +394,7 @@ class CalibratedInteractions(Estimator):
     min_runs = 16
     NEAR_K = (1, 2, 3, 4, 6, 8, 12, 16)
     ORDERS_VERSION = 1  # part of the runs' cache key: bump when calibration_orders changes
+    CACHE_NAME = "interactions"  # the fit's cache file in STORE/calibration/: a subclass with other features needs its own
     FEATURES_VERSION = 2  # part of the fit key: bump when the features or the fit change
 
     def __init__(self, device="cpu", n_runs: int = 1024, seed: int = 0, clumped_weight: float = 0.1):
@@ -418,7 +432,7 @@ class CalibratedInteractions(Estimator):
     def _fit(self, store) -> None:
         t0 = time.perf_counter()
         self._set_groups(store)
-        data = load_or_fit_runs(store, "interactions", [self.n_runs, self.seed, list(self.NEAR_K), self.ORDERS_VERSION],
+        data = load_or_fit_runs(store, self.CACHE_NAME, [self.n_runs, self.seed, list(self.NEAR_K), self.ORDERS_VERSION],
                                 lambda: self.calibration_orders(store.T, store.reference_order), self._regress,
                                 fit_settings=[self.clumped_weight, self.FEATURES_VERSION])
         self._load(data)
@@ -505,6 +519,8 @@ class CalibratedPositions(CalibratedInteractions):
     search's first runs). Linear in the positions, so its :meth:`assignment_optimum` is exact
     (linear assignment).
     """
+
+    CACHE_NAME = "positions"
 
     def _features(self, orders: torch.Tensor) -> torch.Tensor:
         return position_features(orders)[:, :orders.shape[1]]

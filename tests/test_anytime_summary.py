@@ -1,6 +1,7 @@
 """benchmarks/anytime.py's summary arithmetic: means, the compute multiplier and the paired table."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,13 @@ def test_summary_means_multiplier_and_paired_differences():
     pts = {k: v for k, v in _points().items() if k != "currsearch/guided-tpe/4/1"}
     s = anytime.summarize(pts, [2, 4], [0, 1], ["guided-tpe"])
     assert s["not_run"] == {"guided-tpe": [4]} and "| guided-tpe | 4.8250 ± 0.1768 | not run |" in anytime.render(s)
+
+
+def test_no_run_refuses_baselines_shorter_than_the_largest_budget(tmp_path, capsys):
+    """A row at N must be the best of N baseline runs, not of the fewer a smaller run left in points.json."""
+    (tmp_path / "points.json").write_text(json.dumps(_points()))
+    assert anytime.main(["--no-run", "--budgets", "2,8", "--seeds", "0,1", "--strategies", "guided-tpe",
+                         "--out", str(tmp_path)]) == 2
+    assert "lacks 8 baseline runs" in capsys.readouterr().err
+    assert anytime.main(["--no-run", "--budgets", "2,4", "--seeds", "0,1", "--strategies", "guided-tpe",
+                         "--out", str(tmp_path)]) == 0

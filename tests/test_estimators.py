@@ -3,16 +3,17 @@
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from currsearch.adam import AdamState, adam_direction, clip_grad
-from currsearch.errors import ConfigError, StoreError
+from currsearch.errors import ConfigError, CurrsearchError, StoreError
 from currsearch.orders import random_order
 from currsearch.record import eval_gradients, record
 from currsearch.train import Trainer
 from estimators import available, get_estimator
-from estimators.calibrated import CalibratedInteractions, CalibratedPositions, interaction_features, load_or_fit_runs
+from estimators.calibrated import CalibratedInteractions, CalibratedPositions, fit_ridge, interaction_features, load_or_fit_runs
 
 TRAJECTORY_ESTIMATORS = ["additive", "fut1", "fut2", "fut1-hvp"]
 
@@ -219,3 +220,18 @@ def test_position_only_model_fits_runs_and_its_assignment_optimum_is_exact(tiny_
     assert torch.isclose(best, est.estimate(every)[:, 0].min())
     # a loss linear in the positions is recovered: the batch of the largest w goes first, of the smallest last
     assert est.assignment_optimum("all")[-1].item() == 0 and est.assignment_optimum("all")[0].item() == tiny_trainer.T - 1
+
+
+def test_a_ridge_fit_leaves_out_diverged_runs():
+    """A fit run whose training diverged (NaN or inf loss) would make every coefficient NaN: it is left out."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(24, 4))
+    y = X @ np.array([1.0, -2.0, 0.5, 0.0]) + 5.0 + 0.01 * rng.normal(size=24)
+    bad = y.copy()
+    bad[[3, 10]] = [np.nan, np.inf]
+    keep = np.isfinite(bad)
+    w, b = fit_ridge(X, bad)
+    w_ref, b_ref = fit_ridge(X[keep], y[keep])
+    assert np.isfinite(w).all() and np.allclose(w, w_ref) and b == pytest.approx(b_ref)
+    with pytest.raises(CurrsearchError, match="optim.lr"):
+        fit_ridge(X, np.full(24, np.nan))

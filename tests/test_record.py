@@ -209,3 +209,25 @@ def test_cli_record_and_inspect(rec_cfg, tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "s")]) == 0
     assert "anchors: 2 (stride 4)" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path)]) == 2
+
+
+def test_a_diverging_reference_run_stops_with_a_clear_error(rec_cfg, tmp_path, monkeypatch):
+    """A reference run whose loss goes non-finite (as a too high learning rate makes it) stops
+    the recording there, before hours of pair terms of NaNs."""
+    from currsearch.train import Trainer
+
+    tr = Trainer.from_config(rec_cfg)
+    tr.window_start(progress=False)  # the warm-up phase's steps are not the window's
+    real, steps = tr.step, []
+
+    def diverging_step(theta, adam, lr, batch):  # the real step; the third window step reports a NaN loss
+        theta, adam, loss = real(theta, adam, lr, batch)
+        if lr == 0.0:  # the cost estimate's timing steps
+            return theta, adam, loss
+        steps.append(loss)
+        return theta, adam, float("nan") if len(steps) == 3 else loss
+
+    monkeypatch.setattr(tr, "step", diverging_step)
+    with pytest.raises(ConfigError, match="diverged at window step 2"):
+        record(rec_cfg, tmp_path / "s", progress=False, trainer=tr)
+    assert len(steps) == 3

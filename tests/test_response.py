@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ from currsearch.fidelity import nonlinearity_index
 from currsearch.errors import ConfigError, StoreError
 from currsearch.gradients import eval_gradients
 from currsearch.record import once_anchor, record
+from currsearch.store import TrajectoryStore
 from estimators import get_estimator
 from estimators.common import swap_descent
 from estimators.response import precedence_weights, transport_weights
@@ -458,6 +460,22 @@ def test_resume_in_the_backward_pair_phase_is_bit_identical(store3, cfg3, tmp_pa
         assert torch.equal(resumed.get(name), store3.get(name)), name
     assert _payload(resumed) == _payload(store3)
     assert not list(out.glob("adjoint/*"))
+
+
+@pytest.mark.parametrize("damaged", [[1], [2, 0]])
+def test_repairing_damaged_pairs_of_a_response_store_is_bit_identical(store3, cfg3, tmp_path, damaged):
+    """Pairs files lost from a complete store (no adjoint left): the repair recomputes them with
+    the adjoint carried through the anchors above each, not through the done ones below."""
+    out = tmp_path / "s"
+    shutil.copytree(store3.path, out)
+    for t in damaged:
+        (out / f"pairs/pairs_{t:05d}.safetensors").unlink()
+    with pytest.raises(StoreError, match="currsearch record"):
+        TrajectoryStore.open(out)
+    repaired = record(cfg3, out, progress=False, reference_order=torch.tensor(REF3))  # what the message says to do
+    for name in ("response_readout", "transport_readout", "transport_v_readout", "precedence"):
+        assert torch.equal(repaired.get(name), store3.get(name)), name
+    assert _payload(repaired) == _payload(store3)
 
 
 def test_adjoint_files_dropped_and_refusals(store3, cfg3, tmp_path):

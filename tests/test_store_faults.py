@@ -124,7 +124,11 @@ def test_following_the_missing_file_message_repairs_the_store(store, fault_cfg, 
     with pytest.raises(StoreError, match="currsearch record") as err:
         TrajectoryStore.open(d)
     assert target.split("/")[-1] in str(err.value)
+    if damage == "tamper_checkpoint":  # seconds the manifest says the reference run took (a marker; steps 0-7)
+        _edit_manifest(d, lambda m: {**m, "reference_seconds": 1000.0})
     repaired = record(fault_cfg, d, progress=False)  # what the message says to do
+    if damage == "tamper_checkpoint":  # rewound to checkpoint 0: the rerun steps' time replaces theirs, not adds to it
+        assert repaired.manifest["reference_seconds"] < 1000.0
     assert _payload(repaired) == _payload(store)
     assert torch.equal(repaired.final()["theta"], store.final()["theta"])
     TrajectoryStore.open(d)
