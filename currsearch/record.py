@@ -474,15 +474,18 @@ class _Recorder:
             self._save(m, "final_eval_grads.safetensors", {"eval_grad_proj": self.projector.project(eg_final)})
         backward = "response" in self.cfg.record.terms
         self._adjoint_saved = time.perf_counter()
-        lams = self._adjoint_resume(m, eg_final) if backward else None
+        lams, lam_at = self._adjoint_resume(m, eg_final) if backward else (None, self.T)
         done = m["pairs_done"]
         todo = [t for t in self.anchors if t not in done]
         once_t = once_anchor(self.anchors)
         bar = self._bar(len(self.anchors), len(done), "pairs (T batches per checkpoint)")
         for t in (reversed(self.anchors) if backward else self.anchors):
             if t in done:
-                if backward and todo and min(todo) < t < max(todo):  # a done anchor between two to redo (a
-                    c = store.checkpoint(t, device=tr.device)     # repaired store): carry lambda through it
+                # a done anchor with one to redo below it (a resumed sweep, or a repaired store with
+                # done anchors between two to redo): carry lambda through it without its pair terms
+                # (one gradient and one HVP call; the same computation as the sweep, so bit-identical)
+                if backward and todo and min(todo) < t < lam_at:
+                    c = store.checkpoint(t, device=tr.device)
                     lams = self._adjoint_back(m, t, c["theta"], AdamState(c["adam_m"], c["adam_v"], int(c["adam_step"])), lams)
                 continue
             c = store.checkpoint(t, device=tr.device)
@@ -508,32 +511,18 @@ class _Recorder:
     def _adjoint_file(t: int) -> str:
         return f"adjoint/lambda_{t:05d}.safetensors"
 
-    def _adjoint_resume(self, m: dict, eg_final: torch.Tensor) -> list[AdjointState]:
-        """lambda at the first anchor still to do. It starts from the last saved adjoint (or
-        lambda_T when none is listed, e.g. a damaged store) and is carried back through the anchors
-        done since, without recomputing their pair terms (one gradient and one HVP call each; the
-        same computation as the sweep, so bit-identical). A complete sweep carries nothing.
-
-        The first anchor still to do is the highest one not done (``hi``; after a repair, anchors
-        below it may be done): lambda is carried only through the done anchors above it, from a
-        saved adjoint above ``hi`` or else from lambda_T."""
+    def _adjoint_resume(self, m: dict, eg_final: torch.Tensor) -> tuple[list[AdjointState], int]:
+        """``(lambda_at, at)``: where the backward sweep starts. The last saved adjoint when it
+        lies above every anchor still to do (after a repair, done anchors may lie below one to
+        redo, and a saved adjoint there is of no use), else lambda_T (``at = T``, e.g. a damaged
+        store); the sweep carries it through the done anchors below ``at`` (:meth:`_pairs`)."""
         todo = [t for t in self.anchors if t not in m["pairs_done"]]
-        if not todo:
-            return []
-        hi = max(todo)
         at = m.get("adjoint_at")
-        rel = self._adjoint_file(at) if at is not None and at > hi else None
+        rel = self._adjoint_file(at) if at is not None and todo and at > max(todo) else None
         if rel is not None and rel in m["files"]:
             d = TrajectoryStore(self.out, m)._read(rel, None, self.trainer.device)
-            lams = [AdjointState.from_tensors(d, f"{v.name}_") for v in self.variants]
-        else:
-            at, lams = self.T, [AdjointState.final(eg_final) for _ in self.variants]
-        store = TrajectoryStore(self.out, m)
-        for t in reversed(self.anchors):
-            if hi < t < at:  # done, as every anchor above hi is
-                c = store.checkpoint(t, device=self.trainer.device)
-                lams = self._adjoint_back(m, t, c["theta"], AdamState(c["adam_m"], c["adam_v"], int(c["adam_step"])), lams)
-        return lams
+            return [AdjointState.from_tensors(d, f"{v.name}_") for v in self.variants], at
+        return [AdjointState.final(eg_final) for _ in self.variants], self.T
 
     def _adjoint_back(self, m: dict, t: int, theta: torch.Tensor, adam: AdamState, lams: list[AdjointState]) -> list[AdjointState]:
         """lambda_t from lambda_{t+1} through the recorded step t. Saved (listed; the manifest is
