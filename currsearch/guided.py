@@ -210,18 +210,19 @@ def propose(plan, objective: str, orders: list[list[int]], losses: list[float], 
     return [list(fresh[i]) for i in ranked[:s.enqueue]]
 
 
-def _enqueue_refit(study: optuna.Study, k: int, point: int, plan, objective: str, space, s: GuidedSettings) -> None:
+def _enqueue_refit(study: optuna.Study, k: int, point: int, plan, objective: str, space, s: GuidedSettings,
+                   proposer=propose) -> None:
     """Make refit ``k`` (at ``point`` runs) and enqueue its proposals not trained or queued yet.
 
     The proposals come from the stored ``currsearch_guided_refit:<k>`` attr when an earlier
-    call made them (so a resumed call never refits twice), else from :func:`propose` on the
+    call made them (so a resumed call never refits twice), else from ``proposer`` (:func:`propose`) on the
     first ``point`` completed runs (those with a finite loss; none when fewer than the fit's
     minimum are), stored before they are enqueued."""
     attempted = {tuple(t.user_attrs["order"]) for t in study.get_trials(deepcopy=False) if "losses" in t.user_attrs}
     proposals = study.user_attrs.get(f"{REFIT_ATTR}:{k}")
     if proposals is None:
         runs = [t for t in complete_trials(study)[:point] if math.isfinite(t.value)]  # a diverged run (+inf) fits nothing
-        proposals = propose(plan, objective, [t.user_attrs["order"] for t in runs], [float(t.value) for t in runs],
+        proposals = proposer(plan, objective, [t.user_attrs["order"] for t in runs], [float(t.value) for t in runs],
                             attempted, s) if len(runs) >= CalibratedInteractions.min_runs else []
         study.set_user_attr(f"{REFIT_ATTR}:{k}", proposals)
         logger.info("refit %d on %d runs: %d surrogate order(s) enqueued", k, point, len(proposals))
@@ -232,7 +233,7 @@ def _enqueue_refit(study: optuna.Study, k: int, point: int, plan, objective: str
 
 
 def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None = None, seed: int = 0,
-                  objective: str = "all", storage=None, progress: bool = True) -> GuidedResult:
+                  objective: str = "all", storage=None, progress: bool = True, proposer=propose) -> GuidedResult:
     """Search orders with ``n_runs`` real trainings, TPE guided by refitted surrogates (module docstring).
 
     Args:
@@ -245,6 +246,10 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
         storage: ``None`` (in memory), a ``*.journal`` path or an Optuna storage URL; a rerun
             with the same storage resumes.
         progress: a tqdm bar (one tick per real run).
+        proposer: who proposes at each refit, with :func:`propose`'s signature and contract
+            (at most ``settings.enqueue`` orders, deterministic), e.g. an ablation's
+            (``benchmarks/guided_ablation.py``); its ``__name__`` is stored in the study, so a
+            resume with another proposer is refused.
 
     Returns:
         :class:`GuidedResult` with the first ``n_runs`` completed runs.
@@ -262,7 +267,7 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
     with optuna_warnings_only():
         study, session = open_real_study(f"{NAME}-{objective}-seed{seed}", make_sampler("tpe", seed=seed), storage,
                                          trainer)
-        check_resume(study, {"guided": s.model_dump(), "T": trainer.T})
+        check_resume(study, {"guided": s.model_dump(), "T": trainer.T, "proposer": proposer.__name__})
         left = max(0, n_runs - len(complete_trials(study)))
         with tqdm(total=left, desc=NAME, unit="run", disable=not (progress and left)) as bar:
 
@@ -277,7 +282,7 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
                 due = [k for k, p in enumerate(points) if p <= done]
                 if due:
                     t1 = time.perf_counter()
-                    _enqueue_refit(study, due[-1], points[due[-1]], trainer.plan, objective, space, s)
+                    _enqueue_refit(study, due[-1], points[due[-1]], trainer.plan, objective, space, s, proposer)
                     surrogate_s += time.perf_counter() - t1
                 stop = next((p for p in points if p > done), n_runs)
                 m = min(max(1, stop - done), left)

@@ -95,6 +95,20 @@ def test_resumes_after_an_interruption_and_retrains_the_interrupted_surrogate_or
         guided_search(trainer, 18, S.model_copy(update={"enqueue": 1}), seed=1, storage=journal, progress=False)
 
 
+def reversed_best(plan, objective, orders, losses, exclude, s):
+    """A proposer of our own (an ablation's kind): the best real order, reversed."""
+    return [orders[min(range(len(losses)), key=losses.__getitem__)][::-1]]
+
+
+def test_another_proposer_is_trained_and_a_resume_with_the_default_one_is_refused(run, trainer, tmp_path):
+    journal = str(tmp_path / "p.journal")
+    res = guided_search(trainer, 17, S, seed=1, storage=journal, progress=False, proposer=reversed_best)
+    assert res.runs.orders[:16] == run.runs.orders[:16] and res.sources[16] == "surrogate:0"
+    assert res.runs.orders[16] == reversed_best(None, "all", run.runs.orders[:16], run.runs.losses[:16], set(), S)[0]
+    with pytest.raises(ConfigError, match="proposer"):
+        guided_search(trainer, 18, S, seed=1, storage=journal, progress=False)
+
+
 @pytest.mark.parametrize("name", ["random-search", "optuna-real"])
 def test_a_killed_real_search_resumes_into_the_uninterrupted_one(trainer, tmp_path, name):
     """A restarted RandomSampler replayed its first draws after a kill (resumed orders repeated
