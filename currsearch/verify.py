@@ -15,15 +15,21 @@ and ``heuristic`` (anything else).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from search_spaces import BatchInfo, heuristic_orders
 
+from .errors import ConfigError
+from .manifest import TRAJECTORY_SECTIONS
 from .orders import random_order, reference_order, validate_orders
 
 logger = logging.getLogger(__name__)
@@ -171,8 +177,63 @@ def _estimated(names: list[str], estimates: dict | None, name: str) -> dict[str,
     return dict(zip(names, (float(x) for x in torch.as_tensor(estimates[name]).flatten())))
 
 
+def _line_sum(entry: dict) -> str:
+    return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()
+
+
+def read_verify_journal(path, trainer) -> dict[tuple[int, ...], tuple[list[float], float]]:
+    """The runs a :func:`verify` journal holds: ``{order: (eval losses [E] nats/token, seconds)}``.
+
+    The journal is JSON lines: a header (the trainer's config fingerprint of the data, model,
+    optim and train sections, T and the eval-set names), then one line per trained order with
+    its losses, seconds and the SHA-256 of those; lines are appended (and fsynced) as runs
+    finish. A line that does not parse or whose checksum fails (a write cut by a kill, a
+    damaged file) is left out with a warning, so its order is trained again.
+
+    Raises:
+        ConfigError: the journal was written for another config, window or eval sets.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    lines = path.read_text().splitlines()
+    want = _journal_header(trainer)
+    try:
+        head = json.loads(lines[0]) if lines else None
+    except ValueError:  # a header cut by a kill
+        head = None
+    if head != want:
+        raise ConfigError(f"{str(path)!r} holds verified runs of another config or window ({head} vs {want}); "
+                          "use another --out, or delete the file to retrain them")
+    done, bad = {}, 0
+    for line in lines[1:]:
+        try:
+            e = json.loads(line)
+            body = {k: e[k] for k in ("order", "losses", "seconds")}
+            if e["sha256"] != _line_sum(body) or len(body["order"]) != trainer.T:
+                raise ValueError("checksum")
+            done[tuple(body["order"])] = ([float(x) for x in body["losses"]], float(body["seconds"]))
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+    if bad:
+        logger.warning("%s: %d damaged line(s) left out; their orders are trained again", path, bad)
+    return done
+
+
+def _journal_header(trainer) -> dict:
+    return {"config": trainer.cfg.fingerprint(*TRAJECTORY_SECTIONS), "T": trainer.T,
+            "eval_names": list(trainer.plan.eval_names)}
+
+
+def _append(path: Path, entry: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def verify(trainer, candidates: dict, estimates: dict | None = None, kinds: dict | None = None,
-           progress: bool = False) -> VerificationResult:
+           progress: bool = False, journal=None) -> VerificationResult:
     """Retrain every candidate order for real.
 
     Args:
@@ -181,6 +242,9 @@ def verify(trainer, candidates: dict, estimates: dict | None = None, kinds: dict
         estimates: optional ``{name: float [E]}`` estimated final losses (nats/token).
         kinds: optional ``{name: kind}``; default :func:`kind_of`.
         progress: log one line per candidate (INFO).
+        journal: optional path of a JSON-lines file that keeps every finished run
+            (:func:`read_verify_journal`): a rerun after a kill trains only the orders it lacks
+            and reads the others back (losses and seconds as first measured).
 
     Returns:
         :class:`VerificationResult`, losses in nats/token; a run that diverged to a non-finite
@@ -188,9 +252,19 @@ def verify(trainer, candidates: dict, estimates: dict | None = None, kinds: dict
 
     Raises:
         OrderError: a candidate is not a permutation of ``0..T-1``.
+        ConfigError: ``journal`` holds runs of another config (:func:`read_verify_journal`).
     """
     names = list(trainer.plan.eval_names)
-    done: dict[tuple, tuple[list[float], float]] = {}
+    done = read_verify_journal(journal, trainer) if journal is not None else {}
+    if journal is not None and not Path(journal).is_file():
+        Path(journal).parent.mkdir(parents=True, exist_ok=True)
+        _append(Path(journal), _journal_header(trainer))
+    elif journal is not None and not Path(journal).read_bytes().endswith(b"\n"):
+        with open(journal, "a") as f:  # end a line cut by a kill, so the next run gets a line of its own
+            f.write("\n")
+    if done:
+        logger.info("verification resumed: %d of the orders were trained before (%s)",
+                    len({tuple(validate_orders(o, trainer.T).tolist()) for o in candidates.values()} & done.keys()), journal)
     out = {}
     for name, order in candidates.items():
         order = validate_orders(order, trainer.T)
@@ -202,6 +276,9 @@ def verify(trainer, candidates: dict, estimates: dict | None = None, kinds: dict
             if math.inf in losses:  # a diverged run: +inf, so it is never the best (a NaN would be, under min)
                 logger.warning("verifying %s: training diverged (non-finite eval loss), counted as +inf", name)
             done[key] = (losses, time.perf_counter() - t0)
+            if journal is not None:
+                body = {"order": list(key), "losses": losses, "seconds": done[key][1]}
+                _append(Path(journal), {**body, "sha256": _line_sum(body)})
         losses, secs = done[key]
         out[name] = VerifiedCandidate((kinds or {}).get(name, kind_of(name)), list(key), dict(zip(names, losses)),
                                       _estimated(names, estimates, name), secs)
