@@ -20,10 +20,12 @@ results are development draws); report on fresh ones.
     python benchmarks/guided_ablation.py [CONFIG] --seeds 100,101 --budget 64 --out runs/guided_ablation
 
 Training is bit-reproducible on CPU (``tests/test_train.py``), so an order trained by an
-earlier variant on the same seed is read from an in-process cache instead of retrained (the
-first 16 trials of every variant are TPE's): the losses are those a fresh run gets, the wall
-times are not measured. Writes ``OUT/guided_ablation.json`` (every run's loss, in trial order)
-and ``OUT/guided_ablation.md``; resumable per (variant, seed).
+earlier variant on the same seed is read from an in-process cache of its eval losses instead
+of retrained (the first 16 trials of every variant are TPE's): the losses are those a fresh
+run gets, the wall times are not measured. CPU only (``train.device=cpu``; on a GPU a rerun
+is not bit-identical). Writes ``OUT/guided_ablation.json`` (the config fingerprint and every
+run's loss, in trial order) and ``OUT/guided_ablation.md``; resumable per (variant, seed), and
+a rerun with another config on the same ``OUT`` is refused.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ import random
 import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from currsearch.baselines import real_search
 from currsearch.cli import csv_list, resolve_config
 from currsearch.guided import GuidedSettings, guided_search, propose
+from currsearch.manifest import TRAJECTORY_SECTIONS
 from currsearch.reports.common import fmt, markdown_table, write_result_files
 from currsearch.train import Trainer
 from estimators.calibrated import CalibratedInteractions, interaction_features
@@ -60,7 +64,8 @@ class GroupModel(CalibratedInteractions):
 
 
 def group_model(plan, objective, orders, losses, exclude, s):
-    """:func:`~currsearch.guided.propose` with :class:`GroupModel` (descents from the best real orders only)."""
+    """:func:`~currsearch.guided.propose` with :class:`GroupModel` (descents from the best real
+    orders only): at most ``s.enqueue`` orders, each a list of T batch indices."""
     est = GroupModel.from_runs(plan, [objective], orders, [[x] for x in losses])
     best = sorted(range(len(losses)), key=lambda i: (losses[i], i))[:s.starts]
     cands = list(dict.fromkeys(tuple(est.swap_descent(orders[i], objective, s.max_swaps).tolist()) for i in best))
@@ -73,7 +78,7 @@ def group_model(plan, objective, orders, losses, exclude, s):
 
 def random_swaps(plan, objective, orders, losses, exclude, s, swaps: int = 2):
     """No surrogate: ``swaps`` random transpositions of each of the ``s.enqueue`` best real orders
-    (seeded by the number of runs, so deterministic)."""
+    (seeded by the number of runs, so deterministic): at most ``s.enqueue`` orders of T batch indices."""
     rng = random.Random(len(orders))
     out = []
     for i in sorted(range(len(losses)), key=lambda i: (losses[i], i))[:s.enqueue]:
@@ -97,18 +102,19 @@ VARIANTS = {
 }
 
 
-def cache_training(trainer: Trainer) -> Trainer:
-    """``trainer`` with ``train(order)`` cached per order in this process (exact: CPU training is bit-reproducible)."""
+def cache_training(trainer: Trainer) -> dict:
+    """Cache ``trainer.train(order)`` per order in this process (exact: CPU training is
+    bit-reproducible); keeps only the eval losses. Returns the cache (clear it between seeds)."""
     cache, train = {}, trainer.train
 
     def cached(order, *args, **kwargs):
         key = tuple(int(x) for x in order)
         if key not in cache:
-            cache[key] = train(order, *args, **kwargs)
+            cache[key] = SimpleNamespace(eval_losses=train(order, *args, **kwargs).eval_losses)
         return cache[key]
 
     trainer.train = cached
-    return trainer
+    return cache
 
 
 def run_variant(trainer: Trainer, name: str, budget: int, seed: int) -> list[float]:
@@ -157,19 +163,28 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or "optuna-real" not in args.variants:
         p.error(f"--variants: choose from {', '.join(VARIANTS)}, optuna-real included (unknown: {unknown})")
     seeds, out = [int(s) for s in args.seeds], Path(args.out)
+    cfg = resolve_config(args.config, args.set)
+    if cfg.train.device != "cpu":
+        p.error("the ablation caches training results, exact only on CPU: use --set train.device=cpu")
+    fingerprint = cfg.fingerprint(*TRAJECTORY_SECTIONS)
     path = out / "guided_ablation.json"
-    runs = json.loads(path.read_text())["runs"] if path.is_file() else {}
-    trainer = cache_training(Trainer.from_config(resolve_config(args.config, args.set)))
+    stored = json.loads(path.read_text()) if path.is_file() else {"config": fingerprint, "runs": {}}
+    if stored.get("config") != fingerprint:
+        p.error(f"{path} holds runs of another config; use another --out")
+    runs = stored["runs"]
+    trainer = Trainer.from_config(cfg)
+    cache = cache_training(trainer)
     for seed in seeds:
+        cache.clear()  # orders repeat within a seed (TPE's first trials), not across seeds
         for v in args.variants:
             key = f"{v}/{seed}"
             if len(runs.get(key, [])) < args.budget:
                 runs[key] = run_variant(trainer, v, args.budget, seed)
-                write_result_files(out, "guided_ablation", {"budget": args.budget, "runs": runs}, "")
+                write_result_files(out, "guided_ablation", {"config": fingerprint, "runs": runs}, "")
             logger.info("%s seed %d: best %.4f after %d runs", v, seed, min(runs[key][:args.budget]), args.budget)
     summary = summarize(runs, args.variants, seeds, args.budget)
-    write_result_files(out, "guided_ablation", {"budget": args.budget, "seeds": seeds, "runs": runs, "summary": summary},
-                       render(summary, seeds, args.budget))
+    write_result_files(out, "guided_ablation", {"config": fingerprint, "budget": args.budget, "seeds": seeds,
+                                                "runs": runs, "summary": summary}, render(summary, seeds, args.budget))
     print(render(summary, seeds, args.budget))
     return 0
 

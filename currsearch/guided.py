@@ -248,7 +248,7 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
         progress: a tqdm bar (one tick per real run).
         proposer: who proposes at each refit, with :func:`propose`'s signature and contract
             (at most ``settings.enqueue`` orders, deterministic), e.g. an ablation's
-            (``benchmarks/guided_ablation.py``); its ``__name__`` is stored in the study, so a
+            (``benchmarks/guided_ablation.py``); its qualified name is stored in the study, so a
             resume with another proposer is refused.
 
     Returns:
@@ -267,7 +267,7 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
     with optuna_warnings_only():
         study, session = open_real_study(f"{NAME}-{objective}-seed{seed}", make_sampler("tpe", seed=seed), storage,
                                          trainer)
-        check_resume(study, {"guided": s.model_dump(), "T": trainer.T, "proposer": proposer.__name__})
+        check_resume(study, {"guided": s.model_dump(), "T": trainer.T, "proposer": _proposer_name(proposer)})
         left = max(0, n_runs - len(complete_trials(study)))
         with tqdm(total=left, desc=NAME, unit="run", disable=not (progress and left)) as bar:
 
@@ -289,6 +289,12 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
                 ask_and_tell(study, m, 1, score, session=session, sampler_for=seeded_per_trial("tpe", seed))
                 left -= m
     return _result(study, trainer, n_runs, objective, seed, s, time.perf_counter() - t0, surrogate_s)
+
+
+def _proposer_name(proposer) -> str:
+    """``module.qualname`` of a proposer (its ``repr`` for a callable without one, e.g. a ``functools.partial``)."""
+    name = getattr(proposer, "__qualname__", None)
+    return f"{proposer.__module__}.{name}" if name and name != "<lambda>" else repr(proposer)
 
 
 def _result(study: optuna.Study, trainer: Trainer, n_runs: int, objective: str, seed: int, s: GuidedSettings,

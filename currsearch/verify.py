@@ -29,7 +29,7 @@ import torch
 from search_spaces import BatchInfo, heuristic_orders
 
 from .errors import ConfigError
-from .manifest import TRAJECTORY_SECTIONS
+from .manifest import TRAJECTORY_SECTIONS, atomic_write_bytes
 from .orders import random_order, reference_order, validate_orders
 
 logger = logging.getLogger(__name__)
@@ -192,15 +192,17 @@ def read_verify_journal(path, trainer) -> dict[tuple[int, ...], tuple[list[float
 
     Raises:
         ConfigError: the journal was written for another config, window or eval sets.
+        OSError: the file cannot be read.
     """
     path = Path(path)
-    if not path.is_file():
+    raw = path.read_bytes() if path.is_file() else b""
+    if not raw.partition(b"\n")[1]:  # no file, or no whole header line (a kill cut it): nothing verified yet
         return {}
-    lines = path.read_text().splitlines()
+    lines = raw.decode(errors="replace").splitlines()  # undecodable bytes fail their line's checksum
     want = _journal_header(trainer)
     try:
-        head = json.loads(lines[0]) if lines else None
-    except ValueError:  # a header cut by a kill
+        head = json.loads(lines[0])
+    except ValueError:
         head = None
     if head != want:
         raise ConfigError(f"{str(path)!r} holds verified runs of another config or window ({head} vs {want}); "
@@ -256,12 +258,14 @@ def verify(trainer, candidates: dict, estimates: dict | None = None, kinds: dict
     """
     names = list(trainer.plan.eval_names)
     done = read_verify_journal(journal, trainer) if journal is not None else {}
-    if journal is not None and not Path(journal).is_file():
-        Path(journal).parent.mkdir(parents=True, exist_ok=True)
-        _append(Path(journal), _journal_header(trainer))
-    elif journal is not None and not Path(journal).read_bytes().endswith(b"\n"):
-        with open(journal, "a") as f:  # end a line cut by a kill, so the next run gets a line of its own
-            f.write("\n")
+    if journal is not None:
+        journal = Path(journal)
+        text = journal.read_bytes() if journal.is_file() else b""
+        if not text.partition(b"\n")[1]:  # a new journal, or one whose header a kill cut: its header, atomically
+            atomic_write_bytes(journal, (json.dumps(_journal_header(trainer), sort_keys=True) + "\n").encode())
+        elif not text.endswith(b"\n"):
+            with open(journal, "a") as f:  # end a line cut by a kill, so the next run gets a line of its own
+                f.write("\n")
     if done:
         logger.info("verification resumed: %d of the orders were trained before (%s)",
                     len({tuple(validate_orders(o, trainer.T).tolist()) for o in candidates.values()} & done.keys()), journal)
@@ -278,7 +282,7 @@ def verify(trainer, candidates: dict, estimates: dict | None = None, kinds: dict
             done[key] = (losses, time.perf_counter() - t0)
             if journal is not None:
                 body = {"order": list(key), "losses": losses, "seconds": done[key][1]}
-                _append(Path(journal), {**body, "sha256": _line_sum(body)})
+                _append(journal, {**body, "sha256": _line_sum(body)})
         losses, secs = done[key]
         out[name] = VerifiedCandidate((kinds or {}).get(name, kind_of(name)), list(key), dict(zip(names, losses)),
                                       _estimated(names, estimates, name), secs)

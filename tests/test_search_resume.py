@@ -275,3 +275,13 @@ def test_a_killed_verification_resumes_and_trains_only_what_it_lacks(tiny_traine
     other = Trainer.from_config(tiny_cfg.replace(optim={"lr": tiny_cfg.optim.lr * 2}))
     with pytest.raises(ConfigError, match="another config"):
         verify(other, cands, journal=journal)
+
+
+def test_a_verify_journal_whose_header_a_kill_cut_starts_anew(tiny_trainer, tmp_path):
+    from currsearch.verify import verify
+
+    journal = tmp_path / "verify.jsonl"
+    journal.write_text('{"config": "ab')  # killed while the header was written
+    order = {"search_1": torch.arange(tiny_trainer.T)}
+    verify(tiny_trainer, order, journal=journal)
+    assert len(journal.read_text().splitlines()) == 2  # the header and the one run
