@@ -233,38 +233,23 @@ def test_two_searches_on_one_journal_never_score_an_order_twice(store, tmp_path,
     assert dup.values == first.values and dup.user_attrs["reused_from"] == first.number
 
 
-class _KilledAt:
-    """The real trainer, killed (an uncaught BaseException) at its ``n``-th training: a spy, not a mock."""
-
-    def __init__(self, trainer, n):
-        self.trainer, self.n, self.calls = trainer, n, 0
-
-    def __getattr__(self, name):
-        return getattr(self.trainer, name)
-
-    def train(self, order):
-        self.calls += 1
-        if self.calls == self.n:
-            raise KeyboardInterrupt
-        return self.trainer.train(order)
-
-
 def test_a_killed_verification_resumes_and_trains_only_what_it_lacks(tiny_trainer, tiny_cfg, tmp_path):
     from currsearch.errors import ConfigError
     from currsearch.train import Trainer
     from currsearch.verify import read_verify_journal, verify
+    from test_guided import InterruptedTrainer, Killed  # the real trainer, killed at its n-th training
 
     T = tiny_trainer.T
     g = torch.Generator().manual_seed(0)
     cands = {f"search_{i}": torch.randperm(T, generator=g) for i in range(4)}
     whole = verify(tiny_trainer, cands)
     journal = tmp_path / "verify.jsonl"
-    with pytest.raises(KeyboardInterrupt):
-        verify(_KilledAt(tiny_trainer, 3), cands, journal=journal)
+    with pytest.raises(Killed):
+        verify(InterruptedTrainer(tiny_trainer, 3), cands, journal=journal)
     assert len(read_verify_journal(journal, tiny_trainer)) == 2
     with open(journal, "a") as f:
         f.write('{"order": [0, 1')  # a line cut by the kill: left out, never read as a run
-    spy = _KilledAt(tiny_trainer, 0)
+    spy = InterruptedTrainer(tiny_trainer, 0)
     again = verify(spy, cands, journal=journal)
     assert spy.calls == 2  # only the two orders the journal lacks
     assert {n: c.verified for n, c in again.candidates.items()} == {n: c.verified for n, c in whole.candidates.items()}
