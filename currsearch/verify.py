@@ -227,6 +227,19 @@ def _journal_header(trainer) -> dict:
             "eval_names": list(trainer.plan.eval_names)}
 
 
+def _open_journal(journal: Path, trainer) -> dict[tuple[int, ...], tuple[list[float], float]]:
+    """The runs ``journal`` holds (:func:`read_verify_journal`), with the file ready for appends:
+    a header written (atomically) when it has no whole one, a line cut by a kill ended."""
+    done = read_verify_journal(journal, trainer)
+    text = journal.read_bytes() if journal.is_file() else b""
+    if not text.partition(b"\n")[1]:
+        atomic_write_bytes(journal, (json.dumps(_journal_header(trainer), sort_keys=True) + "\n").encode())
+    elif not text.endswith(b"\n"):
+        with open(journal, "a") as f:  # so the next run gets a line of its own
+            f.write("\n")
+    return done
+
+
 def _append(path: Path, entry: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(entry, sort_keys=True) + "\n")
@@ -257,15 +270,8 @@ def verify(trainer, candidates: dict, estimates: dict | None = None, kinds: dict
         ConfigError: ``journal`` holds runs of another config (:func:`read_verify_journal`).
     """
     names = list(trainer.plan.eval_names)
-    done = read_verify_journal(journal, trainer) if journal is not None else {}
-    if journal is not None:
-        journal = Path(journal)
-        text = journal.read_bytes() if journal.is_file() else b""
-        if not text.partition(b"\n")[1]:  # a new journal, or one whose header a kill cut: its header, atomically
-            atomic_write_bytes(journal, (json.dumps(_journal_header(trainer), sort_keys=True) + "\n").encode())
-        elif not text.endswith(b"\n"):
-            with open(journal, "a") as f:  # end a line cut by a kill, so the next run gets a line of its own
-                f.write("\n")
+    journal = None if journal is None else Path(journal)
+    done = _open_journal(journal, trainer) if journal is not None else {}
     if done:
         logger.info("verification resumed: %d of the orders were trained before (%s)",
                     len({tuple(validate_orders(o, trainer.T).tolist()) for o in candidates.values()} & done.keys()), journal)
