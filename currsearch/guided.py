@@ -78,6 +78,9 @@ class GuidedSettings(Settings):
     ``optuna-real``, 5.3496 with refits every 16 runs and 8 orders, 5.3569 with 2 swaps; on
     seed 7 alone, unlimited descents (to a swap-local optimum of a surrogate fitted to a few
     dozen runs) gave 5.3603-5.3662: the surrogate is trustworthy only near the runs it saw.
+    Checked on development seeds 100-109 against four variants (6 orders per refit, refits
+    every 4 runs, a group-level surrogate, no surrogate; ``benchmarks/guided_ablation.py``,
+    docs/estimators.md): none did better at N = 64.
 
     Attributes:
         first_batch: plain TPE trials before the first refit (>= 16, the fewest runs
