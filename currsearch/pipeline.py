@@ -9,9 +9,9 @@ Phases (each resumes when rerun on the same ``out``):
 2. **fit** the surrogate estimator (a calibrated estimator's real runs are cached in the store);
 3. **search** orders with Optuna on the surrogate (journal ``OUT/study.journal``);
 4. **verify** the ``top_k`` searched orders and the baselines (reference, random orders,
-   heuristic curricula) by real training, each finished run kept in ``OUT/verify.jsonl``
-   (a rerun trains only the orders it lacks); a calibrated estimator's best fit run joins
-   them as ``fit_best`` (a real run already paid for);
+   heuristic curricula) by real training, each finished run kept in the store
+   (``OUT/store/verify/runs.json``: a rerun trains only the orders it lacks); a calibrated
+   estimator's best fit run joins them as ``fit_best`` (a real run already paid for);
 5. **refine** the best verified order with trust-region rounds (``fut1-hvp``, re-recording
    at each incumbent; ``OUT/trust_region``).
 
@@ -333,7 +333,7 @@ def _verify(store: TrajectoryStore, est: Estimator, res: SearchResult, s: Pipeli
     logger.info("verifying %d orders by real training", len(candidates))
     with ledger.phase("verify") as counts:
         result = verify(trainer, candidates, dict(zip(candidates, est_rows)), progress=progress,
-                        journal=s.out / "verify.jsonl")
+                        store=store)
         counts["real_runs"] = counts["equivalents"] = len({tuple(c.order) for c in result.candidates.values()})
     result = result.with_search(res.top_record(s.verify.top_k))
     return _with_best_fit_run(result, est) if est.needs_runs else result

@@ -293,7 +293,7 @@ def _forget_damaged(out: Path, m: dict, damaged: list[str]) -> None:
     A damaged checkpoint t rewinds the reference run to the last intact checkpoint before it
     (the later checkpoints and the final state are recomputed, bit-identically); a damaged final
     state reruns the reference run from its last checkpoint; damaged pair or eval-gradient files
-    are recomputed in the pair phase; any other listed file (a calibration cache) is dropped.
+    are recomputed in the pair phase; any other listed file (a calibration cache, the verified runs) is dropped.
     Each damaged file is deleted and its entry removed.
     """
     for rel in damaged:

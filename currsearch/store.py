@@ -11,6 +11,7 @@ Layout::
     DIR/final_eval_grads.safetensors     eval_grad_proj [E, k]: projected eval gradients at theta_T
     DIR/calibration/NAME_KEY.json        real runs and fits of the calibrated estimators (written later,
                                          listed in the manifest when written)
+    DIR/verify/runs.json                 real runs of verified orders (currsearch.verify; written later, listed)
 
 Every file is written to a temporary name and renamed (atomic on POSIX), and the manifest
 (also written atomically) lists each file with its SHA-256 and size. Opening a store checks

@@ -15,21 +15,16 @@ and ``heuristic`` (anything else).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from search_spaces import BatchInfo, heuristic_orders
 
-from .errors import ConfigError
-from .manifest import TRAJECTORY_SECTIONS, atomic_write_bytes
 from .orders import random_order, reference_order, validate_orders
 
 logger = logging.getLogger(__name__)
@@ -177,78 +172,40 @@ def _estimated(names: list[str], estimates: dict | None, name: str) -> dict[str,
     return dict(zip(names, (float(x) for x in torch.as_tensor(estimates[name]).flatten())))
 
 
-def _line_sum(entry: dict) -> str:
-    return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()
+#: the store file (listed in its checksummed manifest) that keeps every run :func:`verify` trained
+VERIFIED_RUNS = "verify/runs.json"
 
 
-def read_verify_journal(path, trainer) -> dict[tuple[int, ...], tuple[list[float], float]]:
-    """The runs a :func:`verify` journal holds: ``{order: (eval losses [E] nats/token, seconds)}``.
-
-    The journal is JSON lines: a header (the trainer's config fingerprint of the data, model,
-    optim and train sections, T and the eval-set names), then one line per trained order with
-    its losses, seconds and the SHA-256 of those; lines are appended (and fsynced) as runs
-    finish. A line that does not parse or whose checksum fails (a write cut by a kill, a
-    damaged file) is left out with a warning, so its order is trained again.
+def verified_runs(store) -> dict[tuple[int, ...], tuple[list[float], float]]:
+    """The runs :func:`verify` kept in ``store`` (``STORE/verify/runs.json``):
+    ``{order: (final eval losses [E] nats/token, wall seconds)}``. A run depends only on the
+    store's Trainer and the order, as the calibration cache's runs do (:func:`estimators.calibrated.cached_runs`).
 
     Raises:
-        ConfigError: the journal was written for another config, window or eval sets.
-        OSError: the file cannot be read.
+        StoreError: the listed file is missing, truncated or modified (``currsearch record``
+            on the store drops it).
     """
-    path = Path(path)
-    raw = path.read_bytes() if path.is_file() else b""
-    if not raw.partition(b"\n")[1]:  # no file, or no whole header line (a kill cut it): nothing verified yet
-        return {}
-    lines = raw.decode(errors="replace").splitlines()  # undecodable bytes fail their line's checksum
-    want = _journal_header(trainer)
+    raw = store.read_listed_bytes(VERIFIED_RUNS)
+    d = json.loads(raw) if raw is not None else {"orders": [], "losses": [], "seconds": []}
+    return {tuple(o): (list(l), float(t)) for o, l, t in zip(d["orders"], d["losses"], d["seconds"])}
+
+
+def _keep_runs(store, done: dict) -> bool:
+    """Write ``done`` to ``STORE/verify/runs.json`` (atomically, listed in the manifest); False
+    with a warning when the store is not writable."""
+    data = {"orders": [list(k) for k in done], "losses": [v[0] for v in done.values()],
+            "seconds": [v[1] for v in done.values()]}
     try:
-        head = json.loads(lines[0])
-    except ValueError:
-        head = None
-    if head != want:
-        raise ConfigError(f"{str(path)!r} holds verified runs of another config or window ({head} vs {want}); "
-                          "use another --out, or delete the file to retrain them")
-    done, bad = {}, 0
-    for line in lines[1:]:
-        try:
-            e = json.loads(line)
-            body = {k: e[k] for k in ("order", "losses", "seconds")}
-            if e["sha256"] != _line_sum(body) or len(body["order"]) != trainer.T:
-                raise ValueError("checksum")
-            done[tuple(body["order"])] = ([float(x) for x in body["losses"]], float(body["seconds"]))
-        except (ValueError, KeyError, TypeError):
-            bad += 1
-    if bad:
-        logger.warning("%s: %d damaged line(s) left out; their orders are trained again", path, bad)
-    return done
-
-
-def _journal_header(trainer) -> dict:
-    return {"config": trainer.cfg.fingerprint(*TRAJECTORY_SECTIONS), "T": trainer.T,
-            "eval_names": list(trainer.plan.eval_names)}
-
-
-def _open_journal(journal: Path, trainer) -> dict[tuple[int, ...], tuple[list[float], float]]:
-    """The runs ``journal`` holds (:func:`read_verify_journal`), with the file ready for appends:
-    a header written (atomically) when it has no whole one, a line cut by a kill ended."""
-    done = read_verify_journal(journal, trainer)
-    text = journal.read_bytes() if journal.is_file() else b""
-    if not text.partition(b"\n")[1]:
-        atomic_write_bytes(journal, (json.dumps(_journal_header(trainer), sort_keys=True) + "\n").encode())
-    elif not text.endswith(b"\n"):
-        with open(journal, "a") as f:  # so the next run gets a line of its own
-            f.write("\n")
-    return done
-
-
-def _append(path: Path, entry: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(entry, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+        store.write_listed_bytes(VERIFIED_RUNS, json.dumps(data).encode())
+        return True
+    except OSError as err:
+        logger.warning("could not keep the verified runs in %s (%s); a killed verification retrains them",
+                       store.path, err)
+        return False
 
 
 def verify(trainer, candidates: dict, estimates: dict | None = None, kinds: dict | None = None,
-           progress: bool = False, journal=None) -> VerificationResult:
+           progress: bool = False, store=None) -> VerificationResult:
     """Retrain every candidate order for real.
 
     Args:
@@ -257,9 +214,10 @@ def verify(trainer, candidates: dict, estimates: dict | None = None, kinds: dict
         estimates: optional ``{name: float [E]}`` estimated final losses (nats/token).
         kinds: optional ``{name: kind}``; default :func:`kind_of`.
         progress: log one line per candidate (INFO).
-        journal: optional path of a JSON-lines file that keeps every finished run
-            (:func:`read_verify_journal`): a rerun after a kill trains only the orders it lacks
-            and reads the others back (losses and seconds as first measured).
+        store: optional trajectory store whose Trainer is ``trainer``: every finished run is
+            kept in it (:func:`verified_runs`, written after each run), so a rerun after a kill
+            trains only the orders it lacks and reads the others back (losses and seconds as
+            first measured).
 
     Returns:
         :class:`VerificationResult`, losses in nats/token; a run that diverged to a non-finite
@@ -267,14 +225,11 @@ def verify(trainer, candidates: dict, estimates: dict | None = None, kinds: dict
 
     Raises:
         OrderError: a candidate is not a permutation of ``0..T-1``.
-        ConfigError: ``journal`` holds runs of another config (:func:`read_verify_journal`).
+        StoreError: the store's kept runs are damaged (:func:`verified_runs`).
     """
     names = list(trainer.plan.eval_names)
-    journal = None if journal is None else Path(journal)
-    done = _open_journal(journal, trainer) if journal is not None else {}
-    if done:
-        logger.info("verification resumed: %d of the orders were trained before (%s)",
-                    len({tuple(validate_orders(o, trainer.T).tolist()) for o in candidates.values()} & done.keys()), journal)
+    done = verified_runs(store) if store is not None else {}
+    kept = set(done)
     out = {}
     for name, order in candidates.items():
         order = validate_orders(order, trainer.T)
@@ -286,14 +241,16 @@ def verify(trainer, candidates: dict, estimates: dict | None = None, kinds: dict
             if math.inf in losses:  # a diverged run: +inf, so it is never the best (a NaN would be, under min)
                 logger.warning("verifying %s: training diverged (non-finite eval loss), counted as +inf", name)
             done[key] = (losses, time.perf_counter() - t0)
-            if journal is not None:
-                body = {"order": list(key), "losses": losses, "seconds": done[key][1]}
-                _append(journal, {**body, "sha256": _line_sum(body)})
+            if store is not None and not _keep_runs(store, done):
+                store = None
         losses, secs = done[key]
         out[name] = VerifiedCandidate((kinds or {}).get(name, kind_of(name)), list(key), dict(zip(names, losses)),
                                       _estimated(names, estimates, name), secs)
         if progress:
             logger.info("verified %s: all = %.4f nats/token (%.2f s)", name, losses[-1], secs)
+    if kept:
+        logger.info("verification resumed: %d of the %d orders were trained before (%s)",
+                    len({tuple(c.order) for c in out.values()} & kept), len(out), VERIFIED_RUNS)
     return VerificationResult(names, list(trainer.plan.domains), trainer.T, out)
 
 

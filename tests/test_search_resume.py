@@ -233,40 +233,26 @@ def test_two_searches_on_one_journal_never_score_an_order_twice(store, tmp_path,
     assert dup.values == first.values and dup.user_attrs["reused_from"] == first.number
 
 
-def test_a_killed_verification_resumes_and_trains_only_what_it_lacks(tiny_trainer, tiny_cfg, tmp_path):
-    from currsearch.errors import ConfigError
-    from currsearch.train import Trainer
-    from currsearch.verify import read_verify_journal, verify
+def test_a_killed_verification_resumes_and_trains_only_what_it_lacks(tiny_cfg, tmp_path):
+    from currsearch.errors import StoreError
+    from currsearch.store import TrajectoryStore
+    from currsearch.verify import VERIFIED_RUNS, verified_runs, verify
     from test_guided import InterruptedTrainer, Killed  # the real trainer, killed at its n-th training
 
-    T = tiny_trainer.T
+    store = record(tiny_cfg.replace(record={"projection_dim": 32}), tmp_path / "s", progress=False)
+    trainer = store.trainer()
     g = torch.Generator().manual_seed(0)
-    cands = {f"search_{i}": torch.randperm(T, generator=g) for i in range(4)}
-    whole = verify(tiny_trainer, cands)
-    journal = tmp_path / "verify.jsonl"
+    cands = {f"search_{i}": torch.randperm(trainer.T, generator=g) for i in range(4)}
+    whole = verify(trainer, cands)
     with pytest.raises(Killed):
-        verify(InterruptedTrainer(tiny_trainer, 3), cands, journal=journal)
-    assert len(read_verify_journal(journal, tiny_trainer)) == 2
-    with open(journal, "a") as f:
-        f.write('{"order": [0, 1')  # a line cut by the kill: left out, never read as a run
-    spy = InterruptedTrainer(tiny_trainer, 0)
-    again = verify(spy, cands, journal=journal)
-    assert spy.calls == 2  # only the two orders the journal lacks
+        verify(InterruptedTrainer(trainer, 3), cands, store=store)
+    assert len(verified_runs(TrajectoryStore.open(tmp_path / "s"))) == 2  # kept in the store, on disk
+    spy = InterruptedTrainer(trainer, 0)
+    again = verify(spy, cands, store=store)
+    assert spy.calls == 2  # only the two orders the store lacks
     assert {n: c.verified for n, c in again.candidates.items()} == {n: c.verified for n, c in whole.candidates.items()}
-    # a damaged value is caught by its line's checksum, and another config's journal is refused
-    lines = journal.read_text().splitlines()
-    journal.write_text("\n".join([lines[0], lines[1].replace('"losses": [', '"losses": [1.0, '), *lines[2:]]) + "\n")
-    assert len(read_verify_journal(journal, tiny_trainer)) == 3
-    other = Trainer.from_config(tiny_cfg.replace(optim={"lr": tiny_cfg.optim.lr * 2}))
-    with pytest.raises(ConfigError, match="another config"):
-        verify(other, cands, journal=journal)
-
-
-def test_a_verify_journal_whose_header_a_kill_cut_starts_anew(tiny_trainer, tmp_path):
-    from currsearch.verify import verify
-
-    journal = tmp_path / "verify.jsonl"
-    journal.write_text('{"config": "ab')  # killed while the header was written
-    order = {"search_1": torch.arange(tiny_trainer.T)}
-    verify(tiny_trainer, order, journal=journal)
-    assert len(journal.read_text().splitlines()) == 2  # the header and the one run
+    # a damaged value is caught by the store's manifest checksum, never read as a run
+    f = tmp_path / "s" / VERIFIED_RUNS
+    f.write_bytes(f.read_bytes().replace(b'"losses": [[', b'"losses": [[1.0, ', 1))
+    with pytest.raises(StoreError):
+        verify(trainer, cands, store=store)
