@@ -43,7 +43,7 @@ import torch
 
 from currsearch.baselines import real_search
 from currsearch.cli import csv_list, resolve_config
-from currsearch.guided import GuidedSettings, guided_search, propose
+from currsearch.guided import GuidedSettings, best_new_orders, guided_search, propose
 from currsearch.manifest import TRAJECTORY_SECTIONS
 from currsearch.reports.common import fmt, markdown_table, write_result_files
 from currsearch.train import Trainer
@@ -68,12 +68,8 @@ def group_model(plan, objective, orders, losses, exclude, s):
     orders only): at most ``s.enqueue`` orders, each a list of T batch indices."""
     est = GroupModel.from_runs(plan, [objective], orders, [[x] for x in losses])
     best = sorted(range(len(losses)), key=lambda i: (losses[i], i))[:s.starts]
-    cands = list(dict.fromkeys(tuple(est.swap_descent(orders[i], objective, s.max_swaps).tolist()) for i in best))
-    fresh = [o for o in cands if o not in exclude]
-    if not fresh:
-        return []
-    est_loss = est.estimate(torch.tensor(fresh, dtype=torch.int64))[:, 0].tolist()
-    return [list(fresh[i]) for i in sorted(range(len(fresh)), key=lambda i: (est_loss[i], i))[:s.enqueue]]
+    return best_new_orders(est, objective, [est.swap_descent(orders[i], objective, s.max_swaps) for i in best],
+                           exclude, s.enqueue)
 
 
 def random_swaps(plan, objective, orders, losses, exclude, s, swaps: int = 2):

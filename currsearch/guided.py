@@ -204,13 +204,20 @@ def propose(plan, objective: str, orders: list[list[int]], losses: list[float], 
     best_real = sorted(range(len(losses)), key=lambda i: (losses[i], i))[:s.starts]
     cands = [est.assignment_optimum(objective, max_swaps=s.max_swaps)]
     cands += [est.swap_descent(orders[i], objective, s.max_swaps) for i in best_real]
+    return best_new_orders(est, objective, cands, exclude, s.enqueue)
+
+
+def best_new_orders(est, objective: str, cands: list[torch.Tensor], exclude: set[tuple[int, ...]],
+                    k: int) -> list[list[int]]:
+    """The ``k`` candidate orders (int64 ``[T]`` each) with the lowest ``objective`` estimate of
+    ``est``, distinct and not in ``exclude``, best first (ties by first appearance)."""
     distinct = list(dict.fromkeys(tuple(o.tolist()) for o in cands))
     fresh = [o for o in distinct if o not in exclude]
     if not fresh:
         return []
-    est_loss = est.estimate(torch.tensor(fresh, dtype=torch.int64))[:, 0].tolist()
+    est_loss = est.estimate(torch.tensor(fresh, dtype=torch.int64))[:, est.eval_names.index(objective)].tolist()
     ranked = sorted(range(len(fresh)), key=lambda i: (est_loss[i], i))
-    return [list(fresh[i]) for i in ranked[:s.enqueue]]
+    return [list(fresh[i]) for i in ranked[:k]]
 
 
 def _enqueue_refit(study: optuna.Study, k: int, point: int, plan, objective: str, space, s: GuidedSettings,
