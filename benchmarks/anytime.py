@@ -16,7 +16,8 @@ smaller one ran (which its budget rule would have run the same way) and runs onl
 Writes ``OUT/anytime.json`` (every point), ``OUT/anytime.md`` (mean and std per point, the
 compute multiplier, each strategy against ``optuna-real`` paired by seed) and
 ``OUT/anytime.png``. Resumable: every job keeps its own journal and store under ``OUT``, and
-finished points are cached in ``OUT/points.json``.
+finished points are cached in ``OUT/points.json``, tied to the config by its fingerprint (a
+resume or ``--no-run`` with another config is refused).
 
 The **compute multiplier** at budget N is the budget random search needs to match
 currsearch's mean result at N, interpolated (linearly in log N) on random search's mean
@@ -37,7 +38,7 @@ from currsearch.baselines import BASELINES, real_search
 from currsearch.cli import csv_list, progress_logging, resolve_config
 from currsearch.errors import BudgetTooSmallError, CurrsearchError
 from currsearch.guided import guided_search
-from currsearch.manifest import atomic_write_bytes
+from currsearch.manifest import TRAJECTORY_SECTIONS, atomic_write_bytes
 from currsearch.pipeline import PipelineSettings, RefineSettings, VerifySettings, run_pipeline
 from currsearch.reports.common import markdown_table, pyplot, save_figure, write_result_files
 from currsearch.search import SearchSettings
@@ -46,6 +47,9 @@ from currsearch.trust_region import run_trust_region
 from estimators import get_estimator
 
 logger = logging.getLogger("currsearch.anytime")
+
+#: key of ``OUT/points.json`` holding the config's trajectory fingerprint (:func:`_points`)
+CONFIG_KEY = "config"
 
 #: currsearch strategies: name -> (pipeline strategy, estimator, trust-region rounds); ``guided-tpe``
 #: (:mod:`currsearch.guided`) spends the whole budget on real runs, TPE guided by refitted surrogates;
@@ -64,8 +68,25 @@ STRATEGIES = {
 }
 
 
-def _points(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _points(path: Path, fingerprint: str) -> dict:
+    """The points cached in ``path`` (``OUT/points.json``), tied to the config by its trajectory
+    ``fingerprint`` (:meth:`~currsearch.config.Config.fingerprint`) under the key ``config``.
+
+    Raises:
+        CurrsearchError: the file holds points of another config (mixing them would compare one
+            config's strategies with another's baselines), or is not a JSON object.
+    """
+    try:
+        points = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as err:
+        raise CurrsearchError(f"{path} is not valid JSON ({err}); move it away to start over") from None
+    if not isinstance(points, dict):
+        raise CurrsearchError(f"{path} is not a JSON object of points; move it away to start over")
+    stored = points.setdefault(CONFIG_KEY, fingerprint)  # files of earlier versions hold no fingerprint: adopted
+    if stored != fingerprint:
+        raise CurrsearchError(f"{path} holds points of another config (fingerprint {str(stored)[:12]}..., this config's "
+                              f"is {fingerprint[:12]}...); use another --out, or the config those points were run with")
+    return points
 
 
 def _save(path: Path, points: dict) -> None:
@@ -115,7 +136,7 @@ def trust_region_point(cfg, budget: int, seed: int, out: Path) -> dict:
 def collect(cfg, budgets: list[int], seeds: list[int], strategies: list[str], out: Path, trials: int) -> dict:
     """Run (or resume) every point; returns ``{"baselines": {name: {seed: [losses]}}, "currsearch": {strategy: {budget: {seed: point}}}}``."""
     path = out / "points.json"
-    points = _points(path)
+    points = _points(path, cfg.fingerprint(*TRAJECTORY_SECTIONS))
     trainer = Trainer.from_config(cfg)
     for name in BASELINES:
         for seed in seeds:
@@ -272,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         if args.no_run:
-            points = _points(out / "points.json")
+            points = _points(out / "points.json", cfg.fingerprint(*TRAJECTORY_SECTIONS))
             short = [f"{b} seed {s}" for b in BASELINES for s in seeds if len(points.get(f"baseline/{b}/{s}", [])) < max(budgets)]
             if short:
                 raise CurrsearchError(f"{out / 'points.json'} lacks {max(budgets)} baseline runs of {', '.join(short)}; "

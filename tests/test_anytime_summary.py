@@ -46,3 +46,18 @@ def test_no_run_refuses_baselines_shorter_than_the_largest_budget(tmp_path, caps
     assert "lacks 8 baseline runs" in capsys.readouterr().err
     assert anytime.main(["--no-run", "--budgets", "2,4", "--seeds", "0,1", "--strategies", "guided-tpe",
                          "--out", str(tmp_path)]) == 0
+
+
+def test_points_of_another_config_are_refused(tmp_path, capsys):
+    """points.json is tied to the config: a file without a fingerprint (an earlier version's) is adopted,
+    one stamped by another config is refused, so no table mixes two configs' baselines and strategies."""
+    (tmp_path / "points.json").write_text(json.dumps(_points()))
+    argv = ["--no-run", "--budgets", "2,4", "--seeds", "0,1", "--strategies", "guided-tpe", "--out", str(tmp_path)]
+    assert anytime.main(argv) == 0
+    assert "config" in json.loads((tmp_path / "anytime.json").read_text())["points"]
+    (tmp_path / "points.json").write_text(json.dumps({**_points(), "config": "0" * 64}))
+    assert anytime.main(argv) == 2
+    assert "holds points of another config" in capsys.readouterr().err
+    (tmp_path / "points.json").write_text("[1, 2]")
+    assert anytime.main(argv) == 2
+    assert "not a JSON object" in capsys.readouterr().err
