@@ -68,9 +68,9 @@ STRATEGIES = {
 }
 
 
-def _points(path: Path, fingerprint: str) -> dict:
-    """The points cached in ``path`` (``OUT/points.json``), tied to the config by its trajectory
-    ``fingerprint`` (:meth:`~currsearch.config.Config.fingerprint`) under the key ``config``.
+def _points(path: Path, cfg) -> dict:
+    """The points cached in ``path`` (``OUT/points.json``), tied to ``cfg`` by its trajectory
+    fingerprint (:meth:`~currsearch.config.Config.fingerprint`) under the key ``config``.
 
     Raises:
         CurrsearchError: the file holds points of another config (mixing them would compare one
@@ -82,6 +82,7 @@ def _points(path: Path, fingerprint: str) -> dict:
         raise CurrsearchError(f"{path} is not valid JSON ({err}); move it away to start over") from None
     if not isinstance(points, dict):
         raise CurrsearchError(f"{path} is not a JSON object of points; move it away to start over")
+    fingerprint = cfg.fingerprint(*TRAJECTORY_SECTIONS)
     stored = points.setdefault(CONFIG_KEY, fingerprint)  # files of earlier versions hold no fingerprint: adopted
     if stored != fingerprint:
         raise CurrsearchError(f"{path} holds points of another config (fingerprint {str(stored)[:12]}..., this config's "
@@ -136,7 +137,7 @@ def trust_region_point(cfg, budget: int, seed: int, out: Path) -> dict:
 def collect(cfg, budgets: list[int], seeds: list[int], strategies: list[str], out: Path, trials: int) -> dict:
     """Run (or resume) every point; returns ``{"baselines": {name: {seed: [losses]}}, "currsearch": {strategy: {budget: {seed: point}}}}``."""
     path = out / "points.json"
-    points = _points(path, cfg.fingerprint(*TRAJECTORY_SECTIONS))
+    points = _points(path, cfg)
     trainer = Trainer.from_config(cfg)
     for name in BASELINES:
         for seed in seeds:
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         if args.no_run:
-            points = _points(out / "points.json", cfg.fingerprint(*TRAJECTORY_SECTIONS))
+            points = _points(out / "points.json", cfg)
             short = [f"{b} seed {s}" for b in BASELINES for s in seeds if len(points.get(f"baseline/{b}/{s}", [])) < max(budgets)]
             if short:
                 raise CurrsearchError(f"{out / 'points.json'} lacks {max(budgets)} baseline runs of {', '.join(short)}; "
