@@ -38,7 +38,7 @@ from currsearch.baselines import BASELINES, real_search
 from currsearch.cli import csv_list, progress_logging, resolve_config
 from currsearch.errors import BudgetTooSmallError, CurrsearchError
 from currsearch.guided import guided_search
-from currsearch.manifest import TRAJECTORY_SECTIONS, atomic_write_bytes
+from currsearch.manifest import atomic_write_bytes, read_config_cache
 from currsearch.pipeline import PipelineSettings, RefineSettings, VerifySettings, run_pipeline
 from currsearch.reports.common import markdown_table, pyplot, save_figure, write_result_files
 from currsearch.search import SearchSettings
@@ -70,24 +70,13 @@ STRATEGIES = {
 
 def _points(path: Path, cfg) -> dict:
     """The points cached in ``path`` (``OUT/points.json``), tied to ``cfg`` by its trajectory
-    fingerprint (:meth:`~currsearch.config.Config.fingerprint`) under the key ``config``.
+    fingerprint under the key ``config`` (:func:`~currsearch.manifest.read_config_cache`).
 
     Raises:
-        CurrsearchError: the file holds points of another config (mixing them would compare one
+        ConfigError: the file holds points of another config (mixing them would compare one
             config's strategies with another's baselines), or is not a JSON object.
     """
-    try:
-        points = json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError as err:
-        raise CurrsearchError(f"{path} is not valid JSON ({err}); move it away to start over") from None
-    if not isinstance(points, dict):
-        raise CurrsearchError(f"{path} is not a JSON object of points; move it away to start over")
-    fingerprint = cfg.fingerprint(*TRAJECTORY_SECTIONS)
-    stored = points.setdefault(CONFIG_KEY, fingerprint)  # files of earlier versions hold no fingerprint: adopted
-    if stored != fingerprint:
-        raise CurrsearchError(f"{path} holds points of another config (fingerprint {str(stored)[:12]}..., this config's "
-                              f"is {fingerprint[:12]}...); use another --out, or the config those points were run with")
-    return points
+    return read_config_cache(path, cfg, key=CONFIG_KEY)
 
 
 def _save(path: Path, points: dict) -> None:

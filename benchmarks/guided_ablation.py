@@ -31,7 +31,6 @@ a rerun with another config on the same ``OUT`` is refused.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import statistics
@@ -43,8 +42,9 @@ import torch
 
 from currsearch.baselines import real_search
 from currsearch.cli import csv_list, resolve_config
+from currsearch.errors import ConfigError
 from currsearch.guided import GuidedSettings, best_new_orders, guided_search, propose
-from currsearch.manifest import TRAJECTORY_SECTIONS
+from currsearch.manifest import read_config_cache
 from currsearch.reports.common import fmt, markdown_table, write_result_files
 from currsearch.train import Trainer
 from estimators.calibrated import CalibratedInteractions, interaction_features
@@ -162,12 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve_config(args.config, args.set)
     if cfg.train.device != "cpu":
         p.error("the ablation caches training results, exact only on CPU: use --set train.device=cpu")
-    fingerprint = cfg.fingerprint(*TRAJECTORY_SECTIONS)
-    path = out / "guided_ablation.json"
-    stored = json.loads(path.read_text()) if path.is_file() else {"config": fingerprint, "runs": {}}
-    if stored.get("config") != fingerprint:
-        p.error(f"{path} holds runs of another config; use another --out")
-    runs = stored["runs"]
+    try:
+        stored = read_config_cache(out / "guided_ablation.json", cfg, {"runs": {}})
+    except ConfigError as err:
+        p.error(str(err))
+    fingerprint, runs = stored["config"], stored.setdefault("runs", {})
     trainer = Trainer.from_config(cfg)
     cache = cache_training(trainer)
     for seed in seeds:

@@ -96,6 +96,32 @@ def trainer_hashes(trainer) -> dict[str, str]:
     return {"corpus": trainer.corpus_hash, "plan": trainer.plan.fingerprint(), "init_weights": tensor_sha256(trainer.theta_init)}
 
 
+def read_config_cache(path: Path, cfg: Config, empty: dict | None = None, key: str = "config") -> dict:
+    """A JSON cache of results (a benchmark's ``OUT/*.json``) tied to ``cfg`` by its trajectory
+    fingerprint (:meth:`~currsearch.config.Config.fingerprint` of :data:`TRAJECTORY_SECTIONS`),
+    stored under ``key``; a missing file reads as ``empty`` (default ``{}``) with that key set,
+    and a file of an earlier version that holds no fingerprint is adopted.
+
+    Raises:
+        ConfigError: the file holds results of another config (mixing them would compare one
+            config's numbers with another's), or is not a JSON object; the message says how to
+            start over.
+    """
+    path = Path(path)
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else dict(empty or {})
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}); move it away to start over") from None
+    if not isinstance(cache, dict):
+        raise ConfigError(f"{path} is not a JSON object; move it away to start over")
+    fingerprint = cfg.fingerprint(*TRAJECTORY_SECTIONS)
+    stored = cache.setdefault(key, fingerprint)
+    if stored != fingerprint:
+        raise ConfigError(f"{path} holds results of another config (fingerprint {str(stored)[:12]}..., this config's "
+                          f"is {fingerprint[:12]}...); use another --out, or the config those results were run with")
+    return cache
+
+
 def config_diff(a: dict, b: dict, sections=TRAJECTORY_SECTIONS) -> list[str]:
     """Dotted keys whose values differ between two config dicts, as ``key (a vs b)``; keys that
     change no number (:data:`~currsearch.config.UNHASHED_KEYS`, e.g. a cache location) are skipped."""

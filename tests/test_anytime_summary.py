@@ -57,7 +57,19 @@ def test_points_of_another_config_are_refused(tmp_path, capsys):
     assert "config" in json.loads((tmp_path / "anytime.json").read_text())["points"]
     (tmp_path / "points.json").write_text(json.dumps({**_points(), "config": "0" * 64}))
     assert anytime.main(argv) == 2
-    assert "holds points of another config" in capsys.readouterr().err
+    assert "holds results of another config" in capsys.readouterr().err
     (tmp_path / "points.json").write_text("[1, 2]")
     assert anytime.main(argv) == 2
     assert "not a JSON object" in capsys.readouterr().err
+
+
+def test_guided_ablation_refuses_runs_of_another_config(tmp_path, capsys):
+    """benchmarks/guided_ablation.py shares the cache check: runs stamped by another config stop it before training."""
+    spec = importlib.util.spec_from_file_location("guided_ablation", Path(__file__).parents[1] / "benchmarks" / "guided_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    (tmp_path / "guided_ablation.json").write_text(json.dumps({"config": "0" * 64, "runs": {}}))
+    with pytest.raises(SystemExit) as exc:
+        ablation.main(["--out", str(tmp_path), "--budget", "2"])
+    assert exc.value.code == 2
+    assert "holds results of another config" in capsys.readouterr().err
