@@ -221,7 +221,13 @@ class SearchResult:
 
     @property
     def best_order(self) -> torch.Tensor:
-        """int64 ``[T]``: the first of :meth:`top`."""
+        """int64 ``[T]``: the first of :meth:`top`.
+
+        Raises:
+            ConfigError: the study holds no finished trial (e.g. a new study run with ``trials=0``).
+        """
+        if len(self.orders) == 0:
+            raise ConfigError("the search holds no finished trial, so it has no best order; run it with --trials >= 1")
         return self.orders[0]
 
     @property
@@ -353,7 +359,7 @@ class SearchSettings(Settings):
     trials: int = Field(128, ge=0)
     batch: int = Field(32, ge=1)
     objectives: tuple[str, ...] = ("all",)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     storage: str | None = None
     study_name: str | None = None
     enqueue_heuristics: bool = True

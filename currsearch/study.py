@@ -21,6 +21,7 @@ continues it. This module holds the parts that make that safe (issue 16):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -95,7 +96,8 @@ def make_storage(storage, lock_grace_s: float = LOCK_GRACE_S) -> optuna.storages
             (Optuna's ``grace_period``; :func:`release_stale_lock`).
 
     Raises:
-        ConfigError: neither a ``.journal`` path nor a URL, or a URL that cannot be opened.
+        ConfigError: neither a ``.journal`` path nor a URL, a URL that cannot be opened, or a
+            damaged journal file (not JSON lines).
     """
     if storage is None or isinstance(storage, optuna.storages.BaseStorage):
         return storage
@@ -105,7 +107,11 @@ def make_storage(storage, lock_grace_s: float = LOCK_GRACE_S) -> optuna.storages
         path.parent.mkdir(parents=True, exist_ok=True)
         release_stale_lock(path, lock_grace_s)
         lock = JournalFileSymlinkLock(str(path), grace_period=max(1, round(lock_grace_s)))
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+        try:
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"the Optuna journal {str(path)!r} is damaged ({type(err).__name__}: {err}); move it away "
+                              "to start the study over (its trials are lost), or pass another --out") from None
     if "://" not in s:
         raise ConfigError(f"storage {s!r} is neither a '.journal' file path nor a storage URL such as sqlite:///study.db")
     try:

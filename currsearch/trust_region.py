@@ -91,7 +91,7 @@ class TrustRegionSettings(Settings):
     sampler: str = "tpe"
     batch_size: int = 8
     objective: str = "all"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     min_radius: int = 1
     max_radius: Optional[int] = None
     budget: Optional[float] = Field(None, gt=0)

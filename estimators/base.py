@@ -14,6 +14,7 @@ Estimators declare the recorded terms they need (``required_terms``); ``fit`` ra
 from __future__ import annotations
 
 import inspect
+import json
 
 from abc import ABC, abstractmethod
 from typing import ClassVar
@@ -83,7 +84,7 @@ class Estimator(ABC):
             raise StoreError(
                 f"estimator {self.name!r} needs the recorded term(s) {missing}, which the store at "
                 f"{str(store.path)!r} lacks (it has {sorted(store.terms)}); re-record with "
-                f"record.terms including {missing} (e.g. --set 'record.terms={sorted(set(store.terms) | set(missing))}')"
+                f"record.terms including {missing} (e.g. --set 'record.terms={json.dumps(sorted(set(store.terms) | set(missing)))}')"
             )
         self.store = store
         self.eval_names = list(store.eval_names)

@@ -256,3 +256,24 @@ def test_a_killed_verification_resumes_and_trains_only_what_it_lacks(tiny_cfg, t
     f.write_bytes(f.read_bytes().replace(b'"losses": [[', b'"losses": [[1.0, ', 1))
     with pytest.raises(StoreError):
         verify(trainer, cands, store=store)
+
+
+def test_bad_search_inputs_are_refused_with_a_clear_error(store, tmp_path):
+    """A damaged journal, a seed NumPy cannot take and a study with no finished trial each raise
+    ConfigError naming the fix, not a JSONDecodeError, a NumPy ValueError or an IndexError."""
+    from currsearch.errors import ConfigError
+    from currsearch.search import SearchSettings
+    from currsearch.trust_region import TrustRegionSettings
+
+    journal = tmp_path / "study.journal"
+    journal.write_text("garbage\n{not json either\n")
+    with pytest.raises(ConfigError, match="journal .* is damaged"):
+        make_storage(journal)
+    for settings in (SearchSettings, TrustRegionSettings):
+        for seed in (-1, 2**32):
+            with pytest.raises(Exception, match="seed"):
+                settings(seed=seed)
+    res = run_search(store, SearchSettings(trials=0), backend=SerialBackend(get_estimator("reference").fit(store)),
+                     progress=False)
+    with pytest.raises(ConfigError, match="no finished trial"):
+        res.best_order
