@@ -34,6 +34,7 @@ How it works (DESIGN.md section 5):
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -58,6 +59,7 @@ from search_spaces import BatchInfo, SearchSpace, available_spaces, get_space, h
 from .backends import SerialBackend
 from .errors import ConfigError
 from .settings import Settings
+from .manifest import TRAJECTORY_SECTIONS
 from .store import TrajectoryStore
 from .study import (
     Session,
@@ -597,9 +599,21 @@ def _open_study(store: TrajectoryStore, s: SearchSettings, sp: SearchSpace, back
         "estimator_kwargs": _kwargs_meta(s),
         "objectives": objectives,
         "T": store.T,
+        "store": store_identity(store),
     }
     check_resume(study, meta)
     return study
+
+
+def store_identity(store: TrajectoryStore) -> str:
+    """SHA-256 (hex) of what makes a store's estimates: its config's trajectory fingerprint, its
+    projection settings and its reference order (not its path, nor budgets such as
+    ``record.max_seconds``). A study resumed on another store is refused by it."""
+    cfg = store.config()
+    rec = cfg.record
+    ident = {"config": cfg.fingerprint(*TRAJECTORY_SECTIONS), "reference_order": store.reference_order.tolist(),
+             "record": [rec.anchor_stride, rec.projection, rec.projection_dim, rec.projection_seed]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
 def _scorer(sp: SearchSpace, backend, objectives: list[str], study: optuna.Study, reused: list[int]) -> Callable:

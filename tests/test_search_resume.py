@@ -277,3 +277,18 @@ def test_bad_search_inputs_are_refused_with_a_clear_error(store, tmp_path):
                      progress=False)
     with pytest.raises(ConfigError, match="no finished trial"):
         res.best_order
+
+
+def test_a_study_resumed_on_another_store_is_refused(store, tmp_path):
+    """The journal records the store's identity (config, projection, reference order): resuming
+    it on a store recorded from another reference order raises instead of reporting the first
+    store's estimates as the second's."""
+    from currsearch.errors import ConfigError
+    from currsearch.search import SearchSettings
+
+    journal = str(tmp_path / "study.journal")
+    settings = SearchSettings(trials=2, storage=journal)
+    run_search(store, settings, backend=SerialBackend(get_estimator("reference").fit(store)), progress=False)
+    other = record(store.config(), tmp_path / "other", progress=False, reference_order=torch.arange(store.T).flip(0))
+    with pytest.raises(ConfigError, match="store"):
+        run_search(other, settings, backend=SerialBackend(get_estimator("reference").fit(other)), progress=False)
