@@ -58,8 +58,8 @@ from search_spaces import BatchInfo, SearchSpace, available_spaces, get_space, h
 
 from .backends import SerialBackend
 from .errors import ConfigError
-from .settings import Settings
 from .manifest import TRAJECTORY_SECTIONS
+from .settings import Settings
 from .store import TrajectoryStore
 from .study import (
     Session,
@@ -338,7 +338,7 @@ class SearchSettings(Settings):
         batch: trials asked (and scored in one backend call) at a time (>= 1).
         objectives: eval-set names to minimize; one -> single-objective, several ->
             multi-objective (use ``nsga2`` or ``tpe``).
-        seed: sampler seed.
+        seed: sampler seed (0 <= seed < 2**32, the range NumPy takes).
         storage: ``None`` (in memory), a ``*.journal`` file path or an Optuna storage URL.
         study_name: default ``"<estimator>-<space>-<objectives joined by +>"``, so that a
             rerun with the same settings and storage resumes.
