@@ -215,3 +215,14 @@ def test_fuzz_manifests(tmp_path, capsys, small_store):
         n_err += 1
     assert n_err >= 40
 
+
+
+@pytest.mark.parametrize("command", [["train"], ["analyze", "positions"], ["benchmark", "fidelity"], ["ablate", "train"]])
+@pytest.mark.parametrize("under", [False, True])
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, command, under):
+    """An --out that is a file, or lies under one, stops every command with one error line before it trains."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    rc, _, err = _run(command + ["--quiet", "--out", str(f / "sub" if under else f)], capsys)
+    _assert_clean_error(rc, err, "is a file, not a directory")
+    assert f.read_text() == "x"
