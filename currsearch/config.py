@@ -31,6 +31,8 @@ else:  # pragma: no cover
 
 #: largest seed torch's generators take (``torch.Generator.manual_seed``), 2^63 - 1
 SEED_MAX = 2**63 - 1
+#: largest seed of an Optuna sampler (NumPy's RandomState takes 0 <= seed < 2**32)
+SAMPLER_SEED_MAX = 2**32 - 1
 
 
 class _Section(BaseModel):
@@ -212,6 +214,11 @@ class RecordConfig(_Section):
     max_disk_bytes: float = Field(8e9, gt=0)
     max_memory_bytes: float = Field(8e9, gt=0)
     max_seconds: float = Field(6 * 3600, gt=0)
+
+    def projection_key(self) -> list:
+        """``[anchor_stride, projection, projection_dim, projection_seed]``: the settings that
+        change a store's projected numbers (not its terms, nor its budgets)."""
+        return [self.anchor_stride, self.projection, self.projection_dim, self.projection_seed]
 
 
 #: keys that say where results are kept, not what is computed: left out of :meth:`Config.fingerprint`

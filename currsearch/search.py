@@ -57,6 +57,7 @@ from estimators import get_estimator
 from search_spaces import BatchInfo, SearchSpace, available_spaces, get_space, heuristic_orders, heuristic_params
 
 from .backends import SerialBackend
+from .config import SAMPLER_SEED_MAX
 from .errors import ConfigError
 from .manifest import TRAJECTORY_SECTIONS
 from .settings import Settings
@@ -338,7 +339,7 @@ class SearchSettings(Settings):
         batch: trials asked (and scored in one backend call) at a time (>= 1).
         objectives: eval-set names to minimize; one -> single-objective, several ->
             multi-objective (use ``nsga2`` or ``tpe``).
-        seed: sampler seed (0 <= seed < 2**32, the range NumPy takes).
+        seed: sampler seed (0 <= seed <= ``SAMPLER_SEED_MAX`` = 2**32 - 1, the range NumPy takes).
         storage: ``None`` (in memory), a ``*.journal`` file path or an Optuna storage URL.
         study_name: default ``"<estimator>-<space>-<objectives joined by +>"``, so that a
             rerun with the same settings and storage resumes.
@@ -361,7 +362,7 @@ class SearchSettings(Settings):
     trials: int = Field(128, ge=0)
     batch: int = Field(32, ge=1)
     objectives: tuple[str, ...] = ("all",)
-    seed: int = Field(0, ge=0, lt=2**32)
+    seed: int = Field(0, ge=0, le=SAMPLER_SEED_MAX)
     storage: str | None = None
     study_name: str | None = None
     enqueue_heuristics: bool = True
@@ -610,9 +611,8 @@ def store_identity(store: TrajectoryStore) -> str:
     projection settings and its reference order (not its path, nor budgets such as
     ``record.max_seconds``). A study resumed on another store is refused by it."""
     cfg = store.config()
-    rec = cfg.record
     ident = {"config": cfg.fingerprint(*TRAJECTORY_SECTIONS), "reference_order": store.reference_order.tolist(),
-             "record": [rec.anchor_stride, rec.projection, rec.projection_dim, rec.projection_seed]}
+             "record": cfg.record.projection_key()}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 

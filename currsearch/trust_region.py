@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 from estimators import get_estimator
 
 from .backends import SerialBackend
-from .config import Config
+from .config import SAMPLER_SEED_MAX, Config
 from .errors import ConfigError
 from .manifest import TRAJECTORY_SECTIONS, atomic_write_bytes, config_diff
 from .orders import validate_orders
@@ -91,7 +91,7 @@ class TrustRegionSettings(Settings):
     sampler: str = "tpe"
     batch_size: int = 8
     objective: str = "all"
-    seed: int = Field(0, ge=0, lt=2**32)
+    seed: int = Field(0, ge=0, le=SAMPLER_SEED_MAX)
     min_radius: int = 1
     max_radius: Optional[int] = None
     budget: Optional[float] = Field(None, gt=0)
@@ -230,12 +230,10 @@ def _next_radius(radius: int, rho: float | None, improved: bool, lo: int, hi: in
 def _state_settings(s: TrustRegionSettings, rcfg: Config, start: torch.Tensor, radius: int, max_radius: int) -> dict:
     """The settings a ``trust_region.json`` must hold to be resumed (``radius``: the first
     round's, ``min(s.radius, max_radius)``)."""
-    rec = rcfg.record
     return {"estimator": s.estimator, "estimator_kwargs": dict(s.estimator_kwargs), "objective": s.objective,
             "trials": s.trials, "top_k": s.top_k, "sampler": s.sampler, "batch_size": s.batch_size, "seed": s.seed,
             "start": start.tolist(), "radius": radius, "min_radius": s.min_radius, "max_radius": max_radius,
-            "config": rcfg.fingerprint(*TRAJECTORY_SECTIONS),
-            "record": [rec.anchor_stride, rec.projection, rec.projection_dim, rec.projection_seed]}
+            "config": rcfg.fingerprint(*TRAJECTORY_SECTIONS), "record": rcfg.record.projection_key()}
 
 
 def _load_rounds(state_path: Path, settings: dict) -> list[TrustRegionRound]:

@@ -216,7 +216,6 @@ def test_fuzz_manifests(tmp_path, capsys, small_store):
     assert n_err >= 40
 
 
-
 @pytest.mark.parametrize("command", [["train"], ["analyze", "positions"], ["benchmark", "fidelity"], ["ablate", "train"]])
 @pytest.mark.parametrize("under", [False, True])
 def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, command, under):
