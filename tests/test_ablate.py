@@ -149,7 +149,7 @@ def test_killed_train_resumes_without_retraining(tiny_cfg, tiny_trainer, models,
         train_partitions(tiny_cfg, tmp_path / "junk", trainer=tiny_trainer)
 
 
-def test_tampered_partition_file_is_detected(tiny_cfg, tiny_trainer, models, tmp_path):
+def test_tampered_partition_file_is_detected_and_retrained(tiny_cfg, tiny_trainer, models, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(models.path, out)
     f = out / "partitions" / "part_001.safetensors"
@@ -158,11 +158,21 @@ def test_tampered_partition_file_is_detected(tiny_cfg, tiny_trainer, models, tmp
     f.write_bytes(bytes(data))
     with pytest.raises(StoreError, match="part_001.safetensors.*SHA-256"):
         AblationModels.open(out)
-    with pytest.raises(StoreError, match="part_001"):  # a resume verifies finished partitions too
-        train_partitions(tiny_cfg, out, trainer=tiny_trainer)
     f.write_bytes(bytes(data[:100]))
     with pytest.raises(StoreError, match="truncated"):
         MergeEstimator(out)
+    # a rerun of `ablate train` repairs what it names: the damaged model is trained again, the
+    # missing base recomputed, and the intact partition models are left alone
+    (out / "base.safetensors").unlink()
+    with pytest.raises(StoreError, match=r"missing; rerun `currsearch ablate train --out"):
+        AblationModels.open(out)
+    intact = out / "partitions" / "part_000.safetensors"
+    st = intact.stat()
+    repaired = train_partitions(tiny_cfg, out, trainer=tiny_trainer)
+    assert (intact.stat().st_mtime_ns, intact.stat().st_ino) == (st.st_mtime_ns, st.st_ino)
+    assert _payload(repaired) == _payload(models)
+    assert torch.equal(repaired.thetas(), models.thetas())
+    AblationModels.open(out)  # verifies every file
     with pytest.raises(StoreError, match="no manifest"):
         AblationModels.open(tmp_path)
 

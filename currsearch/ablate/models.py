@@ -55,7 +55,7 @@ class AblationModels(ManifestDirectory):
         "schema": "{path!r} has schema version {version}, this currsearch reads version {expected}; "
                   "upgrade currsearch or retrain the partition models",
         "incomplete": "partition models in {path!r} are incomplete ({progress}); run `currsearch ablate train --out {path}` again to resume",
-        "file_missing": "file {file!r} is missing; rerun `currsearch ablate train` on this directory to rebuild it",
+        "file_missing": "file {file!r} is missing; rerun `currsearch ablate train --out {path}` to train it again",
         "file_size": "file {file!r} has {size} bytes, the manifest says {expected} (truncated or modified)",
         "file_hash": "file {file!r} does not match its SHA-256 in the manifest (modified or corrupt)",
         "config": "partition models in {path!r} were trained with another config; differs in: {diff} "

@@ -12,6 +12,7 @@ resumes: finished partitions are verified by checksum and skipped.
 from __future__ import annotations
 
 import datetime
+import logging
 import platform
 import time
 from pathlib import Path
@@ -46,6 +47,8 @@ from .partitions import (
     union_stream,
 )
 from .subsets import subset_weights
+
+logger = logging.getLogger(__name__)
 
 
 def train_stream(trainer, theta: torch.Tensor, adam: AdamState, step_offset: int, stream: Sequence[int]):
@@ -82,6 +85,21 @@ def _new_manifest(cfg, tr, parts, epochs: int, n: int) -> dict:
                      "python": platform.python_version()},
         "files": {}, "phase": "partitions", "partitions_done": [], "seconds": {}, "base_seconds": 0.0, "train_seconds": 0.0,
     }
+
+
+def _forget_damaged(out: Path, m: dict, parts, damaged: list[str]) -> None:
+    """Make a manifest forget damaged files (missing, truncated, modified or unlisted) so that
+    :func:`train_partitions` writes them again, in place: a damaged partition model is trained
+    again, a damaged base is recomputed from the warm-up phase (bit-identical, so the intact
+    partition models stay valid). Each damaged file is deleted and its entry removed."""
+    names = {partition_file(k): p.name for k, p in enumerate(parts)}
+    for rel in damaged:
+        m["files"].pop(rel, None)
+        (out / rel).unlink(missing_ok=True)
+        if rel in names:
+            m["partitions_done"] = [n for n in m["partitions_done"] if n != names[rel]]
+            m["seconds"].pop(names[rel], None)
+            m["phase"] = "partitions"
 
 
 def _train_missing(tr, out: Path, m: dict, parts, n: int, start, train_seconds0: float, progress: bool,
@@ -142,7 +160,8 @@ def train_partitions(cfg, out, partitions=None, split: int = 1, epochs: int = 1,
     Raises:
         ConfigError: bad partitions/split/epochs, or a trainer of another config.
         StoreError: ``out`` is a non-empty directory without a manifest, or holds models of
-            another config, partitions, budget or data, or a missing/tampered file.
+            another config, partitions, budget or data. A missing, truncated or modified file
+            is not an error: it is deleted and trained again (a warning names it).
     """
     out = Path(out)
     if trainer is not None and config_diff(trainer.cfg.to_dict(), cfg.to_dict()):
@@ -153,7 +172,7 @@ def train_partitions(cfg, out, partitions=None, split: int = 1, epochs: int = 1,
 
     mpath = out / "manifest.json"
     if mpath.exists():
-        models = AblationModels.open(out, verify=True, allow_incomplete=True)
+        models = AblationModels.open(out, verify=False, allow_incomplete=True)
         models.check_config(cfg)
         m = models.manifest
         if [p.to_dict() for p in parts] != m["partitions"] or m["epochs"] != epochs:
@@ -163,6 +182,12 @@ def train_partitions(cfg, out, partitions=None, split: int = 1, epochs: int = 1,
                 "use the same --split/--epochs to resume, or another --out"
             )
         models.check_trainer(tr)
+        damaged = models.problems()
+        if damaged:
+            _forget_damaged(out, m, parts, [rel for rel, _ in damaged])
+            write_manifest(out, m)  # the repair is on disk even if this call is killed before retraining
+            logger.warning("partition models %s: retraining %d damaged file(s): %s", out, len(damaged),
+                           "; ".join(e for _, e in damaged))
     else:
         if out.exists() and any(out.iterdir()):
             raise StoreError(f"output directory {str(out)!r} exists, is not empty and holds no partition models; choose another --out")
