@@ -173,3 +173,11 @@ def test_analyze_positions_command_writes_files_whose_summary_numbers_are_in_the
     assert len(err) == 1 and err[0].startswith("error:") and "outside 0..7" in err[0]
     assert main(["analyze", "positions", "--quiet", "--out", str(out), "--batches", "2,x"]) == 2
     assert "--batches takes comma-separated integers" in capsys.readouterr().err
+    # --set on a recorded store overrides the store's config, not the defaults: a key that changes
+    # no number is accepted, one that changes the trajectory is refused naming that key alone
+    few = ["analyze", "positions", "--quiet", "--out", str(out), "--batches", "1", "--positions", "0,4", "--verify", "0"]
+    assert main(few + ["--set", f"train.warmup_cache={tmp_path / 'wc'}"]) == 0
+    capsys.readouterr()
+    assert main(few + ["--set", "optim.lr=0.0123"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr" in err and "data." not in err and "model." not in err

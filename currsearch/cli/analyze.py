@@ -34,20 +34,21 @@ def _ints(text: str | None, option: str) -> list[int] | None:
 
 def open_or_record(store_dir: Path, config: str | None, overrides: list[str], progress: bool) -> TrajectoryStore:
     """The store in ``store_dir``: opened with its own config when it exists and no config or
-    override is given; otherwise recorded (or resumed, or checked against) for the given config.
+    override is given; otherwise recorded (or resumed, or checked against) for the given config
+    (``--set`` overrides apply to the store's config when it exists and no config file is given,
+    else to the config file or the defaults).
 
     Raises:
         StoreError: ``store_dir`` holds a store of another config, or a corrupt one.
         ConfigError, BudgetError: as :func:`~currsearch.record.record`.
     """
-    if (store_dir / "manifest.json").is_file() and not (config or overrides):
+    base = None
+    if (store_dir / "manifest.json").is_file() and not config:
         store = TrajectoryStore.open(store_dir, verify=False, allow_incomplete=True)
-        if store.manifest.get("phase") == "complete":
+        if store.manifest.get("phase") == "complete" and not overrides:
             return TrajectoryStore.open(store_dir)  # used as it is (analyze_positions checks its reference order)
-        cfg = store.config()
-    else:
-        cfg = resolve_config(config, overrides)
-    return record(cfg, store_dir, progress=progress)
+        base = store.config()
+    return record(resolve_config(config, overrides, base), store_dir, progress=progress)
 
 
 def cmd_positions(args) -> int:

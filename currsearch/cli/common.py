@@ -24,13 +24,14 @@ def _parse_value(text: str):
         return text
 
 
-def resolve_config(path: str | None, overrides: list[str]) -> Config:
-    """Load ``path`` (or defaults) and apply ``section.key=value`` overrides (values parsed as JSON when they parse).
+def resolve_config(path: str | None, overrides: list[str], base: Config | None = None) -> Config:
+    """Load ``path`` (or ``base`` when no path is given, else the defaults) and apply
+    ``section.key=value`` overrides (values parsed as JSON when they parse).
 
     Raises:
         ConfigError: a malformed override or an invalid resulting config.
     """
-    d = load_config(path).to_dict()
+    d = (base if base is not None and path is None else load_config(path)).to_dict()
     for item in overrides or []:
         key, sep, value = item.partition("=")
         parts = key.split(".")
@@ -40,7 +41,8 @@ def resolve_config(path: str | None, overrides: list[str]) -> Config:
         if section not in d:
             raise ConfigError(f"override {item!r}: unknown section {section!r}; sections are {sorted(d)}")
         d[section][name] = _parse_value(value)
-    return config_from_dict(d, source=f"{path or 'defaults'} with --set overrides")
+    origin = path or ("the store's config" if base is not None else "defaults")
+    return config_from_dict(d, source=f"{origin} with --set overrides")
 
 
 def csv_list(text: str) -> list[str]:
