@@ -274,6 +274,29 @@ def config_from_dict(d: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(format_validation_error(err, f"configuration in {source}")) from None
 
 
+def _load_yaml(text: str):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML keeps the last
+    silently, so a typo'd duplicate would override a value without a word).
+
+    Raises:
+        yaml.YAMLError: invalid YAML or a duplicate key (with its line and column).
+    """
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError("while reading a mapping", node.start_mark,
+                                                            f"the key {key!r} is given twice; keep one", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def load_config(path: str | Path | None) -> Config:
     """Load and validate a TOML or YAML config file; ``None`` gives the defaults.
 
@@ -294,9 +317,7 @@ def load_config(path: str | Path | None) -> Config:
         if p.suffix == ".toml":
             d = tomllib.loads(text)
         elif p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            d = yaml.safe_load(text)
+            d = _load_yaml(text)
         else:
             raise ConfigError(f"config file {str(p)!r} must end in .toml, .yaml or .yml")
     except (tomllib.TOMLDecodeError, ValueError) as err:
