@@ -85,6 +85,35 @@ def release_stale_lock(journal: Path, grace_s: float = LOCK_GRACE_S) -> bool:
     return True
 
 
+def drop_partial_record(journal: Path, lock) -> int:
+    """Cut a journal back to its last complete line when a kill left a record half-written.
+
+    Optuna writes each record as one ``\\n``-terminated line under ``lock`` and skips an
+    unterminated last line when reading, but its next append would continue that line and
+    make the whole journal unreadable. The partial record held an operation that never
+    completed, so cutting it loses nothing Optuna could read. The check and the cut are done
+    under ``lock`` (a live writer's append is never cut). Returns the bytes removed.
+    """
+    try:
+        if journal.stat().st_size == 0:
+            return 0
+    except FileNotFoundError:
+        return 0
+    lock.acquire()
+    try:
+        with open(journal, "rb+") as f:
+            data = f.read()
+            if data.endswith(b"\n"):
+                return 0
+            keep = data.rfind(b"\n") + 1
+            f.truncate(keep)
+            os.fsync(f.fileno())
+    finally:
+        lock.release()
+    logger.warning("journal %s ended in a half-written record (a killed write); removed its %d byte(s)", journal, len(data) - keep)
+    return len(data) - keep
+
+
 def make_storage(storage, lock_grace_s: float = LOCK_GRACE_S) -> optuna.storages.BaseStorage | str | None:
     """Optuna storage from ``None`` (in memory), a path ending in ``.journal``
     (JournalStorage + JournalFileBackend on the absolute path; the parent folder is created,
@@ -93,7 +122,8 @@ def make_storage(storage, lock_grace_s: float = LOCK_GRACE_S) -> optuna.storages
 
     Args:
         lock_grace_s: seconds after which a journal lock left by a killed process is released
-            (Optuna's ``grace_period``; :func:`release_stale_lock`).
+            (Optuna's ``grace_period``; :func:`release_stale_lock`). A record half-written by a
+            killed process is cut off (:func:`drop_partial_record`).
 
     Raises:
         ConfigError: neither a ``.journal`` path nor a URL, a URL that cannot be opened, or a
@@ -107,6 +137,7 @@ def make_storage(storage, lock_grace_s: float = LOCK_GRACE_S) -> optuna.storages
         path.parent.mkdir(parents=True, exist_ok=True)
         release_stale_lock(path, lock_grace_s)
         lock = JournalFileSymlinkLock(str(path), grace_period=max(1, round(lock_grace_s)))
+        drop_partial_record(path, lock)
         try:
             return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

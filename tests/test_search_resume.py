@@ -5,6 +5,7 @@ function to kill itself there), or, where nothing runs between the kill point an
 of the process, an injected ``BaseException`` that no cleanup code catches.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -292,3 +293,21 @@ def test_a_study_resumed_on_another_store_is_refused(store, tmp_path):
     other = record(store.config(), tmp_path / "other", progress=False, reference_order=torch.arange(store.T).flip(0))
     with pytest.raises(ConfigError, match="store"):
         run_search(other, settings, backend=SerialBackend(get_estimator("reference").fit(other)), progress=False)
+
+
+def test_a_journal_record_cut_by_a_kill_is_dropped_before_the_rerun_appends(store, tmp_path):
+    """A kill in the middle of Optuna's append leaves an unterminated last line; the rerun's first
+    record would continue it and make the journal unreadable. make_storage cuts it off."""
+    from currsearch.search import SearchSettings
+
+    journal = tmp_path / "study.journal"
+    backend = SerialBackend(get_estimator("reference").fit(store))
+    run_search(store, SearchSettings(trials=2, storage=str(journal)), backend=backend, progress=False)
+    intact = journal.read_bytes()
+    last = intact.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    journal.write_bytes(intact + last[: len(last) // 2])  # half of a record, no newline
+    res = run_search(store, SearchSettings(trials=4, storage=str(journal)), backend=backend, progress=False)
+    assert res.n_trials == 4
+    assert journal.read_bytes().startswith(intact)  # nothing complete was lost
+    for line in journal.read_bytes().splitlines():
+        json.loads(line)  # every record is whole
