@@ -74,9 +74,9 @@ def export_order(path: str | Path, order, **meta) -> Path:
 
     Raises:
         OrderError: ``order`` is not a permutation of ``0..T-1``.
+        ConfigError: a parent of ``path`` is a file.
     """
     order = validate_orders(order, len(order))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_order(path, order, **meta)
+    save_order(path, order, **meta)  # creates the parent directory (a file in its way: ConfigError)
     return path

@@ -55,9 +55,49 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+def check_output_dir(path, option: str = "--out") -> None:
+    """Refuse an output directory that is an existing file or lies under one, before any work
+    (else ``mkdir`` fails with ``FileExistsError``/``NotADirectoryError`` after it). Every writer
+    of currsearch creates its directories through :func:`make_output_dir`, which calls this.
+
+    Args:
+        path: the directory (``None``: nothing to check).
+        option: the setting or command-line option that names it, quoted in the message.
+
+    Raises:
+        ConfigError: ``path`` or one of its existing parents is not a directory; the message
+            names the option to change.
+    """
+    if path is None:
+        return
+    p = Path(path).expanduser().absolute()
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise ConfigError(f"{option} {str(path)!r}: {str(q)!r} is a file, not a directory; pass another {option}")
+            return
+
+
+def make_output_dir(path, option: str = "--out") -> Path:
+    """Create the output directory ``path`` (and its parents) after :func:`check_output_dir`;
+    returns it as a :class:`~pathlib.Path`.
+
+    Raises:
+        ConfigError: as :func:`check_output_dir`.
+    """
+    check_output_dir(path, option)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename.
+
+    Raises:
+        ConfigError: the parent directory is a file or lies under one (:func:`make_output_dir`).
+    """
+    make_output_dir(path.parent)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)

@@ -64,7 +64,15 @@ from .adjoint import RECORDED_VARIANTS, AdjointState, adjoint_step, clipped_hvp,
 from .config import Config
 from .errors import BudgetError, ConfigError, StoreError
 from .gradients import batch_gradients, eval_gradients
-from .manifest import config_diff, remove_partial_writes, save_listed_tensors, trainer_hashes, write_manifest
+from .manifest import (
+    check_output_dir,
+    config_diff,
+    make_output_dir,
+    remove_partial_writes,
+    save_listed_tensors,
+    trainer_hashes,
+    write_manifest,
+)
 from .orders import validate_orders
 from .projection import Projector
 from .store import FORMAT, SCHEMA_VERSION, TrajectoryStore, checkpoint_file, pairs_file
@@ -420,7 +428,7 @@ class _Recorder:
         self.base_seconds = m["record_seconds"]
         self.trainer.window_start(progress=self.progress)  # warm-up phase: shared pretraining, not record time
         self.t_start = time.perf_counter()
-        self.out.mkdir(parents=True, exist_ok=True)
+        make_output_dir(self.out)
         remove_partial_writes(self.out)
         if not m["files"]:
             self._commit(m)
@@ -590,12 +598,11 @@ def record(cfg: Config, out: str | Path, progress: bool = True, check_budget: bo
         the opened, verified :class:`TrajectoryStore`; its ``trainer()`` is the one recorded with.
 
     Raises:
-        ConfigError: unknown term, ``out`` is a file, ``train.device`` missing here. OrderError: ``reference_order`` is not a permutation. BudgetError: an estimate exceeds its budget.
+        ConfigError: unknown term, ``out`` is a file or lies under one, ``train.device`` missing here. OrderError: ``reference_order`` is not a permutation. BudgetError: an estimate exceeds its budget.
         StoreError: ``out`` holds another store (other config, record settings, data or
             model), a store with a corrupt or malformed manifest, or unrelated files.
     """
-    if Path(out).exists() and not Path(out).is_dir():
-        raise ConfigError(f"store directory {str(out)!r} is an existing file, not a directory; pass another --out")
+    check_output_dir(out)
     rec = _Recorder(cfg, Path(out), progress, trainer, reference_order, response_variants)
     if not (Path(out) / "manifest.json").exists():
         est = estimate_cost(rec.trainer, cfg)

@@ -34,6 +34,7 @@ import optuna
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
 from .errors import ConfigError
+from .manifest import make_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -126,15 +127,15 @@ def make_storage(storage, lock_grace_s: float = LOCK_GRACE_S) -> optuna.storages
             killed process is cut off (:func:`drop_partial_record`).
 
     Raises:
-        ConfigError: neither a ``.journal`` path nor a URL, a URL that cannot be opened, or a
-            damaged journal file (not JSON lines).
+        ConfigError: neither a ``.journal`` path nor a URL, a URL that cannot be opened, a
+            journal whose folder is a file or lies under one, or a damaged journal file (not JSON lines).
     """
     if storage is None or isinstance(storage, optuna.storages.BaseStorage):
         return storage
     s = str(storage)
     if s.endswith(".journal"):
         path = Path(s).expanduser().resolve()  # absolute: Optuna's symlink lock must point at the file
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_output_dir(path.parent, "storage")
         release_stale_lock(path, lock_grace_s)
         lock = JournalFileSymlinkLock(str(path), grace_period=max(1, round(lock_grace_s)))
         drop_partial_record(path, lock)

@@ -38,7 +38,7 @@ from estimators import get_estimator
 from .backends import SerialBackend
 from .config import SAMPLER_SEED_MAX, Config
 from .errors import ConfigError
-from .manifest import TRAJECTORY_SECTIONS, atomic_write_bytes, config_diff
+from .manifest import TRAJECTORY_SECTIONS, atomic_write_bytes, config_diff, make_output_dir
 from .orders import validate_orders
 from .record import record
 from .results import to_json
@@ -368,8 +368,7 @@ def run_trust_region(cfg: Config, out_dir, settings: TrustRegionSettings | None 
     radius = min(s.radius, max_radius)
     incumbent = validate_orders(torch.arange(T) if start is None else start, T).view(-1)
     state = _state_settings(s, rcfg, incumbent, radius, max_radius)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(out_dir)
     state_path = out / "trust_region.json"
     done = _load_rounds(state_path, state)
     obj = trainer.plan.eval_names.index(s.objective)

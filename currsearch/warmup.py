@@ -40,7 +40,7 @@ from pydantic import StrictInt, StrictStr
 
 from .adam import AdamState
 from .data import cache_dir
-from .errors import StoreError
+from .errors import ConfigError, StoreError
 from .manifest import ManifestDirectory, ManifestModel, save_listed_tensors, trainer_hashes, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def save_warmup(trainer, theta: torch.Tensor, adam: AdamState, seconds: float) -
     try:
         save_listed_tensors(path, manifest, STATE_FILE, {"theta": theta, "adam_m": adam.m, "adam_v": adam.v})
         write_manifest(path, manifest)
-    except OSError as err:
+    except (OSError, ConfigError) as err:  # ConfigError: a file lies in the cache's path (make_output_dir)
         logger.warning("could not write the warm-up cache entry %s (%s); continuing without it", path, err)
         return None
     logger.info("warm-up phase cached in %s", path)

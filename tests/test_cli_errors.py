@@ -225,3 +225,28 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, comm
     rc, _, err = _run(command + ["--quiet", "--out", str(f / "sub" if under else f)], capsys)
     _assert_clean_error(rc, err, "is a file, not a directory")
     assert f.read_text() == "x"
+
+
+def test_library_writers_refuse_an_output_under_a_file(tiny_cfg, tiny_trainer, tmp_path):
+    """Called as a library (no CLI check before them), the writers raise ConfigError naming the
+    file in the way, before any training, instead of NotADirectoryError after it."""
+    from currsearch.ablate import train_partitions
+    from currsearch.errors import ConfigError
+    from currsearch.export import export_order
+    from currsearch.reports.common import write_result_files
+    from currsearch.study import make_storage
+
+    f = tmp_path / "file"
+    f.write_text("x")
+    calls = [
+        lambda: record(tiny_cfg, f, progress=False, trainer=tiny_trainer),
+        lambda: record(tiny_cfg, f / "store", progress=False, trainer=tiny_trainer),
+        lambda: train_partitions(tiny_cfg, f / "models", trainer=tiny_trainer),
+        lambda: write_result_files(f / "report", "r", {"x": 1}, "# r\n"),
+        lambda: export_order(f / "order.json", list(range(8))),
+        lambda: make_storage(f / "study.journal"),
+    ]
+    for call in calls:
+        with pytest.raises(ConfigError, match="is a file, not a directory"):
+            call()
+    assert f.read_text() == "x"

@@ -7,13 +7,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import optuna
 import torch
 
 from ..errors import ConfigError
+from ..manifest import make_output_dir
 from ..search import ask_and_tell, check_resume, make_sampler
 from ..study import make_storage, optuna_warnings_only
 from .merge import MergeEstimator
@@ -295,8 +295,7 @@ def run_subset_search(models, out=None, n_trials: int = 64, sampler="tpe", weigh
     models = as_models(models)
     est = MergeEstimator(models)
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = make_output_dir(out)
         storage = storage or str(out / "study.journal")
     res = search_subsets(est, n_trials=n_trials, sampler=sampler, weights=weights, objective=objective, storage=storage,
                          seed=seed, batch_size=batch_size, progress=progress)

@@ -28,7 +28,9 @@ from ..adam import AdamState, lr_at
 from ..errors import ConfigError, StoreError
 from ..manifest import (
     TRAJECTORY_SECTIONS,
+    check_output_dir,
     config_diff,
+    make_output_dir,
     remove_partial_writes,
     save_listed_tensors,
     tensor_sha256,
@@ -163,6 +165,7 @@ def train_partitions(cfg, out, partitions=None, split: int = 1, epochs: int = 1,
             another config, partitions, budget or data. A missing, truncated or modified file
             is not an error: it is deleted and trained again (a warning names it).
     """
+    check_output_dir(out)
     out = Path(out)
     if trainer is not None and config_diff(trainer.cfg.to_dict(), cfg.to_dict()):
         raise ConfigError("train_partitions(): the given trainer was built from another config; pass the trainer of this config")
@@ -192,8 +195,7 @@ def train_partitions(cfg, out, partitions=None, split: int = 1, epochs: int = 1,
         if out.exists() and any(out.iterdir()):
             raise StoreError(f"output directory {str(out)!r} exists, is not empty and holds no partition models; choose another --out")
         m = _new_manifest(cfg, tr, parts, epochs, n)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "partitions").mkdir(exist_ok=True)
+    make_output_dir(out / "partitions")
     remove_partial_writes(out)
     base_seconds0, train_seconds0 = m["base_seconds"], m["train_seconds"]
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-from ..errors import ConfigError, CurrsearchError
+from ..errors import CurrsearchError
+from ..manifest import check_output_dir
 from . import ablate, analyze, benchmark, run, search, train
 from .common import csv_list, progress_logging, resolve_config  # noqa: F401  (csv_list, resolve_config: used by the benchmarks)
 
@@ -40,31 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
 OUTPUT_DIR_OPTIONS = ("out", "store_dir")
 
 
-def check_output_dir(path, option: str = "out") -> None:
-    """Refuse an output directory that is an existing file or lies under one, before any work
-    (else ``mkdir`` fails with ``FileExistsError``/``NotADirectoryError`` after it).
-
-    Raises:
-        ConfigError: ``path`` or one of its existing parents is not a directory; the message
-            names the option to change.
-    """
-    if path is None:
-        return
-    p = Path(path).expanduser().absolute()
-    for q in (p, *p.parents):
-        if q.exists():
-            if not q.is_dir():
-                flag = "--" + option.replace("_", "-")
-                raise ConfigError(f"{flag} {str(path)!r}: {str(q)!r} is a file, not a directory; pass another {flag}")
-            return
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``currsearch`` command; returns the exit status (0, or 2 after one ``error:`` line)."""
     try:
         args = build_parser().parse_args(argv)
         for option in OUTPUT_DIR_OPTIONS:
-            check_output_dir(getattr(args, option, None), option)
+            check_output_dir(getattr(args, option, None), "--" + option.replace("_", "-"))
         with progress_logging(getattr(args, "quiet", False)):
             return args.func(args)
     except CurrsearchError as err:

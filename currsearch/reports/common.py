@@ -11,7 +11,7 @@ from typing import Sequence
 
 import optuna
 
-from ..manifest import atomic_write_bytes
+from ..manifest import atomic_write_bytes, make_output_dir
 from ..results import json_safe, to_json
 
 
@@ -32,8 +32,7 @@ def write_json(path, result) -> Path:
 def write_result_files(out_dir, name: str, result, markdown: str) -> list[Path]:
     """Create ``out_dir`` and write a report's ``NAME.json`` (:func:`write_json`: the whole result,
     NaN as null) and ``NAME.md`` (``markdown``), each atomically; returns ``[json path, md path]``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(out_dir)
     paths = [write_json(out / f"{name}.json", result), out / f"{name}.md"]
     atomic_write_bytes(paths[1], markdown.encode())
     return paths

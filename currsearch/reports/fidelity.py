@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fidelity import group_of
-from ..manifest import atomic_write_bytes
+from ..manifest import atomic_write_bytes, make_output_dir
 from .common import fmt, markdown_table, pyplot, save_figure, write_result_files
 
 #: Titles of the optimizer-state settings in the combined report.
@@ -129,8 +129,7 @@ def write_settings_report(results: dict, out_dir) -> list[Path]:
     """Write each setting's report into ``out_dir/<setting>`` (:func:`write_report`) and the
     combined ``out_dir/fidelity.md``; ``results`` is ``{setting: result}``
     (:func:`currsearch.fidelity.run_fidelity_settings`). Returns the paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(out_dir)
     paths = [p for s, r in results.items() for p in write_report(r, out / s)]
     body = "\n".join(render_markdown(r, f"{s}: {SETTING_TITLES.get(s, s)}") for s, r in results.items())
     atomic_write_bytes(out / "fidelity.md", f"# Fidelity benchmark\n\n{body}".encode())

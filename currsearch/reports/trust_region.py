@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..export import export_order
-from ..manifest import atomic_write_bytes
+from ..manifest import atomic_write_bytes, make_output_dir
 from ..trust_region import TrustRegionResult
 from .common import fmt, history_plot, markdown_table
 
@@ -34,8 +34,7 @@ def write_trust_region_report(result: TrustRegionResult, out_dir) -> list[Path]:
     """Write ``trust_region.md``, ``trust_region_rounds.png`` (verified losses per round: the
     incumbent and the retrained candidates, with the best so far) and ``best_order.json`` (the
     final incumbent) into ``out_dir``; returns the paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(out_dir)
     atomic_write_bytes(out / "trust_region.md", render_trust_region_markdown(result).encode())
     xs, ys = [], []
     for x in result.rounds:

@@ -9,7 +9,7 @@ import torch
 from matplotlib.patches import Patch
 
 from ..export import export_order
-from ..manifest import atomic_write_bytes
+from ..manifest import atomic_write_bytes, make_output_dir
 from ..results import to_json
 from ..verify import VerificationResult, VerificationSummary, summarize
 from .common import fmt, markdown_table, pyplot, save_figure, study_history_plot, write_json
@@ -95,8 +95,7 @@ def write_report(out_dir, result: VerificationResult, study=None, extra: dict | 
     (when ``study`` is given), ``estimated_vs_verified.png``, ``best_order_domains.png`` and
     ``best_order.json`` (the best verified searched order, else the best verified candidate)
     into ``out_dir``; returns the paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(out_dir)
     summary = summarize(result)
     best = summary.best_searched or result.best()
     write_json(out / "report.json", {**to_json(result), "summary": to_json(summary), "best": best, **(extra or {})})
