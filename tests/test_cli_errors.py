@@ -88,6 +88,17 @@ def test_bad_storage(tmp_path, capsys, storage, small_store):
     assert not out.exists()
 
 
+def test_search_set_applies_to_the_store_config(tmp_path, capsys, small_store):
+    """``search --store S --set k=v`` checks the store's config with the override, not the
+    defaults with it: a key that changes no number passes, a trajectory key is refused alone."""
+    base = ["search", "--quiet", "--store", str(small_store.path), "--out", str(tmp_path / "s"), "--trials", "2"]
+    rc, _, err = _run(base + ["--set", f"train.warmup_cache={tmp_path / 'wc'}"], capsys)
+    assert rc == 0, err
+    rc, _, err = _run(base + ["--set", "optim.lr=0.0123"], capsys)
+    _assert_clean_error(rc, err, "optim.lr")
+    assert "data." not in err and "model." not in err
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["run", "--random", "-1", "--rounds", "0", "--estimator", "additive"], "random"),  # 16
     (["run", "--top-k", "0"], "top_k"),                                              # 19

@@ -53,7 +53,7 @@ def cmd_search(args) -> int:
     s = SearchSettings(**given(args, *SEARCH_OPTIONS), storage=args.storage or str(out.resolve() / "study.journal"))
     store = TrajectoryStore.open(args.store)
     if args.config or args.set:
-        store.check_config(resolve_config(args.config, args.set))
+        store.check_config(resolve_config(args.config, args.set, store.config()))  # --set alone: on the store's config
     if args.storage:
         make_storage(args.storage)  # a bad URL fails here, before anything is written
     backend = _backend(args, store, s)
