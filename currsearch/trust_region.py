@@ -76,8 +76,7 @@ class TrustRegionSettings(Settings):
             tiny model (tests: 0.04 s per run) alone exceed the budget's share.
         run_seconds: wall seconds of one real run, the unit of ``budget`` (> 0; e.g. the
             pipeline's ledger unit, so that both count alike; None: measured by the rounds, the
-            mean of their retrained orders; in the first round, before any retrained run, its
-            recorded training steps times :data:`FIRST_UNIT_MARGIN`).
+            mean of their retrained orders, in the first round its recorded training steps).
 
     Raises:
         ConfigError: (on construction) a value out of range or an unknown key.
@@ -268,23 +267,14 @@ def _save_rounds(state_path: Path, settings: dict, rounds: list[TrustRegionRound
     atomic_write_bytes(state_path, json.dumps({"settings": settings, "rounds": to_json(rounds)}, indent=1).encode())
 
 
-#: The first round's unit before any retrained run is its recorded reference run's training
-#: steps, timed once; the round's spend is then counted in the mean time of its retrained runs.
-#: Under load those differ: in the eighth session the recorded steps took 1.2x the retrained
-#: runs (1.92 s against 1.6 s, four jobs on two cores) and the first round at N = 64 spent 69.3.
-#: The search's time limit takes the unit this much smaller, so a unit measured up to 1.25x too
-#: slow still keeps the round within the budget.
-FIRST_UNIT_MARGIN = 0.8
-
-
 def _search_seconds(s: TrustRegionSettings, done: list[TrustRegionRound], store, spent_s: float) -> float | None:
     """Wall seconds a round's search may still take under ``s.budget`` (None: no limit): the
     run equivalents left after the finished rounds, less the round's retraining, in seconds of
     one real run (the finished rounds' retrained runs, else this round's recorded training
-    steps times :data:`FIRST_UNIT_MARGIN`), less the ``spent_s`` seconds the round has taken so far."""
+    steps), less the ``spent_s`` seconds the round has taken so far."""
     if s.budget is None:
         return None
-    run_s = s.run_seconds or _retrained_run_seconds(done) or store.manifest["reference_seconds"] * FIRST_UNIT_MARGIN
+    run_s = s.run_seconds or _retrained_run_seconds(done) or store.manifest["reference_seconds"]
     left = s.budget - (sum(rounds_run_equivalents(done, s.run_seconds)) if done else 0.0) - s.top_k
     return left * run_s - spent_s
 
