@@ -37,13 +37,14 @@ from estimators import get_estimator
 
 from .backends import SerialBackend
 from .config import SAMPLER_SEED_MAX, Config
-from .errors import ConfigError
+from .errors import ConfigError, StoreError
 from .manifest import TRAJECTORY_SECTIONS, atomic_write_bytes, config_diff, make_output_dir
 from .orders import validate_orders
 from .record import record
 from .results import to_json
 from .search import SearchSettings, run_search
 from .settings import Settings
+from .store import TrajectoryStore
 from .train import Trainer
 from .verify import RefinementSummary, VerificationResult, verify
 
@@ -75,8 +76,9 @@ class TrustRegionSettings(Settings):
             (recording with checkpoint writes, opening the store and study), which on a
             tiny model (tests: 0.04 s per run) alone exceed the budget's share.
         run_seconds: wall seconds of one real run, the unit of ``budget`` (> 0; e.g. the
-            pipeline's ledger unit, so that both count alike; None: measured by the rounds, the
-            mean of their retrained orders, in the first round its recorded training steps).
+            pipeline's ledger unit, so that both count alike; None: the first round's recorded
+            training steps, ``reference_seconds`` of ``round_0/store``, one unit for planning
+            and counting every round; :func:`first_round_unit`).
 
     Raises:
         ConfigError: (on construction) a value out of range or an unknown key.
@@ -199,6 +201,22 @@ def _retrained_run_seconds(rounds: list[TrustRegionRound]) -> float | None:
     """Mean wall seconds of the rounds' retrained candidates (None when none was retrained)."""
     retrained = sum(len(x.candidates) for x in rounds)
     return sum(x.seconds["verify"] for x in rounds) / retrained if retrained else None
+
+
+def first_round_unit(out_dir) -> float | None:
+    """The unit of a trust-region run given no ``run_seconds``: the wall seconds of the first
+    round's recorded training steps (``reference_seconds`` in ``OUT/round_0/store``'s manifest),
+    None when that store is gone (the rounds then count in their retrained runs' mean time).
+
+    One unit, fixed once measured, plans and counts every round. A unit re-measured from each
+    round's two or three retrained runs followed the machine's load: when the load changed in
+    the middle of a run, the first round at N = 64 was counted at 81.1 and 85.8 run
+    equivalents after it had been planned within 64 (thirteenth session, seeds 1 and 2).
+    """
+    try:
+        return float(TrajectoryStore.read_manifest(Path(out_dir) / "round_0" / "store")["reference_seconds"])
+    except StoreError:
+        return None
 
 
 def _fits_budget(rounds: list[TrustRegionRound], s: TrustRegionSettings) -> bool:
@@ -387,6 +405,8 @@ def run_trust_region(cfg: Config, out_dir, settings: TrustRegionSettings | None 
             if progress:
                 _log_round(rounds[-1])
         incumbent, radius = torch.tensor(rounds[-1].next_incumbent), rounds[-1].next_radius
+        if s.run_seconds is None and (unit := first_round_unit(out)) is not None:
+            s = s.model_copy(update={"run_seconds": unit})
     return TrustRegionResult.from_rounds(rounds, s.objective, s.estimator, time.perf_counter() - t_all, s.run_seconds)
 
 

@@ -9,7 +9,8 @@ import torch
 from currsearch.cli import main
 from currsearch.errors import ConfigError, OrderError, StoreError
 from currsearch.record import record
-from currsearch.trust_region import rounds_run_equivalents, run_trust_region
+from currsearch.store import TrajectoryStore
+from currsearch.trust_region import first_round_unit, rounds_run_equivalents, run_trust_region
 from estimators import get_estimator
 from search_spaces import BatchInfo, get_space
 from search_spaces.local import transpositions_between
@@ -65,10 +66,15 @@ def test_trust_region_rounds_resume_and_cli(tiny_cfg, tmp_path):
     assert rs[1].incumbent == rs[0].next_incumbent
     again = run_trust_region(tiny_cfg, tmp_path / "tr", **kw)  # finished rounds are read back, not rerun
     assert again.rounds == rs
-    spent = rounds_run_equivalents(rs)
-    assert res.run_equivalents == pytest.approx(sum(spent)) and min(spent) >= 1  # at least its recorded run
+    # one unit counts every round: the first round's recorded training steps, also when read back
+    unit = first_round_unit(tmp_path / "tr")
+    assert unit == TrajectoryStore.open(tmp_path / "tr" / "round_0" / "store").manifest["reference_seconds"] > 0
+    spent = rounds_run_equivalents(rs, unit)
+    assert res.run_equivalents == pytest.approx(sum(spent)) == again.run_equivalents
+    assert min(spent) >= 1  # at least its recorded run
+    assert first_round_unit(tmp_path) is None  # no first round there
     # a budget stops before a round that the costliest finished one says would not fit (here read back, as on resume)
-    first = rounds_run_equivalents(rs[:1])[0]
+    first = spent[0]
     assert run_trust_region(tiny_cfg, tmp_path / "tr", **kw, budget=2 * first).rounds == rs
     clipped = run_trust_region(tiny_cfg, tmp_path / "tr", **kw, budget=2 * first - 0.01)
     assert clipped.rounds == rs[:1] and clipped.verified_runs == 2
