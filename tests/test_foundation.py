@@ -148,17 +148,6 @@ def test_yaml_config_and_overrides(tmp_path):
     cfg = resolve_config(str(y), ["optim.lr=0.01", "data.batching=mixed"])
     assert cfg.data.num_batches == 12 and cfg.optim.lr == 0.01 and cfg.data.batching == "mixed"
     assert load_config(None) == Config()
-    # a key given twice is refused, as TOML does, instead of the last one winning silently
-    y.write_text("data:\n  num_batches: 12\n  num_batches: 16\n")
-    with pytest.raises(ConfigError, match=r"'num_batches' is given twice[\s\S]*line 3"):
-        load_config(y)
-    y.write_text("data:\n  num_batches: 12\ndata:\n  seed: 3\n")
-    with pytest.raises(ConfigError, match="'data' is given twice"):
-        load_config(y)
-    t = tmp_path / "c.toml"
-    t.write_text("[data]\nnum_batches = 12\nnum_batches = 16\n")
-    with pytest.raises(ConfigError, match="does not parse"):
-        load_config(t)
 
 
 # ---------------------------------------------------------------- bad input, each caught before training
@@ -244,10 +233,17 @@ def test_bad_config_files(tmp_path):
     f.write_text("x")
     with pytest.raises(ConfigError, match=".toml"):
         load_config(f)
-    f = tmp_path / "c.toml"
-    f.write_text("[data\n")
-    with pytest.raises(ConfigError, match="does not parse"):
-        load_config(f)
+    for name, text, fragment in [
+        ("c.toml", "[data\n", "does not parse"),
+        # a key given twice is refused (TOML's rule; PyYAML would keep the last one silently)
+        ("c.toml", "[data]\nnum_batches = 12\nnum_batches = 16\n", "does not parse"),
+        ("c.yaml", "data:\n  num_batches: 12\n  num_batches: 16\n", r"'num_batches' is given twice[\s\S]*line 3"),
+        ("c.yaml", "data:\n  num_batches: 12\ndata:\n  seed: 3\n", "'data' is given twice"),
+    ]:
+        f = tmp_path / name
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=fragment):
+            load_config(f)
 
 
 def test_cli_reports_errors_cleanly(capsys):
