@@ -72,6 +72,8 @@ def check_output_dir(path, option: str = "--out") -> None:
         return
     p = Path(path).expanduser().absolute()
     for q in (p, *p.parents):
+        if q.is_symlink() and not q.exists():
+            raise ConfigError(f"{option} {str(path)!r}: {str(q)!r} is a link to nothing; remove it or pass another {option}")
         if q.exists():
             if not q.is_dir():
                 raise ConfigError(f"{option} {str(path)!r}: {str(q)!r} is a file, not a directory; pass another {option}")
@@ -86,7 +88,7 @@ def make_output_dir(path, option: str = "--out") -> Path:
         ConfigError: as :func:`check_output_dir`.
     """
     check_output_dir(path, option)
-    path = Path(path)
+    path = Path(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -497,6 +499,7 @@ class ManifestDirectory:
 
         Raises:
             OSError: the directory is not writable.
+            ConfigError: a file is in the way of ``rel``'s folder (:func:`make_output_dir`).
         """
         with self._manifest_lock():
             atomic_write_bytes(self.path / rel, data)

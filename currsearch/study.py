@@ -96,8 +96,9 @@ def drop_partial_record(journal: Path, lock) -> int:
     under ``lock`` (a live writer's append is never cut). Returns the bytes removed.
     """
     try:
-        if journal.stat().st_size == 0:
-            return 0
+        with open(journal, "rb") as f:  # the common case, a whole last line, needs no lock
+            if f.seek(0, os.SEEK_END) == 0 or (f.seek(-1, os.SEEK_END) >= 0 and f.read(1) == b"\n"):
+                return 0
     except FileNotFoundError:
         return 0
     lock.acquire()
@@ -135,7 +136,7 @@ def make_storage(storage, lock_grace_s: float = LOCK_GRACE_S) -> optuna.storages
     s = str(storage)
     if s.endswith(".journal"):
         path = Path(s).expanduser().resolve()  # absolute: Optuna's symlink lock must point at the file
-        make_output_dir(path.parent, "storage")
+        make_output_dir(path.parent, "--storage")
         release_stale_lock(path, lock_grace_s)
         lock = JournalFileSymlinkLock(str(path), grace_period=max(1, round(lock_grace_s)))
         drop_partial_record(path, lock)

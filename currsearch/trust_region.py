@@ -206,17 +206,32 @@ def _retrained_run_seconds(rounds: list[TrustRegionRound]) -> float | None:
 def first_round_unit(out_dir) -> float | None:
     """The unit of a trust-region run given no ``run_seconds``: the wall seconds of the first
     round's recorded training steps (``reference_seconds`` in ``OUT/round_0/store``'s manifest),
-    None when that store is gone (the rounds then count in their retrained runs' mean time).
+    saved in ``trust_region.json`` once measured (a resume reads it there, also when the store
+    is gone); None when neither holds it (the rounds then count in their retrained runs' mean time).
 
     One unit, fixed once measured, plans and counts every round. A unit re-measured from each
     round's two or three retrained runs followed the machine's load: when the load changed in
     the middle of a run, the first round at N = 64 was counted at 81.1 and 85.8 run
     equivalents after it had been planned within 64 (thirteenth session, seeds 1 and 2).
     """
+    saved = Path(out_dir) / "trust_region.json"
+    try:
+        unit = json.loads(saved.read_text(encoding="utf-8")).get("run_seconds") if saved.is_file() else None
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        unit = None  # _load_rounds names the damage
+    if isinstance(unit, (int, float)) and unit > 0:
+        return float(unit)
     try:
         return float(TrajectoryStore.read_manifest(Path(out_dir) / "round_0" / "store")["reference_seconds"])
     except StoreError:
         return None
+
+
+def _with_unit(s: TrustRegionSettings, out: Path) -> TrustRegionSettings:
+    """``s`` with ``run_seconds`` fixed to :func:`first_round_unit` when none was given and it is known."""
+    if s.run_seconds is None and (unit := first_round_unit(out)) is not None:
+        return s.model_copy(update={"run_seconds": unit})
+    return s
 
 
 def _fits_budget(rounds: list[TrustRegionRound], s: TrustRegionSettings) -> bool:
@@ -281,8 +296,11 @@ def _load_rounds(state_path: Path, settings: dict) -> list[TrustRegionRound]:
         raise ConfigError(damaged.format(f"a round is malformed: {type(err).__name__}: {err}")) from None
 
 
-def _save_rounds(state_path: Path, settings: dict, rounds: list[TrustRegionRound]) -> None:
-    atomic_write_bytes(state_path, json.dumps({"settings": settings, "rounds": to_json(rounds)}, indent=1).encode())
+def _save_rounds(state_path: Path, settings: dict, rounds: list[TrustRegionRound], run_seconds: float | None) -> None:
+    """Write ``trust_region.json``: the settings, the finished rounds and the unit they count in
+    (:func:`first_round_unit`; None before the first round's store exists)."""
+    atomic_write_bytes(state_path, json.dumps({"settings": settings, "rounds": to_json(rounds), "run_seconds": run_seconds},
+                                              indent=1).encode())
 
 
 def _search_seconds(s: TrustRegionSettings, done: list[TrustRegionRound], store, spent_s: float) -> float | None:
@@ -393,6 +411,7 @@ def run_trust_region(cfg: Config, out_dir, settings: TrustRegionSettings | None 
     trainer.window_start(progress=progress)  # the warm-up phase (cached on disk) is no round's cost
     t_all = time.perf_counter()
     rounds: list[TrustRegionRound] = []
+    s = _with_unit(s, out)
     for r in range(s.rounds):  # resume: finished rounds are read back, under the same budget rule
         if not _fits_budget(rounds, s):
             break
@@ -401,12 +420,11 @@ def run_trust_region(cfg: Config, out_dir, settings: TrustRegionSettings | None 
         else:  # a round whose search a budget cut is finished again, under this call's budget
             rounds.append(_run_round(r, s, rcfg, trainer, out / f"round_{r}", incumbent, radius, max_radius, obj,
                                      progress, rounds, done[r] if r < len(done) else None))
-            _save_rounds(state_path, state, rounds)
+            s = _with_unit(s, out)
+            _save_rounds(state_path, state, rounds, s.run_seconds)
             if progress:
                 _log_round(rounds[-1])
         incumbent, radius = torch.tensor(rounds[-1].next_incumbent), rounds[-1].next_radius
-        if s.run_seconds is None and (unit := first_round_unit(out)) is not None:
-            s = s.model_copy(update={"run_seconds": unit})
     return TrustRegionResult.from_rounds(rounds, s.objective, s.estimator, time.perf_counter() - t_all, s.run_seconds)
 
 

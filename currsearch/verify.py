@@ -25,6 +25,7 @@ import torch
 
 from search_spaces import BatchInfo, heuristic_orders
 
+from .errors import ConfigError
 from .orders import random_order, reference_order, validate_orders
 
 logger = logging.getLogger(__name__)
@@ -198,7 +199,7 @@ def _keep_runs(store, done: dict) -> bool:
     try:
         store.write_listed_bytes(VERIFIED_RUNS, json.dumps(data).encode())
         return True
-    except OSError as err:
+    except (OSError, ConfigError) as err:
         logger.warning("could not keep the verified runs in %s (%s); a killed verification retrains them",
                        store.path, err)
         return False

@@ -180,7 +180,7 @@ def load_or_fit_runs(store, name: str, run_settings: list, make_orders, regress,
     def save():
         try:
             store.write_listed_bytes(rel, json.dumps(data).encode())
-        except OSError as err:
+        except (OSError, ConfigError) as err:
             logger.warning("%s: could not cache the fit in %s (%s); every process that fits this estimator on this "
                            "store repeats the real runs", name, path, err)
 

@@ -148,6 +148,10 @@ def test_yaml_config_and_overrides(tmp_path):
     cfg = resolve_config(str(y), ["optim.lr=0.01", "data.batching=mixed"])
     assert cfg.data.num_batches == 12 and cfg.optim.lr == 0.01 and cfg.data.batching == "mixed"
     assert load_config(None) == Config()
+    # YAML merge keys still load, and an explicit key overrides a merged one (not a duplicate)
+    from currsearch.config import _load_yaml
+
+    assert _load_yaml("b: &b {x: 1, y: 2}\nd:\n  <<: *b\n  y: 3\n")["d"] == {"x": 1, "y": 3}
 
 
 # ---------------------------------------------------------------- bad input, each caught before training

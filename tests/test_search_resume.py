@@ -311,3 +311,4 @@ def test_a_journal_record_cut_by_a_kill_is_dropped_before_the_rerun_appends(stor
     assert journal.read_bytes().startswith(intact)  # nothing complete was lost
     for line in journal.read_bytes().splitlines():
         json.loads(line)  # every record is whole
+    assert not (tmp_path / "study.journal.lock").exists()  # the lock taken for the cut was released

@@ -1,6 +1,7 @@
 """Trust-region rounds: stores recorded along any order, the local space, resume, CLI."""
 
 import json
+import shutil
 
 import optuna
 import pytest
@@ -73,6 +74,11 @@ def test_trust_region_rounds_resume_and_cli(tiny_cfg, tmp_path):
     assert res.run_equivalents == pytest.approx(sum(spent)) == again.run_equivalents
     assert min(spent) >= 1  # at least its recorded run
     assert first_round_unit(tmp_path) is None  # no first round there
+    # the unit is saved with the rounds: a resume counts alike when the first round's store is gone
+    assert json.loads((tmp_path / "tr" / "trust_region.json").read_text())["run_seconds"] == unit
+    shutil.move(tmp_path / "tr" / "round_0" / "store", tmp_path / "store_0")
+    assert run_trust_region(tiny_cfg, tmp_path / "tr", **kw).run_equivalents == res.run_equivalents
+    shutil.move(tmp_path / "store_0", tmp_path / "tr" / "round_0" / "store")
     # a budget stops before a round that the costliest finished one says would not fit (here read back, as on resume)
     first = spent[0]
     assert run_trust_region(tiny_cfg, tmp_path / "tr", **kw, budget=2 * first).rounds == rs

@@ -55,7 +55,8 @@ class AblationModels(ManifestDirectory):
         "schema": "{path!r} has schema version {version}, this currsearch reads version {expected}; "
                   "upgrade currsearch or retrain the partition models",
         "incomplete": "partition models in {path!r} are incomplete ({progress}); run `currsearch ablate train --out {path}` again to resume",
-        "file_missing": "file {file!r} is missing; rerun `currsearch ablate train --out {path}` to train it again",
+        "file_missing": "file {file!r} is missing; rerun `currsearch ablate train --out {path}` (with the same config, "
+                        "--split and --epochs) to train it again",
         "file_size": "file {file!r} has {size} bytes, the manifest says {expected} (truncated or modified)",
         "file_hash": "file {file!r} does not match its SHA-256 in the manifest (modified or corrupt)",
         "config": "partition models in {path!r} were trained with another config; differs in: {diff} "
@@ -72,6 +73,13 @@ class AblationModels(ManifestDirectory):
         self.P: int = manifest["P"]
         self.steps: int = manifest["steps_per_partition"]
         self.eval_names: list[str] = manifest["eval_names"]
+
+    def expected_files(self) -> list[str]:
+        """Files the manifest's progress says were written: the base once its hash is recorded,
+        and the finished partition models."""
+        done = set(self.manifest["partitions_done"])
+        return (["base.safetensors"] if "base" in self.manifest["hashes"] else []) + [
+            partition_file(k) for k, p in enumerate(self.partitions) if p.name in done]
 
     @classmethod
     def progress(cls, manifest: dict) -> str:

@@ -92,16 +92,17 @@ def _new_manifest(cfg, tr, parts, epochs: int, n: int) -> dict:
 def _forget_damaged(out: Path, m: dict, parts, damaged: list[str]) -> None:
     """Make a manifest forget damaged files (missing, truncated, modified or unlisted) so that
     :func:`train_partitions` writes them again, in place: a damaged partition model is trained
-    again, a damaged base is recomputed from the warm-up phase (bit-identical, so the intact
-    partition models stay valid). Each damaged file is deleted and its entry removed."""
+    again, a damaged base is recomputed from the warm-up phase (when it comes out other than
+    the stored hash, every partition model is trained again). Each damaged file is deleted and
+    its entry removed."""
     names = {partition_file(k): p.name for k, p in enumerate(parts)}
     for rel in damaged:
         m["files"].pop(rel, None)
         (out / rel).unlink(missing_ok=True)
+        m["phase"] = "partitions"
         if rel in names:
             m["partitions_done"] = [n for n in m["partitions_done"] if n != names[rel]]
             m["seconds"].pop(names[rel], None)
-            m["phase"] = "partitions"
 
 
 def _train_missing(tr, out: Path, m: dict, parts, n: int, start, train_seconds0: float, progress: bool,
@@ -203,10 +204,15 @@ def train_partitions(cfg, out, partitions=None, split: int = 1, epochs: int = 1,
         t0 = time.perf_counter()
         s = tr.window_start(progress=progress)
         m["base_seconds"] = base_seconds0 + time.perf_counter() - t0
+        base = tensor_sha256(s.theta)
+        if m["hashes"].get("base", base) != base:  # a recomputed base that differs: the kept models sit on the old one
+            logger.warning("partition models %s: the recomputed base differs from the stored one; training every "
+                           "partition model again", out)
+            _forget_damaged(out, m, parts, [partition_file(k) for k, p in enumerate(parts) if p.name in m["partitions_done"]])
         save_listed_tensors(out, m, "base.safetensors", {
             "theta": s.theta, "adam_m": s.adam.m, "adam_v": s.adam.v,
             "adam_step": torch.tensor(s.adam.step, dtype=torch.int64), "eval_loss": tr.evaluate(s.theta)})
-        m["hashes"]["base"] = tensor_sha256(s.theta)
+        m["hashes"]["base"] = base
         write_manifest(out, m)
     models = AblationModels(out, m)
     _train_missing(tr, out, m, parts, n, models.window_start(tr.device), train_seconds0, progress, crash_after)
