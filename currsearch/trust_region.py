@@ -37,14 +37,13 @@ from estimators import get_estimator
 
 from .backends import SerialBackend
 from .config import SAMPLER_SEED_MAX, Config
-from .errors import ConfigError, StoreError
+from .errors import ConfigError
 from .manifest import TRAJECTORY_SECTIONS, atomic_write_bytes, config_diff, make_output_dir
 from .orders import validate_orders
 from .record import record
 from .results import to_json
 from .search import SearchSettings, run_search
 from .settings import Settings
-from .store import TrajectoryStore
 from .train import Trainer
 from .verify import RefinementSummary, VerificationResult, verify
 
@@ -76,9 +75,8 @@ class TrustRegionSettings(Settings):
             (recording with checkpoint writes, opening the store and study), which on a
             tiny model (tests: 0.04 s per run) alone exceed the budget's share.
         run_seconds: wall seconds of one real run, the unit of ``budget`` (> 0; e.g. the
-            pipeline's ledger unit, so that both count alike; None: the first round's recorded
-            training steps, ``reference_seconds`` of ``round_0/store``, one unit for planning
-            and counting every round; :func:`first_round_unit`).
+            pipeline's ledger unit, so that both count alike; None: each round counts in its
+            own ``unit_seconds``, measured in the round, :class:`TrustRegionRound`).
 
     Raises:
         ConfigError: (on construction) a value out of range or an unknown key.
@@ -132,7 +130,11 @@ class TrustRegionRound:
         next_incumbent, next_radius, next_incumbent_loss: the state after the round;
         seconds: ``{"record", "search", "verify"}`` wall seconds;
         search_cut: the budget stopped the round's search before its ``trials`` (such a round
-            is finished again when read back: :func:`run_trust_region`).
+            is finished again when read back: :func:`run_trust_region`);
+        unit_seconds: wall seconds of one real run in this round, the mean of the training
+            steps of its timed runs (its recorded reference run and its retrained candidates,
+            :attr:`~currsearch.train.TrainResult.seconds`; the main job's ledger unit is the
+            same kind of time); None in rounds written before the field.
     """
 
     round: int
@@ -150,6 +152,7 @@ class TrustRegionRound:
     next_incumbent_loss: float
     seconds: dict[str, float]
     search_cut: bool = False
+    unit_seconds: float | None = None
 
     @classmethod
     def from_json(cls, d: dict) -> TrustRegionRound:
@@ -190,48 +193,23 @@ class TrustRegionResult:
 def rounds_run_equivalents(rounds: list[TrustRegionRound], run_seconds: float | None = None) -> list[float]:
     """Each round's measured spend in real-run equivalents: its wall seconds (recording,
     search with its estimates, retraining) over ``run_seconds``, the seconds of one real run
-    (None: the mean over the rounds' retrained candidates, as the pipeline's ledger takes its
-    unit from retrained orders, or over their recordings, one run each, when no candidate was
-    retrained)."""
-    run_s = run_seconds or _retrained_run_seconds(rounds) or sum(x.seconds["record"] for x in rounds) / len(rounds)
-    return [sum(x.seconds.values()) / run_s for x in rounds]
+    (None: each round's own :attr:`~TrustRegionRound.unit_seconds`, measured in the round, so
+    a round's count is final when it ends and follows the machine's speed at that time; rounds
+    written before that field: the mean over the rounds' retrained candidates, or over their
+    recordings when no candidate was retrained).
+
+    A unit re-measured after each round from the mean of all the rounds' 2-3 retrained runs
+    changed the counts of finished rounds: when the machine's load changed in the middle of
+    a run, first rounds planned within N = 64 were counted at 81.1 and 85.8 (thirteenth session).
+    """
+    old = run_seconds or _retrained_run_seconds(rounds) or sum(x.seconds["record"] for x in rounds) / len(rounds)
+    return [sum(x.seconds.values()) / (run_seconds or x.unit_seconds or old) for x in rounds]
 
 
 def _retrained_run_seconds(rounds: list[TrustRegionRound]) -> float | None:
     """Mean wall seconds of the rounds' retrained candidates (None when none was retrained)."""
     retrained = sum(len(x.candidates) for x in rounds)
     return sum(x.seconds["verify"] for x in rounds) / retrained if retrained else None
-
-
-def first_round_unit(out_dir) -> float | None:
-    """The unit of a trust-region run given no ``run_seconds``: the wall seconds of the first
-    round's recorded training steps (``reference_seconds`` in ``OUT/round_0/store``'s manifest),
-    saved in ``trust_region.json`` once measured (a resume reads it there, also when the store
-    is gone); None when neither holds it (the rounds then count in their retrained runs' mean time).
-
-    One unit, fixed once measured, plans and counts every round. A unit re-measured from each
-    round's two or three retrained runs followed the machine's load: when the load changed in
-    the middle of a run, the first round at N = 64 was counted at 81.1 and 85.8 run
-    equivalents after it had been planned within 64 (thirteenth session, seeds 1 and 2).
-    """
-    saved = Path(out_dir) / "trust_region.json"
-    try:
-        unit = json.loads(saved.read_text(encoding="utf-8")).get("run_seconds") if saved.is_file() else None
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        unit = None  # _load_rounds names the damage
-    if isinstance(unit, (int, float)) and unit > 0:
-        return float(unit)
-    try:
-        return float(TrajectoryStore.read_manifest(Path(out_dir) / "round_0" / "store")["reference_seconds"])
-    except StoreError:
-        return None
-
-
-def _with_unit(s: TrustRegionSettings, out: Path) -> TrustRegionSettings:
-    """``s`` with ``run_seconds`` fixed to :func:`first_round_unit` when none was given and it is known."""
-    if s.run_seconds is None and (unit := first_round_unit(out)) is not None:
-        return s.model_copy(update={"run_seconds": unit})
-    return s
 
 
 def _fits_budget(rounds: list[TrustRegionRound], s: TrustRegionSettings) -> bool:
@@ -296,21 +274,18 @@ def _load_rounds(state_path: Path, settings: dict) -> list[TrustRegionRound]:
         raise ConfigError(damaged.format(f"a round is malformed: {type(err).__name__}: {err}")) from None
 
 
-def _save_rounds(state_path: Path, settings: dict, rounds: list[TrustRegionRound], run_seconds: float | None) -> None:
-    """Write ``trust_region.json``: the settings, the finished rounds and the unit they count in
-    (:func:`first_round_unit`; None before the first round's store exists)."""
-    atomic_write_bytes(state_path, json.dumps({"settings": settings, "rounds": to_json(rounds), "run_seconds": run_seconds},
-                                              indent=1).encode())
+def _save_rounds(state_path: Path, settings: dict, rounds: list[TrustRegionRound]) -> None:
+    atomic_write_bytes(state_path, json.dumps({"settings": settings, "rounds": to_json(rounds)}, indent=1).encode())
 
 
 def _search_seconds(s: TrustRegionSettings, done: list[TrustRegionRound], store, spent_s: float) -> float | None:
     """Wall seconds a round's search may still take under ``s.budget`` (None: no limit): the
     run equivalents left after the finished rounds, less the round's retraining, in seconds of
-    one real run (the finished rounds' retrained runs, else this round's recorded training
-    steps), less the ``spent_s`` seconds the round has taken so far."""
+    one real run (``s.run_seconds``, else this round's recorded training steps, timed just
+    before its search), less the ``spent_s`` seconds the round has taken so far."""
     if s.budget is None:
         return None
-    run_s = s.run_seconds or _retrained_run_seconds(done) or store.manifest["reference_seconds"]
+    run_s = s.run_seconds or store.manifest["reference_seconds"]
     left = s.budget - (sum(rounds_run_equivalents(done, s.run_seconds)) if done else 0.0) - s.top_k
     return left * run_s - spent_s
 
@@ -340,8 +315,10 @@ def _run_round(r: int, s: TrustRegionSettings, rcfg: Config, trainer, rdir: Path
     inc_est = float(est.estimate(incumbent)[obj])
     cands = [(o, e) for o, e in res.top(len(res.orders)) if not torch.equal(o, incumbent)][:s.top_k]
     t2 = time.perf_counter()
-    verified = [float(trainer.train(o).eval_losses[obj]) for o, _ in cands]
+    runs = [trainer.train(o) for o, _ in cands]
     t3 = time.perf_counter()
+    verified = [float(x.eval_losses[obj]) for x in runs]
+    unit = (store.manifest["reference_seconds"] + sum(x.seconds for x in runs)) / (1 + len(runs))
     if not cands:  # the whole neighbourhood searched was the incumbent
         best_i, predicted, actual = None, 0.0, 0.0
     else:
@@ -358,7 +335,7 @@ def _run_round(r: int, s: TrustRegionSettings, rcfg: Config, trainer, rdir: Path
         next_incumbent=nxt.tolist(), next_radius=_next_radius(radius, rho, improved, s.min_radius, max_radius),
         next_incumbent_loss=verified[best_i] if improved else inc_loss,
         seconds={"record": before["record"] + t1 - t0, "search": before["search"] + t2 - t1, "verify": t3 - t2},
-        search_cut=cut)
+        search_cut=cut, unit_seconds=unit)
 
 
 def _log_round(x: TrustRegionRound) -> None:
@@ -411,7 +388,6 @@ def run_trust_region(cfg: Config, out_dir, settings: TrustRegionSettings | None 
     trainer.window_start(progress=progress)  # the warm-up phase (cached on disk) is no round's cost
     t_all = time.perf_counter()
     rounds: list[TrustRegionRound] = []
-    s = _with_unit(s, out)
     for r in range(s.rounds):  # resume: finished rounds are read back, under the same budget rule
         if not _fits_budget(rounds, s):
             break
@@ -420,8 +396,7 @@ def run_trust_region(cfg: Config, out_dir, settings: TrustRegionSettings | None 
         else:  # a round whose search a budget cut is finished again, under this call's budget
             rounds.append(_run_round(r, s, rcfg, trainer, out / f"round_{r}", incumbent, radius, max_radius, obj,
                                      progress, rounds, done[r] if r < len(done) else None))
-            s = _with_unit(s, out)
-            _save_rounds(state_path, state, rounds, s.run_seconds)
+            _save_rounds(state_path, state, rounds)
             if progress:
                 _log_round(rounds[-1])
         incumbent, radius = torch.tensor(rounds[-1].next_incumbent), rounds[-1].next_radius

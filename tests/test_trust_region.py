@@ -1,7 +1,6 @@
 """Trust-region rounds: stores recorded along any order, the local space, resume, CLI."""
 
 import json
-import shutil
 
 import optuna
 import pytest
@@ -10,8 +9,7 @@ import torch
 from currsearch.cli import main
 from currsearch.errors import ConfigError, OrderError, StoreError
 from currsearch.record import record
-from currsearch.store import TrajectoryStore
-from currsearch.trust_region import first_round_unit, rounds_run_equivalents, run_trust_region
+from currsearch.trust_region import rounds_run_equivalents, run_trust_region
 from estimators import get_estimator
 from search_spaces import BatchInfo, get_space
 from search_spaces.local import transpositions_between
@@ -67,18 +65,12 @@ def test_trust_region_rounds_resume_and_cli(tiny_cfg, tmp_path):
     assert rs[1].incumbent == rs[0].next_incumbent
     again = run_trust_region(tiny_cfg, tmp_path / "tr", **kw)  # finished rounds are read back, not rerun
     assert again.rounds == rs
-    # one unit counts every round: the first round's recorded training steps, also when read back
-    unit = first_round_unit(tmp_path / "tr")
-    assert unit == TrajectoryStore.open(tmp_path / "tr" / "round_0" / "store").manifest["reference_seconds"] > 0
-    spent = rounds_run_equivalents(rs, unit)
+    # each round counts in its own unit, measured in the round: final once the round ends
+    spent = rounds_run_equivalents(rs)
+    for x, eq in zip(rs, spent):
+        assert 0 < x.unit_seconds and eq == pytest.approx(sum(x.seconds.values()) / x.unit_seconds)
     assert res.run_equivalents == pytest.approx(sum(spent)) == again.run_equivalents
     assert min(spent) >= 1  # at least its recorded run
-    assert first_round_unit(tmp_path) is None  # no first round there
-    # the unit is saved with the rounds: a resume counts alike when the first round's store is gone
-    assert json.loads((tmp_path / "tr" / "trust_region.json").read_text())["run_seconds"] == unit
-    shutil.move(tmp_path / "tr" / "round_0" / "store", tmp_path / "store_0")
-    assert run_trust_region(tiny_cfg, tmp_path / "tr", **kw).run_equivalents == res.run_equivalents
-    shutil.move(tmp_path / "store_0", tmp_path / "tr" / "round_0" / "store")
     # a budget stops before a round that the costliest finished one says would not fit (here read back, as on resume)
     first = spent[0]
     assert run_trust_region(tiny_cfg, tmp_path / "tr", **kw, budget=2 * first).rounds == rs
@@ -90,8 +82,13 @@ def test_trust_region_rounds_resume_and_cli(tiny_cfg, tmp_path):
     state = tmp_path / "tr" / "trust_region.json"  # a file written before the radius was stored: the default radius
     old = json.loads(state.read_text())
     del old["settings"]["radius"]
+    for x in old["rounds"]:  # and rounds written before their unit was: counted in the retrained runs' mean
+        del x["unit_seconds"]
     state.write_text(json.dumps(old))
-    assert run_trust_region(tiny_cfg, tmp_path / "tr", **kw).rounds == rs
+    legacy = run_trust_region(tiny_cfg, tmp_path / "tr", **kw)
+    assert [x.incumbent for x in legacy.rounds] == [x.incumbent for x in rs] and legacy.rounds[0].unit_seconds is None
+    retrained_mean = sum(x.seconds["verify"] for x in rs) / sum(len(x.candidates) for x in rs)
+    assert legacy.run_equivalents == pytest.approx(sum(sum(x.seconds.values()) for x in rs) / retrained_mean)
     # a budget that leaves the first round no time for estimates cuts its search; a larger one finishes it again
     cut = run_trust_region(tiny_cfg, tmp_path / "cut", **{**kw, "rounds": 1}, budget=1 + kw["top_k"])
     assert cut.rounds[0].search_cut and len(cut.rounds[0].candidates) == 0
