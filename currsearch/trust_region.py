@@ -131,10 +131,11 @@ class TrustRegionRound:
         seconds: ``{"record", "search", "verify"}`` wall seconds;
         search_cut: the budget stopped the round's search before its ``trials`` (such a round
             is finished again when read back: :func:`run_trust_region`);
-        unit_seconds: wall seconds of one real run in this round, the mean of the training
-            steps of its timed runs (its recorded reference run and its retrained candidates,
-            :attr:`~currsearch.train.TrainResult.seconds`; the main job's ledger unit is the
-            same kind of time); None in rounds written before the field.
+        unit_seconds: wall seconds of one real run in this round: its recorded reference run's
+            training steps, timed just before its search (the same kind of time as
+            :attr:`~currsearch.train.TrainResult.seconds`, the main job's ledger unit). The
+            round's search is planned and its spend counted in this one unit; None in rounds
+            written before the field.
     """
 
     round: int
@@ -193,10 +194,10 @@ class TrustRegionResult:
 def rounds_run_equivalents(rounds: list[TrustRegionRound], run_seconds: float | None = None) -> list[float]:
     """Each round's measured spend in real-run equivalents: its wall seconds (recording,
     search with its estimates, retraining) over ``run_seconds``, the seconds of one real run
-    (None: each round's own :attr:`~TrustRegionRound.unit_seconds`, measured in the round, so
-    a round's count is final when it ends and follows the machine's speed at that time; rounds
-    written before that field: the mean over the rounds' retrained candidates, or over their
-    recordings when no candidate was retrained).
+    (None: each round's own :attr:`~TrustRegionRound.unit_seconds`, the unit its search was
+    planned in, so a round's count is final when it ends and follows the machine's speed at that
+    time; rounds written before that field: the mean over the rounds' retrained candidates, or
+    over their recordings when no candidate was retrained).
 
     A unit re-measured after each round from the mean of all the rounds' 2-3 retrained runs
     changed the counts of finished rounds: when the machine's load changed in the middle of
@@ -315,10 +316,8 @@ def _run_round(r: int, s: TrustRegionSettings, rcfg: Config, trainer, rdir: Path
     inc_est = float(est.estimate(incumbent)[obj])
     cands = [(o, e) for o, e in res.top(len(res.orders)) if not torch.equal(o, incumbent)][:s.top_k]
     t2 = time.perf_counter()
-    runs = [trainer.train(o) for o, _ in cands]
+    verified = [float(trainer.train(o).eval_losses[obj]) for o, _ in cands]
     t3 = time.perf_counter()
-    verified = [float(x.eval_losses[obj]) for x in runs]
-    unit = (store.manifest["reference_seconds"] + sum(x.seconds for x in runs)) / (1 + len(runs))
     if not cands:  # the whole neighbourhood searched was the incumbent
         best_i, predicted, actual = None, 0.0, 0.0
     else:
@@ -335,7 +334,7 @@ def _run_round(r: int, s: TrustRegionSettings, rcfg: Config, trainer, rdir: Path
         next_incumbent=nxt.tolist(), next_radius=_next_radius(radius, rho, improved, s.min_radius, max_radius),
         next_incumbent_loss=verified[best_i] if improved else inc_loss,
         seconds={"record": before["record"] + t1 - t0, "search": before["search"] + t2 - t1, "verify": t3 - t2},
-        search_cut=cut, unit_seconds=unit)
+        search_cut=cut, unit_seconds=store.manifest["reference_seconds"])
 
 
 def _log_round(x: TrustRegionRound) -> None:
