@@ -199,9 +199,9 @@ def rounds_run_equivalents(rounds: list[TrustRegionRound], run_seconds: float | 
     time; rounds written before that field: the mean over the rounds' retrained candidates, or
     over their recordings when no candidate was retrained).
 
-    A unit re-measured after each round from the mean of all the rounds' 2-3 retrained runs
-    changed the counts of finished rounds: when the machine's load changed in the middle of
-    a run, first rounds planned within N = 64 were counted at 81.1 and 85.8 (thirteenth session).
+    A unit re-measured after each round from the mean of all the rounds' retrained runs (2 per
+    round) changed the counts of finished rounds: when the machine's load changed in the middle
+    of a run, runs planned within N = 64 were counted at 81.1 and 85.8 (thirteenth session).
     """
     old = run_seconds or _retrained_run_seconds(rounds) or sum(x.seconds["record"] for x in rounds) / len(rounds)
     return [sum(x.seconds.values()) / (run_seconds or x.unit_seconds or old) for x in rounds]
