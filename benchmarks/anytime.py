@@ -110,9 +110,9 @@ def trust_region_point(cfg, budget: int, seed: int, out: Path) -> dict:
     round fit (``TrustRegionSettings.budget``), and a round's search stops early when its
     estimates would leave too little of the budget for its retraining (a round so cut is
     finished again by a larger budget reading the shared directory). The spend is measured,
-    not planned (:func:`~currsearch.trust_region.rounds_run_equivalents`: seconds over the
-    unit of :func:`~currsearch.trust_region.first_round_unit`, the first round's recorded
-    training steps); ``run_equivalents`` shows any overshoot past the budget.
+    not planned (:func:`~currsearch.trust_region.rounds_run_equivalents`: each round's seconds
+    over its own unit, its recorded run's training steps, ``TrustRegionRound.unit_seconds``);
+    ``run_equivalents`` shows any overshoot past the budget.
     """
     r = RefineSettings(rounds=1)
     if r.round_run_equivalents > budget:
