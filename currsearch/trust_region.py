@@ -203,8 +203,8 @@ def rounds_run_equivalents(rounds: list[TrustRegionRound], run_seconds: float | 
     round) changed the counts of finished rounds: when the machine's load changed in the middle
     of a run, runs planned within N = 64 were counted at 81.1 and 85.8 (thirteenth session).
     """
-    old = run_seconds or _retrained_run_seconds(rounds) or sum(x.seconds["record"] for x in rounds) / len(rounds)
-    return [sum(x.seconds.values()) / (run_seconds or x.unit_seconds or old) for x in rounds]
+    legacy = _retrained_run_seconds(rounds) or sum(x.seconds["record"] for x in rounds) / len(rounds)
+    return [sum(x.seconds.values()) / (run_seconds or x.unit_seconds or legacy) for x in rounds]
 
 
 def _retrained_run_seconds(rounds: list[TrustRegionRound]) -> float | None:
