@@ -37,7 +37,7 @@ from pathlib import Path
 from currsearch.baselines import BASELINES, real_search
 from currsearch.cli import csv_list, progress_logging, resolve_config
 from currsearch.errors import BudgetTooSmallError, CurrsearchError
-from currsearch.guided import guided_search
+from currsearch.guided import GuidedSettings, guided_search
 from currsearch.manifest import atomic_write_bytes, read_config_cache
 from currsearch.pipeline import PipelineSettings, RefineSettings, VerifySettings, run_pipeline
 from currsearch.reports.common import markdown_table, pyplot, save_figure, write_result_files
@@ -65,7 +65,12 @@ STRATEGIES = {
     "precedence": ("surrogate", "precedence", 0),
     "hybrid": ("surrogate", "hybrid", 0),
     "guided-tpe": ("guided-tpe", "calibrated-interactions", 0),
+    "guided-tpe+polish": ("guided-tpe", "calibrated-interactions", 0),
 }
+#: the guided strategies' fraction of the budget spent on suffix polish (:mod:`currsearch.polish`):
+#: ``guided-tpe`` is the search without it (the tables of the first thirteen sessions),
+#: ``guided-tpe+polish`` ``GuidedSettings``' default
+POLISH = {"guided-tpe": 0.0, "guided-tpe+polish": GuidedSettings().polish}
 
 
 def _points(path: Path, cfg) -> dict:
@@ -139,8 +144,11 @@ def collect(cfg, budgets: list[int], seeds: list[int], strategies: list[str], ou
                 _save(path, points)
             logger.info("%s seed %d: best %.4f after %d runs", name, seed, min(points[key]), len(points[key]))
     for strategy in strategies:
-        if STRATEGIES[strategy][0] == "guided-tpe":
+        if strategy == "guided-tpe":
             _guided_points(trainer, budgets, seeds, out, points, path)
+            continue
+        if STRATEGIES[strategy][0] == "guided-tpe":
+            _polished_points(trainer, strategy, budgets, seeds, out, points, path)
             continue
         for budget in budgets:
             for seed in seeds:
@@ -164,13 +172,39 @@ def _guided_points(trainer: Trainer, budgets: list[int], seeds: list[int], out: 
         keys = {N: f"currsearch/guided-tpe/{N}/{seed}" for N in budgets}
         if all(k in points for k in keys.values()):
             continue
-        res = guided_search(trainer, max(budgets), seed=seed, storage=str(out / "guided-tpe" / f"seed{seed}.journal"))
+        res = guided_search(trainer, max(budgets), GuidedSettings(polish=POLISH["guided-tpe"]), seed=seed,
+                            storage=str(out / "guided-tpe" / f"seed{seed}.journal"))
         durations = res.run_durations
         for N, key in keys.items():
             points[key] = {"fits": True, "best_loss": res.runs.best_after(N), "real_runs": N, "run_equivalents": float(N),
                            "seconds": sum(durations[:N])}
         _save(path, points)
         logger.info("guided-tpe seed %d: best %.4f after %d runs", seed, res.best_loss, res.n_runs)
+
+
+def _polished_points(trainer: Trainer, strategy: str, budgets: list[int], seeds: list[int], out: Path, points: dict,
+                     path: Path) -> None:
+    """A guided strategy with suffix polish: one guided search per seed (journal
+    ``OUT/guided-tpe/seed<s>.journal``, shared with ``guided-tpe``: the full runs do not depend
+    on the polish) resumed budget by budget, smallest first (its full runs at N are the first
+    ``GuidedSettings.full_runs(N)`` of the same search), and one polish per budget from the
+    best of those runs (its own study in the journal)."""
+    settings = GuidedSettings(polish=POLISH[strategy])
+    for seed in seeds:
+        for N in sorted(budgets):
+            key = f"currsearch/{strategy}/{N}/{seed}"
+            if key in points:
+                continue
+            res = guided_search(trainer, N, settings, seed=seed, storage=str(out / "guided-tpe" / f"seed{seed}.journal"))
+            pol = res.polish
+            points[key] = {"fits": True, "best_loss": res.best_loss, "best": res.best_source,
+                           "real_runs": res.n_runs + (len(pol.losses) + pol.state_runs if pol else 0),
+                           "run_equivalents": res.run_equivalents,
+                           "seconds": sum(res.run_durations) + (pol.seconds if pol else 0.0),
+                           "polish": pol.record() if pol else None}
+            _save(path, points)
+            logger.info("%s N=%d seed %d: %.4f (%.1f run eq., best from %s)", strategy, N, seed, res.best_loss,
+                        res.run_equivalents, res.best_source)
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:

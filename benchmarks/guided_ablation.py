@@ -5,7 +5,9 @@ real training; the table gives each one's best loss after N runs and its differe
 ``optuna-real`` (plain TPE) on the same seed:
 
 - ``optuna-real``: TPE on real training (the baseline, :mod:`currsearch.baselines`);
-- ``guided-tpe``: the default :class:`~currsearch.guided.GuidedSettings`;
+- ``guided-tpe``: the default :class:`~currsearch.guided.GuidedSettings` without the suffix polish
+  (every variant here spends all N runs on full runs: ``polish = 0``; the polish is measured
+  by ``benchmarks/anytime.py``'s ``guided-tpe+polish``);
 - ``enqueue-6``: 6 surrogate orders per refit instead of 4 (more exploitation);
 - ``refit-every-4``: refits every 4 runs, 2 orders each (the same share, refitted twice as often);
 - ``group-model``: a low-capacity surrogate at every refit: ridge on each domain's count in
@@ -118,7 +120,7 @@ def run_variant(trainer: Trainer, name: str, budget: int, seed: int) -> list[flo
     if VARIANTS[name] is None:
         return real_search(trainer, "optuna-real", budget, seed=seed, progress=False).losses
     overrides, proposer = VARIANTS[name]
-    return guided_search(trainer, budget, GuidedSettings(**overrides), seed=seed, progress=False,
+    return guided_search(trainer, budget, GuidedSettings(**{"polish": 0.0, **overrides}), seed=seed, progress=False,
                          proposer=proposer).runs.losses
 
 

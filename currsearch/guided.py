@@ -22,8 +22,14 @@ trials::
    encoding) as the next trials; TPE proposes the rest of the segment, with every real run
    (the surrogate's included) in its history.
 
-Every trial is one real run, so the result is the best real loss after ``n_runs`` runs;
-there is no recording and no separate verification. The surrogate's fit and search cost
+3. With ``polish > 0``, the budget's last ``polish`` fraction (rounded down to whole run
+   equivalents) is spent on :func:`~currsearch.polish.suffix_polish` from the best run:
+   transpositions late in the window, each trained for real from the incumbent's state at
+   an anchor step, so it costs only its last steps (``(T - s) / T`` of a run plus its
+   evaluation).
+
+Every trial is a real run, so the result is the best real loss after ``n_runs`` run
+equivalents; there is no recording and no separate verification. The surrogate's fit and search cost
 seconds only (``surrogate_seconds``; a ledger counts them with 0 run equivalents, as the
 surrogate search of the main job). The refit schedule does not depend on ``n_runs``, so the
 first k trials of a longer search are those of a search with ``n_runs = k`` (same seed).
@@ -39,6 +45,7 @@ behind it; ``resumed_at`` says where calls began).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import statistics
@@ -56,6 +63,7 @@ from search_spaces import BatchInfo, get_space
 
 from .baselines import RealSearchResult, complete_trials, objective_index, open_real_study, real_scorer
 from .errors import ConfigError
+from .polish import PolishResult, PolishSettings, suffix_polish
 from .search import ask_and_tell, check_resume, make_sampler, seeded_per_trial
 from .settings import Settings
 from .study import optuna_warnings_only, session_starts
@@ -66,6 +74,8 @@ logger = logging.getLogger(__name__)
 
 NAME = "guided-tpe"
 REFIT_ATTR = "currsearch_guided_refit"
+#: settings the full runs do not depend on (a journal's full runs serve every polish setting)
+POLISH_FIELDS = {"polish", "polish_moves"}
 _LIVE = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
 
 
@@ -90,6 +100,9 @@ class GuidedSettings(Settings):
         starts: best real orders a swap descent starts from at each refit (>= 0; the
             surrogate's own optimum is always a candidate).
         max_swaps: transpositions per descent (None: until a swap-local optimum of the surrogate).
+        polish: fraction of the budget spent polishing the best run at the end (0 <= polish < 1;
+            :mod:`currsearch.polish`); 0 is the search of the first sessions' tables.
+        polish_moves: how the polish moves (:class:`~currsearch.polish.PolishSettings`).
     """
 
     first_batch: int = Field(16, ge=CalibratedInteractions.min_runs)
@@ -97,6 +110,8 @@ class GuidedSettings(Settings):
     enqueue: int = Field(4, ge=1)
     starts: int = Field(4, ge=0)
     max_swaps: Optional[int] = Field(4, ge=1)
+    polish: float = Field(0.25, ge=0, lt=1)
+    polish_moves: PolishSettings = Field(default_factory=PolishSettings)
 
     @model_validator(mode="after")
     def _enqueue_fits(self) -> "GuidedSettings":
@@ -104,6 +119,11 @@ class GuidedSettings(Settings):
             raise ValueError(f"enqueue ({self.enqueue}) must be <= refit_every ({self.refit_every}): the surrogate's "
                              "orders are the first trials of each segment")
         return self
+
+    def full_runs(self, budget: int) -> int:
+        """Full runs (TPE and surrogate trials) of a search with ``budget`` run equivalents: all
+        but the ``floor(polish * budget)`` the polish gets (at least 1)."""
+        return max(1, budget - math.floor(self.polish * budget))
 
     def refit_points(self, n_runs: int) -> list[int]:
         """The numbers of real runs at which the surrogate is refitted: ``first_batch + k refit_every < n_runs``."""
@@ -115,7 +135,7 @@ class GuidedResult:
     """What :func:`guided_search` found.
 
     Attributes:
-        runs: the real runs (:class:`~currsearch.baselines.RealSearchResult` named ``guided-tpe``:
+        runs: the full real runs (:class:`~currsearch.baselines.RealSearchResult` named ``guided-tpe``:
             orders, objective losses in nats/token, in trial order; ``seconds``: this call's wall time).
         eval_names: the E eval sets; eval_losses: ``[n_runs][E]`` every final eval loss of each run, nats/token.
         sources: per run ``"tpe"`` or ``"surrogate:<k>"`` (proposed by the k-th refit).
@@ -124,6 +144,7 @@ class GuidedResult:
         run_durations: per run, the wall seconds of its trial (one real training).
         resumed_at: first trial number of every call after the first (TPE restarted there).
         settings: the settings it ran with.
+        polish: the final polish (:class:`~currsearch.polish.PolishResult`), None with ``polish = 0``.
     """
 
     runs: RealSearchResult
@@ -135,26 +156,41 @@ class GuidedResult:
     run_durations: list[float]
     resumed_at: list[int]
     settings: GuidedSettings
+    polish: PolishResult | None = None
 
     @property
     def n_runs(self) -> int:
-        """Real runs spent."""
+        """Full real runs spent (the polish's partial runs not included)."""
         return self.runs.n_runs
+
+    @property
+    def run_equivalents(self) -> float:
+        """Real-run equivalents spent: the full runs plus the polish's."""
+        return self.n_runs + (self.polish.run_equivalents if self.polish else 0.0)
+
+    def _trained(self) -> list[tuple[list[int], float, list[float], float, str]]:
+        """Every trained order, full runs then polish moves: ``(order, objective loss, eval losses, seconds, source)``."""
+        out = [(o, x, e, d, src) for o, x, e, d, src in zip(self.runs.orders, self.runs.losses, self.eval_losses,
+                                                           self.run_durations, self.sources)]
+        if self.polish:
+            p = self.polish
+            out += [(o, x, e, d, "polish") for o, x, e, d in zip(p.orders, p.losses, p.eval_losses, p.durations)]
+        return out
 
     @property
     def best_loss(self) -> float:
         """The lowest objective loss, nats/token."""
-        return self.runs.best_loss
+        return min(x for _, x, _, _, _ in self._trained())
 
     @property
     def best_order(self) -> list[int]:
-        """The order with the lowest objective loss."""
-        return self.runs.best_order
+        """The order with the lowest objective loss (the first trained on ties)."""
+        return self._trained()[self.top(1)[0]][0]
 
     @property
     def best_source(self) -> str:
-        """Who proposed the best order: ``tpe`` or ``surrogate:<k>``."""
-        return self.sources[self.runs.orders.index(self.best_order)]
+        """Who proposed the best order: ``tpe``, ``surrogate:<k>`` or ``polish``."""
+        return self._trained()[self.top(1)[0]][4]
 
     @property
     def n_surrogate(self) -> int:
@@ -163,30 +199,32 @@ class GuidedResult:
 
     @property
     def run_seconds(self) -> float:
-        """Median wall seconds of one real run (the ledger's unit)."""
+        """Median wall seconds of one full real run (the ledger's unit)."""
         return statistics.median(self.run_durations) if self.run_durations else 0.0
 
     def top(self, k: int) -> list[int]:
-        """Indices of the runs of the ``k`` best distinct orders, best objective loss first."""
-        firsts = {tuple(o): i for i, o in reversed(list(enumerate(self.runs.orders)))}  # first run of each order
-        return sorted(firsts.values(), key=lambda i: (self.runs.losses[i], i))[:k]
+        """Indices (full runs, then polish moves) of the ``k`` best distinct orders, best objective loss first."""
+        trained = self._trained()
+        firsts = {tuple(o): i for i, (o, *_) in reversed(list(enumerate(trained)))}  # first training of each order
+        return sorted(firsts.values(), key=lambda i: (trained[i][1], i))[:k]
 
     def record(self) -> dict:
         """JSON-ready record: the strategy, its settings, runs, refits, surrogate runs and
-        seconds, who proposed the best order, and per run its source and objective loss
-        (nats/token; the anytime curve)."""
+        seconds, who proposed the best order, per run its source and objective loss
+        (nats/token; the anytime curve), and the polish's record."""
         return {"strategy": NAME, "settings": self.settings.model_dump(), "n_runs": self.n_runs, "refits": self.refits,
                 "n_surrogate": self.n_surrogate, "best_source": self.best_source,
                 "surrogate_seconds": self.surrogate_seconds, "run_seconds": self.run_seconds,
-                "resumed_at": self.resumed_at, "sources": self.sources, "losses": self.runs.losses}
+                "run_equivalents": self.run_equivalents, "resumed_at": self.resumed_at, "sources": self.sources,
+                "losses": self.runs.losses, "polish": self.polish.record() if self.polish else None}
 
     def verification(self, trainer: Trainer, top_k: int) -> VerificationResult:
         """The ``top_k`` best distinct orders as verified candidates ``search_1..top_k`` (kind
         ``searched``; their real losses are the runs', no retraining; no estimate), with
         :meth:`record` as the ``search`` record."""
-        cands = {f"search_{j + 1}": VerifiedCandidate("searched", list(self.runs.orders[i]),
-                                                      dict(zip(self.eval_names, self.eval_losses[i])), None,
-                                                      self.run_durations[i])
+        trained = self._trained()
+        cands = {f"search_{j + 1}": VerifiedCandidate("searched", list(trained[i][0]), dict(zip(self.eval_names, trained[i][2])),
+                                                      None, trained[i][3])
                  for j, i in enumerate(self.top(top_k))}
         return VerificationResult(self.eval_names, list(trainer.plan.domains), trainer.T, cands, search=self.record())
 
@@ -248,13 +286,16 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
 
     Args:
         trainer: the Trainer whose window is trained (its cached warm-up phase is shared).
-        n_runs: real runs to spend (>= 1): exactly this many trials are asked (a run whose
-            training diverges to a non-finite loss counts, with loss +inf).
+        n_runs: the budget in real-run equivalents (>= 1): ``settings.full_runs(n_runs)`` full
+            runs are asked (a run whose training diverges to a non-finite loss counts, with
+            loss +inf), then the polish spends at most the rest (journal study
+            ``guided-tpe-polish-<objective>-seed<seed>-budget<n_runs>``).
         settings: :class:`GuidedSettings` (default: all defaults).
         seed: TPE's seed (the surrogate's fit and search are deterministic).
         objective: the eval set whose final loss (nats/token) is minimized.
         storage: ``None`` (in memory), a ``*.journal`` path or an Optuna storage URL; a rerun
-            with the same storage resumes.
+            with the same storage resumes, and a search with other polish settings (or budget)
+            reuses its full runs: they do not depend on the polish.
         progress: a tqdm bar (one tick per real run).
         proposer: who proposes at each refit, with :func:`propose`'s signature and contract
             (at most ``settings.enqueue`` orders, deterministic), e.g. an ablation's
@@ -262,7 +303,7 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
             resume with another proposer is refused.
 
     Returns:
-        :class:`GuidedResult` with the first ``n_runs`` completed runs.
+        :class:`GuidedResult` with the first ``settings.full_runs(n_runs)`` completed runs and the polish.
 
     Raises:
         ConfigError: ``n_runs < 1``, an unknown objective, or a study in ``storage`` made with
@@ -271,13 +312,14 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
     s = settings or GuidedSettings()
     if n_runs < 1:
         raise ConfigError(f"a real-training search needs n_runs >= 1, got {n_runs}")
+    budget, n_runs = n_runs, s.full_runs(n_runs)
     space = get_space("random_keys", BatchInfo.from_plan(trainer.plan))
     train = real_scorer(trainer, space, objective_index(trainer, objective))
     t0, surrogate_s = time.perf_counter(), 0.0
     with optuna_warnings_only():
         study, session = open_real_study(f"{NAME}-{objective}-seed{seed}", make_sampler("tpe", seed=seed), storage,
                                          trainer)
-        check_resume(study, {"guided": s.model_dump(), "T": trainer.T, "proposer": _proposer_name(proposer)})
+        check_resume(study, {"guided": s.model_dump(mode="json", exclude=POLISH_FIELDS), "T": trainer.T, "proposer": _proposer_name(proposer)})
         left = max(0, n_runs - len(complete_trials(study)))
         with tqdm(total=left, desc=NAME, unit="run", disable=not (progress and left)) as bar:
 
@@ -298,7 +340,12 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
                 m = min(max(1, stop - done), left)
                 ask_and_tell(study, m, 1, score, session=session, sampler_for=seeded_per_trial("tpe", seed))
                 left -= m
-    return _result(study, trainer, n_runs, objective, seed, s, time.perf_counter() - t0, surrogate_s)
+    res = _result(study, trainer, n_runs, objective, seed, s, time.perf_counter() - t0, surrogate_s)
+    if n_runs == budget:
+        return res
+    pol = suffix_polish(trainer, res.best_order, res.best_loss, budget - n_runs, s.polish_moves, seed, objective, storage,
+                        study_name=f"{NAME}-polish-{objective}-seed{seed}-budget{budget}", progress=progress)
+    return dataclasses.replace(res, polish=pol)
 
 
 def _proposer_name(proposer) -> str:

@@ -383,8 +383,10 @@ def _baselines(trainer: Trainer, s: PipelineSettings, n_runs: int, progress: boo
 def _run_guided(cfg: Config, s: PipelineSettings, progress: bool) -> PipelineResult:
     """The ``guided-tpe`` job: :func:`~currsearch.guided.guided_search` with ``budget`` real
     runs (journal ``OUT/guided.journal``), its ``verify.top_k`` best orders as the verified
-    candidates, then the baselines. Ledger: ``guided_runs`` (the real runs, counted) and
-    ``surrogate`` (the refits' fit and search: seconds, 0 run equivalents)."""
+    candidates, then the baselines. Ledger: ``guided_runs`` (the full real runs, counted),
+    ``surrogate`` (the refits' fit and search: seconds, 0 run equivalents) and, with
+    ``guided.polish > 0``, ``polish`` (its resumed runs, counted by the steps they train plus
+    their evaluation: :attr:`~currsearch.polish.PolishResult.run_equivalents`)."""
     trainer = Trainer.from_config(cfg)
     res = guided_search(trainer, s.budget, s.guided, seed=s.search.seed, objective=s.search.objectives[0],
                         storage=str(s.out / "guided.journal"), progress=progress)
@@ -392,6 +394,9 @@ def _run_guided(cfg: Config, s: PipelineSettings, progress: bool) -> PipelineRes
     ledger.add("guided_runs", max(0.0, res.runs.seconds - res.surrogate_seconds), real_runs=res.n_runs,
                equivalents=res.n_runs)
     ledger.add("surrogate", res.surrogate_seconds, real_runs=0, equivalents=0.0)
+    if res.polish is not None:
+        ledger.add("polish", res.polish.seconds, real_runs=len(res.polish.losses) + res.polish.state_runs,
+                   equivalents=res.polish.run_equivalents)
     out = PipelineResult(s, None, None, res.verification(trainer, s.verify.top_k), None, ledger.summary(res.run_seconds),
                          guided=res)
     return dataclasses.replace(out, baselines=_baselines(trainer, s, out.baseline_runs, progress))

@@ -15,7 +15,7 @@ import functools
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -24,6 +24,7 @@ from .adam import AdamState, adam_direction, clip_grad, lr_at
 from .config import Config, config_from_dict
 from .data import corpus_fingerprint, get_tokenizer, load_corpus
 from .model import FlatModel, build_model
+from .errors import OrderError
 from .orders import validate_orders
 from .plan import BatchPlan, build_plan, unigram_baseline
 from .warmup import load_warmup, save_warmup
@@ -46,6 +47,28 @@ class WindowStart:
 
 
 @dataclass
+class PrefixState:
+    """Parameters and Adam state after the first ``step`` window steps of an order.
+
+    Training is deterministic, so every order that starts with the same ``step`` batches
+    passes through this state: :meth:`Trainer.train` can resume from it and train only the
+    remaining ``T - step`` steps, bit-identical to training the whole order (on the same
+    device and thread count).
+
+    Attributes:
+        step: window steps already taken (0 <= step <= T).
+        prefix: the ``step`` batch indices trained, in order.
+        theta: float ``[P]`` parameters after them.
+        adam: Adam moments after them.
+    """
+
+    step: int
+    prefix: tuple[int, ...]
+    theta: torch.Tensor
+    adam: AdamState
+
+
+@dataclass
 class TrainResult:
     """Outcome of training one order.
 
@@ -56,7 +79,11 @@ class TrainResult:
         train_losses: float64 ``[T]``, loss (nats/token) of the batch at step t, before its update.
         eval_losses: float64 ``[E]``, final loss per eval set (nats/token), in ``eval_names`` order.
         eval_names: the E eval set names (domains, then ``"all"``).
-        seconds: wall time of the window (warm-up phase excluded), seconds.
+        seconds: wall time of the window steps trained (warm-up phase and evaluation excluded), seconds.
+        start_step: the window step training started at (0, or a resumed :class:`PrefixState`'s step);
+            ``train_losses`` before it are NaN.
+        states: the :class:`PrefixState` at each step asked for with ``keep`` (after ``start_step``).
+        eval_seconds: wall time of the final evaluation, seconds.
     """
 
     order: torch.Tensor
@@ -66,6 +93,9 @@ class TrainResult:
     eval_losses: torch.Tensor
     eval_names: list[str]
     seconds: float
+    start_step: int = 0
+    states: dict[int, PrefixState] = field(default_factory=dict)
+    eval_seconds: float = 0.0
 
     def eval_dict(self) -> dict[str, float]:
         """``{eval set: loss in nats/token}``."""
@@ -208,23 +238,44 @@ class Trainer:
         overall = sum(x * s for x, s in zip(per, sizes)) / sum(sizes)
         return torch.tensor(per + [overall], dtype=torch.float64)
 
-    def train(self, order, progress: bool = False) -> TrainResult:
-        """Train the window in ``order`` (int64 ``[T]``) from :meth:`window_start`.
+    def train(self, order, progress: bool = False, start: PrefixState | None = None, keep=()) -> TrainResult:
+        """Train the window in ``order`` (int64 ``[T]``) from :meth:`window_start`, or from ``start``.
+
+        Args:
+            order: the T batch indices, in training order.
+            progress: a tqdm bar over the window steps.
+            start: resume from this state (its ``prefix`` must be the first ``start.step``
+                batches of ``order``): only the remaining steps are trained, and the result is
+                bit-identical to training ``order`` from the window start.
+            keep: window steps ``s`` (``start.step < s < T``) at which to keep the
+                :class:`PrefixState` (``TrainResult.states``), so later orders sharing the first
+                ``s`` batches can resume there.
 
         Raises:
-            OrderError: ``order`` is not a permutation of ``0..T-1``.
+            OrderError: ``order`` is not a permutation of ``0..T-1``, or does not start with ``start.prefix``.
         """
         order = validate_orders(order, self.T)
         if order.dim() != 1:
             raise ValueError("Trainer.train takes one order [T]; loop over rows for several")
-        start = self.window_start(progress=progress)
-        theta, adam = start.theta, start.adam
+        if start is None:
+            ws = self.window_start(progress=progress)
+            start = PrefixState(0, (), ws.theta, ws.adam)
+        elif tuple(order[:start.step].tolist()) != tuple(start.prefix) or len(start.prefix) != start.step:
+            raise OrderError(f"cannot resume this order from a state after {start.step} steps: its first {start.step} "
+                             "batches differ from the state's prefix; resume from a state of an order it shares them with")
+        theta, adam = start.theta.clone(), start.adam.clone()
+        keep = {int(k) for k in keep if start.step < int(k) < self.T}
+        states: dict[int, PrefixState] = {}
         t0 = time.perf_counter()
-        losses = torch.empty(self.T, dtype=torch.float64)
-        steps = range(self.T)
+        losses = torch.full((self.T,), math.nan, dtype=torch.float64)
+        steps = range(start.step, self.T)
         if progress:
             steps = tqdm(steps, desc="window", unit="step")
         for t in steps:
+            if t in keep:
+                states[t] = PrefixState(t, tuple(order[:t].tolist()), theta.clone(), adam.clone())
             theta, adam, losses[t] = self.step(theta, adam, self.lr(t), self.batch(int(order[t])))
         seconds = time.perf_counter() - t0
-        return TrainResult(order, theta, adam, losses, self.evaluate(theta), list(self.plan.eval_names), seconds)
+        evals = self.evaluate(theta)
+        return TrainResult(order, theta, adam, losses, evals, list(self.plan.eval_names), seconds, start.step, states,
+                           time.perf_counter() - t0 - seconds)

@@ -16,7 +16,7 @@ from currsearch.errors import ConfigError
 from currsearch.guided import GuidedSettings, guided_search, propose
 from currsearch.pipeline import PipelineSettings, run_pipeline
 
-S = GuidedSettings(first_batch=16, refit_every=4, enqueue=2, starts=2, max_swaps=None)  # descents to a local optimum
+S = GuidedSettings(first_batch=16, refit_every=4, enqueue=2, starts=2, max_swaps=None, polish=0.0)  # descents to a local optimum; no polish (tests/test_polish.py)
 N = 22  # refits after 16 and 20 runs
 
 
@@ -44,11 +44,11 @@ class InterruptedTrainer:
     def __getattr__(self, name):
         return getattr(self.trainer, name)
 
-    def train(self, order):
+    def train(self, order, **kw):
         self.calls += 1
         if self.calls == self.n:
             raise Killed
-        return self.trainer.train(order)
+        return self.trainer.train(order, **kw)
 
 
 def _surrogate_runs(res, k):
@@ -154,7 +154,7 @@ def test_run_strategy_guided_tpe_spends_exactly_the_budget_with_ledger_and_basel
                                                                                       capsys):
     out = tmp_path / "g"
     args = ["run", "--quiet", "--out", str(out), "--strategy", "guided-tpe", "--budget", "18", "--refit-every", "2",
-            "--enqueue", "2", "--top-k", "2", "--baselines", "optuna-real"]
+            "--enqueue", "2", "--top-k", "2", "--baselines", "optuna-real", "--polish", "0"]
     assert main(args + tiny_set_args) == 0
     assert "guided-tpe: 18 real runs, 1 refits" in capsys.readouterr().out
     report = json.loads((out / "report" / "report.json").read_text())

@@ -9,7 +9,7 @@ to ``a.b`` only (not to its parent package ``a``), as in import-linter.
 
 Layers (issue 15; docs/architecture.md): L0 errors, settings, results, ledger, config, manifest,
 orders, projection; L1 corpus, data, plan, model, adam, adjoint, gradients, warmup, train; L2 record, store;
-L3 estimators, search_spaces; L4 backends, study, search, baselines, guided, verify, trust_region,
+L3 estimators, search_spaces; L4 backends, study, search, baselines, polish, guided, verify, trust_region,
 fidelity, positions, regime, ablate, export; L5 pipeline; L6 reports; L7 cli.
 """
 
@@ -27,7 +27,7 @@ LOWER = [f"currsearch.{m}" for m in (
     "adjoint", "gradients", "warmup", "train", "record", "store",
 )]
 UPPER = ["estimators", "search_spaces"] + [f"currsearch.{m}" for m in (
-    "search", "study", "baselines", "guided", "backends", "verify", "trust_region", "fidelity", "positions", "regime", "ablate",
+    "search", "study", "baselines", "polish", "guided", "backends", "verify", "trust_region", "fidelity", "positions", "regime", "ablate",
     "reports",
     "pipeline", "cli",
 )]
@@ -37,7 +37,7 @@ LAYERS = [
     [f"currsearch.{m}" for m in ("corpus", "data", "plan", "model", "adam", "adjoint", "gradients", "warmup", "train")],
     ["currsearch.record", "currsearch.store"],
     ["estimators", "search_spaces"],
-    [f"currsearch.{m}" for m in ("backends", "study", "search", "baselines", "guided", "verify", "trust_region", "fidelity",
+    [f"currsearch.{m}" for m in ("backends", "study", "search", "baselines", "polish", "guided", "verify", "trust_region", "fidelity",
                                  "positions", "regime", "ablate", "export")],
     ["currsearch.pipeline"],
     ["currsearch.reports"],

@@ -25,7 +25,7 @@ def settings_from_args(args) -> PipelineSettings:
     verify = VerifySettings(**given(args, "top_k", "random"))
     refine = RefineSettings(**given(args, "rounds") | ({"trials": args.tr_trials} if args.tr_trials is not None else {}))
     budget = {"budget": None} if args.no_budget else given(args, "budget")
-    guided = GuidedSettings(**given(args, "first_batch", "refit_every", "enqueue"))
+    guided = GuidedSettings(**given(args, "first_batch", "refit_every", "enqueue", "polish"))
     return PipelineSettings(out=Path(args.out), search=search, verify=verify, refine=refine, guided=guided, **budget,
                             **given(args, "baselines", "strategy"))
 
@@ -48,6 +48,9 @@ def _print_summary(res: PipelineResult, paths: list[Path]) -> None:
         g = res.guided
         print(f"guided-tpe: {g.n_runs} real runs, {g.refits} refits, {g.n_surrogate} surrogate orders trained; "
               f"best {g.best_loss:.4f} from {g.best_source}")
+        if g.polish is not None:
+            print(f"suffix polish: {len(g.polish.losses)} resumed runs, {g.polish.improvements} improvements, "
+                  f"{g.polish.run_equivalents:.1f} run equivalents")
     led = res.ledger
     print(f"compute: {led.real_runs} real runs, {led.run_equivalents:.1f} run equivalents, {led.seconds:.0f} s "
           f"({', '.join(f'{e.phase} {e.run_equivalents:.1f}' for e in led.entries)})")
@@ -97,6 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--first-batch", type=int, help="guided-tpe: plain TPE trials before the first refit (default: 16)")
     p.add_argument("--refit-every", type=int, help="guided-tpe: real trials between refits (default: 8)")
     p.add_argument("--enqueue", type=int, help="guided-tpe: surrogate orders trained after each refit (default: 4)")
+    p.add_argument("--polish", type=float, help="guided-tpe: fraction of the budget spent on suffix polish of the best run, "
+                   f"late transpositions trained from its state at a late step (default: {GuidedSettings().polish}; 0: none)")
     p.add_argument("--baselines", type=csv_list, help="searches with real training run at the same budget for "
                    "comparison: random-search, optuna-real (default: none)")
     p.set_defaults(func=cmd_run)

@@ -54,7 +54,7 @@ def render_comparison(result: PipelineResult) -> str:
 
 def render_guided(result: PipelineResult) -> str:
     """Markdown section of a ``guided-tpe`` job (``result.guided`` set): its settings, runs,
-    refits and who found the best order."""
+    refits, its polish and who found the best order."""
     g = result.guided
     st = g.settings
     return ("## Guided TPE\n\nTPE with real training on the random-keys space; after "
@@ -62,7 +62,16 @@ def render_guided(result: PipelineResult) -> str:
             f"fitted to all real runs so far proposed up to {st.enqueue} untrained orders (its optimum and swap "
             f"descents from the {st.starts} best real orders). {g.n_runs} real runs, {g.refits} refits, "
             f"{g.n_surrogate} runs of surrogate orders; the best order ({fmt(g.best_loss)} nats/token) came from "
-            f"`{g.best_source}`. Surrogate fits and searches: {g.surrogate_seconds:.1f} s (0 run equivalents).\n")
+            f"`{g.best_source}`. Surrogate fits and searches: {g.surrogate_seconds:.1f} s (0 run equivalents).\n"
+            + (render_polish(g.polish) if g.polish is not None else ""))
+
+
+def render_polish(p) -> str:
+    """Markdown paragraph of a guided job's suffix polish (:class:`~currsearch.polish.PolishResult`)."""
+    return (f"\nSuffix polish from the best full run ({fmt(p.start_loss)}): {len(p.losses)} transpositions late in the "
+            f"window, each trained for real from the incumbent's state at step {', '.join(map(str, sorted(set(p.departures))))} "
+            f"(cost: the steps trained plus an evaluation, {p.eval_fraction:.3f} of a run), {p.improvements} improvements, "
+            f"{p.run_equivalents:.1f} run equivalents; best {fmt(p.best_loss)} nats/token.\n")
 
 
 def write_run_report(result: PipelineResult, out_dir) -> list[Path]:
