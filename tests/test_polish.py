@@ -9,7 +9,7 @@ import torch
 from currsearch.errors import ConfigError, OrderError
 from currsearch.guided import GuidedSettings, guided_search
 from currsearch.pipeline import PipelineSettings, run_pipeline
-from currsearch.polish import PolishSettings, move, suffix_polish
+from currsearch.polish import PolishSettings, eval_fraction, move, suffix_polish
 from test_guided import InterruptedTrainer, Killed
 
 G = GuidedSettings(first_batch=16, refit_every=4, enqueue=2, starts=2, max_swaps=None, polish=0.5)
@@ -45,7 +45,8 @@ def test_guided_search_polishes_within_its_budget_with_real_runs(trainer, tmp_pa
     assert p.start_loss == plain.best_loss and p.state_runs == 1 and len(p.losses) >= 4
     assert res.run_equivalents <= 24 + 1e-9 and res.run_equivalents == pytest.approx(12 + p.run_equivalents)
     assert all(c == pytest.approx((T - s) / T + p.eval_fraction) for s, c in zip(p.departures, p.costs))
-    assert set(p.departures) <= set(PolishSettings().anchors(T)) == {4, 6}
+    assert p.eval_fraction > 0 and round(p.eval_fraction / 0.05, 6) % 1 == 0  # measured, rounded up to 0.05
+    assert set(p.departures) <= set(PolishSettings().anchors(T)) == {2, 4, 6}
     # each move departs from its incumbent at or after its anchor; every one is a real training
     inc = list(p.start_order)
     best = p.start_loss
@@ -96,6 +97,8 @@ def test_moves_are_deterministic_and_widen_once_the_neighbourhood_is_tried():
     with pytest.raises(ValueError):
         GuidedSettings(polish=1.0)
     assert GuidedSettings(polish=0.25).full_runs(64) == 48 and GuidedSettings(polish=0.5).full_runs(1) == 1
+    assert GuidedSettings().full_runs(64) == 40  # the default polish: 0.375
+    assert eval_fraction(0.08, 1.0) == pytest.approx(0.10) and eval_fraction(0.1, 1.0) == pytest.approx(0.10)
 
 
 def test_the_guided_job_counts_its_polish_in_the_ledger(tiny_cfg, tmp_path):
