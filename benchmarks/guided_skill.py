@@ -36,10 +36,13 @@ MODELS = {"calibrated-interactions": CalibratedInteractions, "position-only": Ca
 
 
 def journal_runs(path) -> list[tuple[str, list[list[int]], list[float]]]:
-    """``(study name, orders [n][T], objective losses [n])`` of every study in an Optuna journal, complete trials in order."""
+    """``(study name, orders [n][T], objective losses [n])`` of every search in an Optuna journal (not the
+    suffix polish studies of ``guided-tpe``), complete trials in order."""
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
     out = []
     for s in optuna.get_all_study_summaries(storage):
+        if "-polish-" in s.study_name:  # a guided search's suffix polish: moves around one order, not a search
+            continue
         trials = [t for t in optuna.load_study(study_name=s.study_name, storage=storage).trials
                   if t.state == optuna.trial.TrialState.COMPLETE]
         out.append((s.study_name, [t.user_attrs["order"] for t in trials], [float(t.value) for t in trials]))

@@ -28,8 +28,9 @@ trials::
    an anchor step, so it costs only its last steps (``(T - s) / T`` of a run plus its
    evaluation).
 
-Every trial is a real run, so the result is the best real loss after ``n_runs`` run
-equivalents; there is no recording and no separate verification. The surrogate's fit and search cost
+Every trial is a real run (a full one, or a polish move resumed from a late step), so the
+result is the best real loss within ``n_runs`` run equivalents; there is no recording and no
+separate verification. The surrogate's fit and search cost
 seconds only (``surrogate_seconds``; a ledger counts them with 0 run equivalents, as the
 surrogate search of the main job). The refit schedule does not depend on ``n_runs``, so the
 first k trials of a longer search are those of a search with ``n_runs = k`` (same seed).
@@ -125,8 +126,10 @@ class GuidedSettings(Settings):
 
     def full_runs(self, budget: int) -> int:
         """Full runs (TPE and surrogate trials) of a search with ``budget`` run equivalents: all
-        but the ``floor(polish * budget)`` the polish gets (at least 1)."""
-        return max(1, budget - math.floor(self.polish * budget))
+        but the ``floor(polish * budget)`` the polish gets, or all of them when that share is
+        under 2 (too little for the incumbent's run and a move)."""
+        share = math.floor(self.polish * budget)
+        return budget - share if share >= 2 else budget
 
     def refit_points(self, n_runs: int) -> list[int]:
         """The numbers of real runs at which the surrogate is refitted: ``first_batch + k refit_every < n_runs``."""
@@ -145,7 +148,7 @@ class GuidedResult:
         refits: refits whose proposals are in the study.
         surrogate_seconds: wall seconds of this call's surrogate fits and searches.
         run_durations: per run, the wall seconds of its trial (one real training).
-        resumed_at: first trial number of every call after the first (TPE restarted there).
+        resumed_at: first trial number of every later call that trained some of these runs (TPE restarted there).
         settings: the settings it ran with.
         polish: the final polish (:class:`~currsearch.polish.PolishResult`), None with ``polish = 0``.
     """
@@ -285,7 +288,8 @@ def _enqueue_refit(study: optuna.Study, k: int, point: int, plan, objective: str
 
 def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None = None, seed: int = 0,
                   objective: str = "all", storage=None, progress: bool = True, proposer=propose) -> GuidedResult:
-    """Search orders with ``n_runs`` real trainings, TPE guided by refitted surrogates (module docstring).
+    """Search orders within ``n_runs`` run equivalents of real training: TPE guided by refitted
+    surrogates, then the suffix polish of the best run (module docstring).
 
     Args:
         trainer: the Trainer whose window is trained (its cached warm-up phase is shared).
@@ -297,9 +301,10 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
         seed: TPE's seed (the surrogate's fit and search are deterministic).
         objective: the eval set whose final loss (nats/token) is minimized.
         storage: ``None`` (in memory), a ``*.journal`` path or an Optuna storage URL; a rerun
-            with the same storage resumes, and a search with other polish settings (or budget)
-            reuses its full runs: they do not depend on the polish.
-        progress: a tqdm bar (one tick per real run).
+            with the same storage resumes, and a search with another budget or polish setting
+            reuses its full runs (they do not depend on the polish; its polish is a study of
+            its own, named by the budget and the polish's share).
+        progress: tqdm bars (one tick per full run; the polish's in run equivalents).
         proposer: who proposes at each refit, with :func:`propose`'s signature and contract
             (at most ``settings.enqueue`` orders, deterministic), e.g. an ablation's
             (``benchmarks/guided_ablation.py``); its qualified name is stored in the study, so a
@@ -347,7 +352,8 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
     if n_runs == budget:
         return res
     pol = suffix_polish(trainer, res.best_order, res.best_loss, budget - n_runs, s.polish_moves, seed, objective, storage,
-                        study_name=f"{NAME}-polish-{objective}-seed{seed}-budget{budget}", progress=progress)
+                        study_name=f"{NAME}-polish-{objective}-seed{seed}-budget{budget}-polish{budget - n_runs}",
+                        progress=progress)
     return dataclasses.replace(res, polish=pol)
 
 
@@ -361,10 +367,10 @@ def _result(study: optuna.Study, trainer: Trainer, n_runs: int, objective: str, 
             seconds: float, surrogate_seconds: float) -> GuidedResult:
     """Read the first ``n_runs`` completed runs of ``study`` back into a :class:`GuidedResult`."""
     trials = complete_trials(study)[:n_runs]
-    refits = sum(k.startswith(f"{REFIT_ATTR}:") for k in study.user_attrs)
+    refits = sum(f"{REFIT_ATTR}:{k}" in study.user_attrs for k in range(len(s.refit_points(n_runs))))  # of these runs
     return GuidedResult(
         runs=RealSearchResult.from_trials(NAME, trials, objective, seed, seconds),
         eval_names=list(trainer.plan.eval_names), eval_losses=[list(t.user_attrs["losses"]) for t in trials],
         sources=[str(t.user_attrs.get("source", "tpe")) for t in trials], refits=refits,
         surrogate_seconds=surrogate_seconds, run_durations=[t.duration.total_seconds() for t in trials],
-        resumed_at=session_starts(study), settings=s)
+        resumed_at=[k for k in session_starts(study) if trials and k <= trials[-1].number], settings=s)  # calls that trained these

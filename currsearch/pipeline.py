@@ -21,8 +21,9 @@ same compute.
 
 ``PipelineSettings.strategy = "guided-tpe"`` (``currsearch run --strategy guided-tpe``) runs
 another job in their place: :func:`currsearch.guided.guided_search`, TPE with real training
-whose every ``budget`` run is real, guided by surrogates refitted to those runs (journal
-``OUT/guided.journal``); its best runs are the verified candidates.
+guided by surrogates refitted to those runs, then the suffix polish of its best run (real runs
+resumed from a late step, :mod:`currsearch.polish`; journal ``OUT/guided.journal``), within
+``budget`` run equivalents; its best runs are the verified candidates.
 """
 
 from __future__ import annotations
@@ -133,8 +134,9 @@ class PipelineSettings(Settings):
             not part of the job's budget: they are what the job is compared with.
         strategy: ``surrogate`` (record, fit, search the surrogate, verify, refine: the
             phases above) or ``guided-tpe`` (:mod:`currsearch.guided`: TPE with real training
-            guided by refitted surrogates; every one of the ``budget`` runs is real, so there
-            is no recording, verification or refinement; ``search`` gives its seed and objective).
+            guided by refitted surrogates, then the suffix polish of its best run; every run is
+            real, so there is no recording, verification or refinement; ``search`` gives its
+            seed and objective).
         guided: the ``guided-tpe`` strategy's settings.
     """
 
@@ -181,7 +183,7 @@ class PipelineSettings(Settings):
             raise ConfigError(f"output directory {str(self.out)!r} is an existing file; pass another --out")
         if self.strategy == "guided-tpe":
             if self.budget is None:
-                raise ConfigError("the guided-tpe strategy trains exactly --budget orders; give a budget instead of --no-budget")
+                raise ConfigError("the guided-tpe strategy spends exactly its --budget on real runs; give a budget instead of --no-budget")
             if self.refine.rounds or len(self.search.objectives) != 1:
                 raise ConfigError("the guided-tpe strategy minimizes one objective and has no trust-region rounds; "
                                   "give one objective and --rounds 0")
@@ -395,7 +397,7 @@ def _run_guided(cfg: Config, s: PipelineSettings, progress: bool) -> PipelineRes
                equivalents=res.n_runs)
     ledger.add("surrogate", res.surrogate_seconds, real_runs=0, equivalents=0.0)
     if res.polish is not None:
-        ledger.add("polish", res.polish.seconds, real_runs=len(res.polish.losses) + res.polish.state_runs,
+        ledger.add("polish", res.polish.seconds, real_runs=res.polish.state_runs,  # its moves train parts of a window
                    equivalents=res.polish.run_equivalents)
     out = PipelineResult(s, None, None, res.verification(trainer, s.verify.top_k), None, ledger.summary(res.run_seconds),
                          guided=res)

@@ -26,8 +26,8 @@ session).
 
 Every move is one trial of an Optuna study (``storage``: a ``*.journal`` path resumes after a
 kill; moves depend only on ``seed``, ``k`` and the incumbent, so a resumed call makes the moves
-an uninterrupted one would have). A resumed call trains its incumbent again for the states
-(step 1 again, counted again: ``state_runs``).
+an uninterrupted one would have, as far as its budget goes: it trains its incumbent again for
+the states (step 1 again, counted again: ``state_runs``), so it makes fewer).
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def suffix_polish(trainer: Trainer, start_order: list[int], start_loss: float, b
 
     Raises:
         ConfigError: an unknown objective, a study in ``storage`` made from another start,
-            settings or seed, or a window too short to polish (T < 3).
+            settings, seed or budget, or a window too short to polish (T < 3).
     """
     s = settings or PolishSettings()
     T, obj = trainer.T, objective_index(trainer, objective)
@@ -214,7 +214,7 @@ def suffix_polish(trainer: Trainer, start_order: list[int], start_loss: float, b
     with optuna_warnings_only():
         study, session = open_real_study(study_name, make_sampler("random", seed=seed), storage, trainer)
         check_resume(study, {"polish": s.model_dump(mode="json"), "seed": seed, "objective": objective,
-                             "start": [int(x) for x in start_order]})
+                             "start": [int(x) for x in start_order], "budget": float(budget)})
         e = study.user_attrs.get(EVAL_ATTR)
         state_runs = int(study.user_attrs.get(STATES_ATTR, 0))
         done = complete_trials(study)
@@ -256,7 +256,8 @@ def suffix_polish(trainer: Trainer, start_order: list[int], start_loss: float, b
 
             ask_and_tell(study, 1, 1, score, session=session)
             spent, k = spent + cost, k + 1
-            bar.update(cost)
+            bar.n = round(min(spent, budget), 2)  # rounded: a sum of float costs prints badly
+            bar.refresh()
             tried.add(tuple(cand))
             loss = float(score.result.eval_losses[obj])
             if loss < inc_loss:

@@ -172,5 +172,5 @@ def test_run_strategy_guided_tpe_spends_exactly_the_budget_with_ledger_and_basel
     assert report["candidates"]["search_1"]["verified"]["all"] == min(search["losses"])
     md = (out / "report" / "report.md").read_text()
     assert "## Guided TPE" in md and "## Equal compute" in md
-    with pytest.raises(ConfigError, match="guided-tpe strategy trains exactly"):
+    with pytest.raises(ConfigError, match="guided-tpe strategy spends exactly its --budget"):
         run_pipeline(tiny_cfg, PipelineSettings(out=tmp_path / "x", strategy="guided-tpe", budget=None), progress=False)

@@ -10,6 +10,7 @@ from currsearch.errors import ConfigError, OrderError
 from currsearch.guided import GuidedSettings, guided_search
 from currsearch.pipeline import PipelineSettings, run_pipeline
 from currsearch.polish import PolishSettings, eval_fraction, move, suffix_polish
+from currsearch.reports.run import render_polish
 from test_guided import InterruptedTrainer, Killed
 
 G = GuidedSettings(first_batch=16, refit_every=4, enqueue=2, starts=2, max_swaps=None, polish=0.5)
@@ -40,7 +41,7 @@ def test_guided_search_polishes_within_its_budget_with_real_runs(trainer, tmp_pa
     journal = str(tmp_path / "g.journal")
     plain = guided_search(trainer, 12, G.model_copy(update={"polish": 0.0}), seed=1, storage=journal, progress=False)
     res = guided_search(trainer, 24, G, seed=1, storage=journal, progress=False)  # reuses the plain search's full runs
-    assert res.n_runs == 12 and res.runs.orders == plain.runs.orders and res.resumed_at == [12]
+    assert res.n_runs == 12 and res.runs.orders == plain.runs.orders and res.resumed_at == []
     p, T = res.polish, trainer.T
     assert p.start_loss == plain.best_loss and p.state_runs == 1 and len(p.losses) >= 4
     assert res.run_equivalents <= 24 + 1e-9 and res.run_equivalents == pytest.approx(12 + p.run_equivalents)
@@ -76,9 +77,12 @@ def test_a_killed_polish_resumes_into_the_uninterrupted_one(trainer, tmp_path):
     assert res.run_equivalents <= 6.0 + 1e-9
     with pytest.raises(ConfigError, match="another setup"):
         suffix_polish(trainer, start, loss, 6.0, seed=3, storage=journal, progress=False)
+    with pytest.raises(ConfigError, match="budget"):  # another budget would read back moves it cannot pay for
+        suffix_polish(trainer, start, loss, 3.0, seed=2, storage=journal, progress=False)
     # a budget too small for the incumbent's run and one move trains nothing
     none = suffix_polish(trainer, start, loss, 1.2, seed=2, progress=False)
     assert none.state_runs == 0 and none.losses == [] and none.best_loss == loss and none.run_equivalents == 0
+    assert "Suffix polish: none" in render_polish(none)
 
 
 def test_moves_are_deterministic_and_widen_once_the_neighbourhood_is_tried():
@@ -98,6 +102,7 @@ def test_moves_are_deterministic_and_widen_once_the_neighbourhood_is_tried():
         GuidedSettings(polish=1.0)
     assert GuidedSettings(polish=0.25).full_runs(64) == 48 and GuidedSettings(polish=0.5).full_runs(1) == 1
     assert GuidedSettings().full_runs(64) == 40  # the default polish: 0.375
+    assert GuidedSettings().full_runs(5) == 5 and GuidedSettings().full_runs(6) == 4  # a share under 2 goes to full runs
     assert eval_fraction(0.08, 1.0) == pytest.approx(0.10) and eval_fraction(0.1, 1.0) == pytest.approx(0.10)
 
 

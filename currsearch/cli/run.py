@@ -95,8 +95,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(1024 fit runs for calibrated-interactions unless --fit-runs), and the reference, random and "
                    "heuristic orders are verified too")
     p.add_argument("--strategy", choices=["surrogate", "guided-tpe"], help="surrogate: record, fit the surrogate, "
-                   "search it, verify (default); guided-tpe: TPE with real training, every --budget run real, with "
-                   "orders proposed by a surrogate refitted to the runs (no recording, no verification)")
+                   "search it, verify (default); guided-tpe: TPE with real training, with orders proposed by a surrogate "
+                   "refitted to the runs, then the suffix polish of the best run (--polish); every run real, no recording, "
+                   "no verification")
     p.add_argument("--first-batch", type=int, help="guided-tpe: plain TPE trials before the first refit (default: 16)")
     p.add_argument("--refit-every", type=int, help="guided-tpe: real trials between refits (default: 8)")
     p.add_argument("--enqueue", type=int, help="guided-tpe: surrogate orders trained after each refit (default: 4)")

@@ -68,6 +68,9 @@ def render_guided(result: PipelineResult) -> str:
 
 def render_polish(p) -> str:
     """Markdown paragraph of a guided job's suffix polish (:class:`~currsearch.polish.PolishResult`)."""
+    if not p.losses:
+        return (f"\nSuffix polish: none ({p.run_equivalents:.1f} run equivalents spent); its share of the budget "
+                "was too small for the best run's training and one move.\n")
     return (f"\nSuffix polish from the best full run ({fmt(p.start_loss)}): {len(p.losses)} transpositions late in the "
             f"window, each trained for real from the incumbent's state at step {', '.join(map(str, sorted(set(p.departures))))} "
             f"(cost: the steps trained plus an evaluation, {p.eval_fraction:.3f} of a run), {p.improvements} improvements, "
