@@ -198,7 +198,7 @@ def _polished_points(trainer: Trainer, strategy: str, budgets: list[int], seeds:
             res = guided_search(trainer, N, settings, seed=seed, storage=str(out / "guided-tpe" / f"seed{seed}.journal"))
             pol = res.polish
             points[key] = {"fits": True, "best_loss": res.best_loss, "best": res.best_source,
-                           "real_runs": res.n_runs + (len(pol.losses) + pol.state_runs if pol else 0),
+                           "real_runs": res.n_runs + (pol.state_runs if pol else 0),  # as the job's ledger: whole windows
                            "run_equivalents": res.run_equivalents,
                            "seconds": sum(res.run_durations) + (pol.seconds if pol else 0.0),
                            "polish": pol.record() if pol else None}

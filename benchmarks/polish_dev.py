@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def seed_row(trainer: Trainer, seed: int, budget: int, variants: dict) -> dict:
     row = {"optuna-real": {"best": tpe.best_loss, "spent": float(budget)},
            "guided-tpe": {"best": guided.best_loss, "spent": float(budget)}}
     for name, (fraction, anchors) in variants.items():
-        n_full = budget - math.floor(fraction * budget)
+        n_full = GuidedSettings(polish=fraction).full_runs(budget)  # the guided job's split of the budget
         losses = guided.runs.losses[:n_full]
         i = min(range(n_full), key=lambda k: (losses[k], k))
         pol = suffix_polish(trainer, guided.runs.orders[i], losses[i], budget - n_full, PolishSettings(starts=anchors),

@@ -296,7 +296,7 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
         n_runs: the budget in real-run equivalents (>= 1): ``settings.full_runs(n_runs)`` full
             runs are asked (a run whose training diverges to a non-finite loss counts, with
             loss +inf), then the polish spends at most the rest (journal study
-            ``guided-tpe-polish-<objective>-seed<seed>-budget<n_runs>``).
+            ``guided-tpe-polish-<objective>-seed<seed>-budget<n_runs>-polish<its share>``).
         settings: :class:`GuidedSettings` (default: all defaults).
         seed: TPE's seed (the surrogate's fit and search are deterministic).
         objective: the eval set whose final loss (nats/token) is minimized.
