@@ -136,15 +136,24 @@ def summarize(runs: dict, variants: list[str], seeds: list[int], budget: int) ->
     return out
 
 
+#: the columns of :func:`paired_cells`
+PAIRED_HEADERS = ["variant", "best loss", "- TPE, paired", "seeds ahead"]
+
+
+def paired_cells(variant: str, p: dict, n_seeds: int) -> list[str]:
+    """One table row of :func:`summarize`'s entry ``p`` for ``variant`` (columns :data:`PAIRED_HEADERS`)."""
+    return [f"`{variant}`", f"{fmt(p['mean'])} ± {fmt(p['std'])}", f"{p['vs_tpe']:+.4f} ± {p['vs_tpe_se']:.4f}",
+            f"{p['ahead']} of {n_seeds}"]
+
+
 def render(summary: dict, seeds: list[int], budget: int) -> str:
     """The markdown report of :func:`summarize`'s result."""
-    rows = [[f"`{v}`", f"{fmt(p['mean'])} ± {fmt(p['std'])}", f"{p['vs_tpe']:+.4f} ± {p['vs_tpe_se']:.4f}",
-             f"{p['ahead']} of {len(seeds)}"] for v, p in summary.items()]
+    rows = [paired_cells(v, p, len(seeds)) for v, p in summary.items()]
     return "\n".join([f"# guided-tpe ablation at N = {budget}", "",
                       f"Best loss on the objective after {budget} real runs (nats/token), mean ± std over seeds {seeds}; "
                       "paired difference from `optuna-real` on the same seed (mean ± standard error) and the seeds "
                       "where the variant is lower.", "",
-                      *markdown_table(["variant", "best loss", "- TPE, paired", "seeds ahead"], rows), ""])
+                      *markdown_table(PAIRED_HEADERS, rows), ""])
 
 
 def main(argv: list[str] | None = None) -> int:

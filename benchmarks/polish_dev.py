@@ -21,6 +21,7 @@ same ``OUT`` is refused.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -31,10 +32,10 @@ from currsearch.errors import ConfigError
 from currsearch.guided import GuidedSettings, guided_search
 from currsearch.manifest import read_config_cache
 from currsearch.polish import PolishSettings, suffix_polish
-from currsearch.reports.common import fmt, markdown_table, write_result_files
+from currsearch.reports.common import markdown_table, write_result_files
 from currsearch.train import Trainer
 
-from guided_ablation import summarize
+from guided_ablation import PAIRED_HEADERS, paired_cells, summarize
 
 logger = logging.getLogger("currsearch.polish_dev")
 
@@ -51,9 +52,8 @@ def seed_row(trainer: Trainer, seed: int, budget: int, variants: dict) -> dict:
            "guided-tpe": {"best": guided.best_loss, "spent": float(budget)}}
     for name, (fraction, anchors) in variants.items():
         n_full = GuidedSettings(polish=fraction).full_runs(budget)  # the guided job's split of the budget
-        losses = guided.runs.losses[:n_full]
-        i = min(range(n_full), key=lambda k: (losses[k], k))
-        pol = suffix_polish(trainer, guided.runs.orders[i], losses[i], budget - n_full, PolishSettings(starts=anchors),
+        first = dataclasses.replace(guided.runs, orders=guided.runs.orders[:n_full], losses=guided.runs.losses[:n_full])
+        pol = suffix_polish(trainer, first.best_order, first.best_loss, budget - n_full, PolishSettings(starts=anchors),
                             seed=seed, progress=False)
         row[name] = {"best": pol.best_loss, "spent": n_full + pol.run_equivalents}
     return row
@@ -61,13 +61,12 @@ def seed_row(trainer: Trainer, seed: int, budget: int, variants: dict) -> dict:
 
 def render(summary: dict, seeds: list[int], budget: int, spent: dict) -> str:
     """The markdown report: per variant the best loss, its paired difference from TPE and its largest spend."""
-    rows = [[f"`{v}`", f"{fmt(p['mean'])} ± {fmt(p['std'])}", f"{p['vs_tpe']:+.4f} ± {p['vs_tpe_se']:.4f}",
-             f"{p['ahead']} of {len(seeds)}", f"{spent[v]:.2f}"] for v, p in summary.items()]
+    rows = [paired_cells(v, p, len(seeds)) + [f"{spent[v]:.2f}"] for v, p in summary.items()]
     return "\n".join([f"# Suffix polish at N = {budget}", "",
                       f"Best loss on `all` within {budget} run equivalents (nats/token), mean ± std over seeds {seeds}; "
                       "paired difference from `optuna-real` on the same seed (mean ± standard error), the seeds where "
                       "the variant is lower, and its largest spend.", "",
-                      *markdown_table(["variant", "best loss", "- TPE, paired", "seeds ahead", "max run eq."], rows), ""])
+                      *markdown_table([*PAIRED_HEADERS, "max run eq."], rows), ""])
 
 
 def main(argv: list[str] | None = None) -> int:
