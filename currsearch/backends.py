@@ -42,9 +42,7 @@ from pathlib import Path
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
-import ray
-import torch
-from ray.util import ActorPool
+import torch  # ray is imported where a Ray backend uses it: a serial search never pays its ~0.8 s import
 
 from estimators import available, get_estimator
 
@@ -163,6 +161,7 @@ class _ScoringWorker:
         """Open the store, fit the estimator; return ``(T, eval_names, actor id)`` (the id in
         hex, from Ray's public runtime context). Errors (StoreError, ConfigError) propagate to
         the driver as their own class."""
+        import ray
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
         store = TrajectoryStore.open(self.store_path, verify=False)
@@ -241,6 +240,7 @@ def _init_ray(address: str | None, cpus_needed: float, init_kwargs: dict[str, An
     Raises:
         ConfigError: Ray could not start or join.
     """
+    import ray
     if ray.is_initialized():
         return False
     init = {"include_dashboard": False, "log_to_driver": True}
@@ -311,6 +311,7 @@ class RayBackend(Backend):
         ready_timeout: float = 300.0,
         init_kwargs: dict[str, Any] | None = None,
     ):
+        import ray
         if num_actors < 1:
             raise ConfigError(f"RayBackend: num_actors must be >= 1, got {num_actors}")
         if chunk < 1:
@@ -365,6 +366,7 @@ class RayBackend(Backend):
     def _check_resources(self) -> None:
         """Fail at once (ConfigError) when the cluster has fewer CPUs/GPUs in all than the
         actors request, instead of waiting ``ready_timeout`` for actors that cannot start."""
+        import ray
         need = {"CPU": self.num_actors * self._resources["num_cpus"], "GPU": self.num_actors * self._resources["num_gpus"]}
         have = {k: ray.cluster_resources().get(k, 0) for k in need}
         short = {k: v for k, v in need.items() if v > have[k] + 1e-9}
@@ -380,6 +382,7 @@ class RayBackend(Backend):
         Raises:
             ConfigError: not ready within ``ready_timeout``. StoreError: the store changed.
         """
+        import ray
         try:
             ready = ray.get(list(refs), timeout=self.ready_timeout)
         except ray.exceptions.GetTimeoutError:
@@ -397,11 +400,13 @@ class RayBackend(Backend):
         return [actor_id for _, _, actor_id in ready]
 
     def _reset_pool(self) -> None:
+        from ray.util import ActorPool
         self._pool = ActorPool(list(self.actors))
 
     def _replace(self, dead_id: str | None) -> None:
         """Swap the actor whose id (hex, as reported by its ``setup``) is ``dead_id`` (or,
         unknown, every dead one) for a fresh one."""
+        import ray
         for i, a in enumerate(self.actors):
             if dead_id is not None and self.actor_ids[i] != dead_id:
                 continue
@@ -437,6 +442,7 @@ class RayBackend(Backend):
             OrderError: an invalid order. CurrsearchError: a chunk failed more than
             ``max_retries`` times because its actor died.
         """
+        import ray
         if self._pool is None:
             raise RuntimeError("RayBackend is closed")
         o = _as_batch(orders, self.T)
@@ -486,12 +492,14 @@ class RayBackend(Backend):
     def assignment_optimum(self, eval_set: str) -> torch.Tensor | None:
         """The estimator's own optimum order for ``eval_set`` (int64 ``[T]``, computed on one
         actor) when it has one (``has_optimum``), else ``None``."""
+        import ray
         out = ray.get(self.actors[0].assignment_optimum.remote(eval_set))
         return None if out is None else torch.tensor(out, dtype=torch.int64)
 
     def close(self) -> None:
         """Kill the actors; shut Ray down only if this backend started it (an external
         cluster or an instance started by the caller stays up). Idempotent."""
+        import ray
         if ray.is_initialized():
             for a in self.actors:
                 try:

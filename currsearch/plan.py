@@ -16,15 +16,20 @@ plan's training tokens: the loss a model that has learned only token frequencies
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from .config import Config
-from .errors import CorpusError
+from .data import cache_dir
+from .errors import ConfigError, CorpusError
+from .manifest import atomic_save_tensors
 
 
 @dataclass
@@ -78,19 +83,32 @@ class BatchPlan:
 
 #: token ids of tokenized texts, keyed by the tokenizer's and the texts' SHA-256 (in-process): plans of
 #: one corpus and tokenizer that differ in T, batch size or sequence length tokenize it once
-_ENCODED: dict[tuple[str, str], list[int]] = {}
+_ENCODED: dict[tuple[str, str], torch.Tensor] = {}
 
 
-def _token_ids(texts: list[str], tokenizer) -> list[int]:
-    """The texts' token ids, each text followed by ``eos`` (cached in :data:`_ENCODED`)."""
+def _token_ids(texts: list[str], tokenizer) -> torch.Tensor:
+    """The texts' token ids (int64 ``[n]``), each text followed by ``eos``.
+
+    Cached in-process (:data:`_ENCODED`) and on disk, as ``ids`` in a safetensors file under
+    ``cache_dir()/token_ids`` named by the tokenizer's and the texts' SHA-256: tokenizing the
+    embedded corpus takes ~2 s, which every process that builds a plan (each command, each
+    Ray actor that trains) would pay again. A cache file that does not load is recomputed and
+    rewritten; one that cannot be written is skipped."""
     key = (hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
            hashlib.sha256("\x00".join(texts).encode()).hexdigest())
     if key not in _ENCODED:
-        eos = tokenizer.eos_token_id
-        ids: list[int] = []
-        for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            ids.extend(enc)
-            ids.append(eos)
+        path = cache_dir() / "token_ids" / f"{key[0][:16]}-{key[1][:16]}.safetensors"
+        try:
+            ids = load_file(path)["ids"]
+        except (OSError, SafetensorError, KeyError):
+            eos = tokenizer.eos_token_id
+            flat: list[int] = []
+            for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+                flat.extend(enc)
+                flat.append(eos)
+            ids = torch.tensor(flat, dtype=torch.int64)
+            with contextlib.suppress(OSError, ConfigError):  # a read-only cache: tokenize again next time
+                atomic_save_tensors(path, {"ids": ids})
         _ENCODED[key] = ids
     return _ENCODED[key]
 
@@ -98,7 +116,7 @@ def _token_ids(texts: list[str], tokenizer) -> list[int]:
 def _sequences(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     ids = _token_ids(texts, tokenizer)
     n = len(ids) // seq_len
-    return torch.tensor(ids[: n * seq_len], dtype=torch.int64).view(n, seq_len)
+    return ids[: n * seq_len].view(n, seq_len).clone()  # a copy: callers may not write into the cache
 
 
 def _domain_sequences(corpus, tokenizer, cfg: Config, names: list[str], g: torch.Generator):

@@ -20,7 +20,6 @@ positions, so its exact minimum over all T! permutations is a linear assignment 
 from __future__ import annotations
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from currsearch.orders import validate_orders
 
@@ -59,6 +58,8 @@ def assignment_order(cost) -> torch.Tensor:
     """The order minimizing ``sum_t cost[t, order[t]]`` over all permutations: int64 ``[T]``
     for a float cost array ``[T, T]`` (step t, batch l). Exact (linear assignment, scipy's Hungarian
     algorithm)."""
+    from scipy.optimize import linear_sum_assignment  # here, not at the top: scipy.optimize takes ~0.7 s to import
+
     rows, cols = linear_sum_assignment(cost)
     order = torch.empty(len(rows), dtype=torch.int64)
     order[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.int64)

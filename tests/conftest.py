@@ -21,20 +21,39 @@ DEVICE = os.environ.get("CURRSEARCH_TEST_DEVICE", "cpu")
 if DEVICE.startswith("cuda"):  # cuBLAS reproducibility (read when CUDA initializes, so before torch loads it)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-import torch  # noqa: E402
+#: measured seconds of each slow file's tests on 2 idle cores (`pytest --durations=0`, summed per
+#: file). Files run longest first (`--no-loadscope-reorder` in pyproject.toml keeps this order;
+#: xdist's own order is by number of tests), so no long file starts last on one worker while the
+#: other idles. Unlisted files are short and follow in collection order.
+FILE_SECONDS = {
+    "test_backends_ray.py": 36, "test_run.py": 24, "test_guided.py": 19, "test_response.py": 12,
+    "test_search_resume.py": 11, "test_estimators.py": 10, "test_trust_region.py": 9, "test_positions.py": 8,
+    "test_cli_errors.py": 7, "test_foundation.py": 6, "test_ablate.py": 6, "test_polish.py": 6, "test_record.py": 5,
+}
 
-from currsearch.config import Config  # noqa: E402
 
-# One intra-op thread for the whole session: the tiny models gain nothing from more, and on a
-# busy 2-core machine two threads cost ~10x (measured: one tiny training run 0.19 s wall /
-# 0.04 s CPU on 1 thread vs 1.9 s / 0.6 s on 2, load 7). Set once, before any Trainer exists,
-# so every in-process bit-identity check compares runs made under the same thread count
-# (Ray workers already run on one thread). CURRSEARCH_TEST_THREADS overrides it.
-torch.set_num_threads(int(os.environ.get("CURRSEARCH_TEST_THREADS", "1")))
-if DEVICE.startswith("cuda"):
-    # the bit-identity tests compare two GPU runs: deterministic kernels where CUDA has them
-    # (embedding backward, scatter-add), a warning where it has none
-    torch.use_deterministic_algorithms(True, warn_only=True)
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: a file's tests keep their order
+
+
+def pytest_configure(config):
+    """Torch settings for the processes that run tests, before any Trainer exists. The xdist
+    controller runs none, so it never imports torch (3 s of the suite's start-up)."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    import torch
+
+    # One intra-op thread for the whole session: the tiny models gain nothing from more, and on a
+    # busy 2-core machine two threads cost ~10x (measured: one tiny training run 0.19 s wall /
+    # 0.04 s CPU on 1 thread vs 1.9 s / 0.6 s on 2, load 7). Set once, so every in-process
+    # bit-identity check compares runs made under the same thread count (Ray workers already
+    # run on one thread). CURRSEARCH_TEST_THREADS overrides it.
+    torch.set_num_threads(int(os.environ.get("CURRSEARCH_TEST_THREADS", "1")))
+    if DEVICE.startswith("cuda"):
+        # the bit-identity tests compare two GPU runs: deterministic kernels where CUDA has them
+        # (embedding backward, scatter-add), a warning where it has none
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
 
 TINY = {
     "data": {"num_batches": 8, "batch_size": 4, "seq_len": 32, "eval_seqs_per_domain": 4, "vocab_size": 512},
@@ -45,8 +64,10 @@ TINY = {
 
 
 @pytest.fixture(scope="session")
-def tiny_cfg() -> Config:
-    """A config small enough that one training run takes well under a second."""
+def tiny_cfg():
+    """A config small enough that one training run takes well under a second (a ``Config``)."""
+    from currsearch.config import Config
+
     return Config().replace(**TINY)
 
 

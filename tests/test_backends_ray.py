@@ -1,6 +1,7 @@
 """Ray scoring backend (currsearch.backends.RayBackend): a real local Ray instance scores like
 the serial backend, replaces killed actors, refuses what the cluster cannot hold. Its own file,
-collected early, so that under ``pytest -n`` its Ray start-up overlaps the other files' tests."""
+run first (the longest, tests/conftest.py), so that under ``pytest -n`` its Ray start-up overlaps
+the other files' tests."""
 
 import json
 import shutil
@@ -84,7 +85,7 @@ def test_serial_and_ray_agree_and_a_killed_actor_is_replaced(store, ray_local, o
 
 def test_ray_fits_a_calibrated_estimator_once_and_its_actors_score_like_serial(store, ray_local, orders20):
     kw = {"n_runs": 16}
-    with RayBackend(store.path, "calibrated-interactions", estimator_kwargs=kw, num_actors=2, chunk=8) as rb:
+    with RayBackend(store.path, "calibrated-interactions", estimator_kwargs=kw, num_actors=1, chunk=8) as rb:
         (cache,) = store.path.glob("calibration/interactions_*.json")  # written once, by the driver
         serial = get_estimator("calibrated-interactions", **kw, device=_actor_device(store)).fit(store)  # reads the same cache
         assert torch.equal(rb.score(orders20), serial.estimate(orders20).cpu())

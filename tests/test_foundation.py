@@ -82,6 +82,26 @@ def test_tokenizer_roundtrip_and_cache(tiny_trainer, tiny_cfg):
     assert again.get_vocab() == tok.get_vocab()
 
 
+def test_token_ids_are_cached_on_disk_and_a_damaged_file_is_recomputed(tiny_trainer, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from currsearch import plan
+
+    tok, texts = tiny_trainer.tokenizer, ["In the beginning", "def f(x): return x"]
+    monkeypatch.setenv("CURRSEARCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(plan, "_ENCODED", {})  # a fresh process: nothing tokenized in memory
+    ids = plan._token_ids(texts, tok)
+    expected = tok(texts[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    expected += tok(texts[1], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ids.dtype == torch.int64 and ids.tolist() == expected
+    (cached,) = (tmp_path / "token_ids").iterdir()
+    assert torch.equal(load_file(cached)["ids"], ids)
+    cached.write_bytes(b"damaged")
+    monkeypatch.setattr(plan, "_ENCODED", {})
+    assert torch.equal(plan._token_ids(texts, tok), ids)  # recomputed, and the file rewritten
+    assert torch.equal(load_file(cached)["ids"], ids)
+
+
 def test_plan_shapes_domains_and_metadata(tiny_trainer, tiny_cfg):
     p, d = tiny_trainer.plan, tiny_cfg.data
     assert p.batches.shape == (d.num_batches, d.batch_size, d.seq_len) and p.batches.dtype == torch.int64

@@ -104,22 +104,22 @@ def test_search_rerun_continues_the_study(run_dir, tmp_path, capsys):
 
 def test_budget_is_respected_and_baselines_reproduce(tiny_cfg, tmp_path, capsys):
     cfg = Config_from(tiny_cfg)
-    s = PipelineSettings(out=tmp_path / "b", budget=30, baselines=("random-search", "optuna-real"),
+    s = PipelineSettings(out=tmp_path / "b", budget=20, baselines=("random-search", "optuna-real"),
                          search=SearchSettings(estimator="calibrated-interactions", trials=8, batch=8),
                          verify=VerifySettings(top_k=2), refine=RefineSettings(rounds=0))
     res = run_pipeline(cfg, s, progress=False)
     plan, led = res.budget, res.ledger
     # recording without pair terms costs one run; the fit gets every run the budget leaves
-    assert plan.record == 1.0 and plan.verify == 2 and plan.fit_runs == 27 and plan.total == 30
+    assert plan.record == 1.0 and plan.verify == 2 and plan.fit_runs == 17 and plan.total == 20
     assert [e.phase for e in led.entries] == ["record", "fit", "search", "verify"]
-    assert led.real_runs == 30 and led.run_equivalents == 30  # the search's sampler/surrogate time: seconds only
+    assert led.real_runs == 20 and led.run_equivalents == 20  # the search's sampler/surrogate time: seconds only
     # no baseline orders under a budget; the best of the fit's real runs is kept (no retraining)
     assert set(res.verification.candidates) == {"search_1", "search_2", "fit_best"}
     trainer = Trainer.from_config(cfg)
     best_fit = res.verification.candidates["fit_best"]
     assert best_fit.verified["all"] == float(trainer.train(torch.tensor(best_fit.order)).eval_losses[-1])
     for name, b in res.baselines.items():
-        assert b.n_runs == 30 and b.best_loss == min(b.losses), name
+        assert b.n_runs == 20 and b.best_loss == min(b.losses), name
     for name, n in (("random-search", 4), ("optuna-real", 12)):  # the same seed reproduces the same runs
         assert real_search(trainer, name, n, seed=0, progress=False).losses == res.baselines[name].losses[:n], name
     # an impossible budget is refused, naming the minimum, before anything is written
@@ -130,9 +130,9 @@ def test_budget_is_respected_and_baselines_reproduce(tiny_cfg, tmp_path, capsys)
     fut1 = type(get_estimator("fut1"))
     sized, plan = size_to_budget(s.model_copy(update={"search": s.search.model_copy(update={"estimator": "fut1"})}),
                                  trainer, record_config(cfg, fut1), fut1)
-    assert plan.fit_runs == 0 and sized.verify.top_k == 27 and sized.search.trials == 27  # fut1 records 2.3 runs
+    assert plan.fit_runs == 0 and sized.verify.top_k == 17 and sized.search.trials == 17  # fut1 records 2.3 runs
     # trust-region rounds under a budget count in the ledger's unit (their budget rule and the ledger agree)
-    with_round = s.model_copy(update={"budget": 40, "baselines": (), "out": tmp_path / "r",
+    with_round = s.model_copy(update={"budget": 35, "baselines": (), "out": tmp_path / "r",
                                       "refine": RefineSettings(rounds=1, trials=4, top_k=1)})
     res = run_pipeline(cfg, with_round, progress=False)
     tr, tr_entry = res.trust_region, next(e for e in res.ledger.entries if e.phase == "trust_region")
@@ -148,7 +148,7 @@ def test_budget_is_respected_and_baselines_reproduce(tiny_cfg, tmp_path, capsys)
     fits = sorted((tmp_path / "r" / "store" / "calibration").iterdir())
     before = [f.read_bytes() for f in fits]
     with pytest.raises(ConfigError, match="another --budget"):
-        run_pipeline(cfg, with_round.model_copy(update={"budget": 41}), progress=False)
+        run_pipeline(cfg, with_round.model_copy(update={"budget": 36}), progress=False)
     assert [f.read_bytes() for f in sorted((tmp_path / "r" / "store" / "calibration").iterdir())] == before
 
 
