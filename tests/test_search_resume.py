@@ -23,7 +23,10 @@ from estimators import get_estimator
 
 @pytest.fixture(scope="module")
 def store(tiny_cfg, tmp_path_factory):
-    s = record(tiny_cfg.replace(record={"projection_dim": 32}), tmp_path_factory.mktemp("resume") / "s", progress=False)
+    # on the CPU under CURRSEARCH_TEST_DEVICE=cuda too: a forked child cannot use CUDA once this
+    # process has, and these tests are about journals and kills, not devices
+    cfg = tiny_cfg.replace(record={"projection_dim": 32}, train={"device": "cpu"})
+    s = record(cfg, tmp_path_factory.mktemp("resume") / "s", progress=False)
     s.trainer()
     return s
 
