@@ -108,9 +108,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Save tensors as a safetensors file atomically."""
-    data = safetensors_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save tensors (and optional string ``metadata``, safetensors' header) as a safetensors file atomically."""
+    data = safetensors_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     atomic_write_bytes(path, data)
 
 

@@ -16,20 +16,21 @@ plan's training tokens: the loss a model that has learned only token frequencies
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from .config import Config
 from .data import cache_dir
 from .errors import ConfigError, CorpusError
-from .manifest import atomic_save_tensors
+from .manifest import atomic_save_tensors, tensor_sha256
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,27 +91,45 @@ def _token_ids(texts: list[str], tokenizer) -> torch.Tensor:
     """The texts' token ids (int64 ``[n]``), each text followed by ``eos``.
 
     Cached in-process (:data:`_ENCODED`) and on disk, as ``ids`` in a safetensors file under
-    ``cache_dir()/token_ids`` named by the tokenizer's and the texts' SHA-256: tokenizing the
-    embedded corpus takes ~2 s, which every process that builds a plan (each command, each
-    Ray actor that trains) would pay again. A cache file that does not load is recomputed and
-    rewritten; one that cannot be written is skipped."""
+    ``cache_dir()/token_ids`` named by the tokenizer's and the texts' SHA-256, with the ids'
+    SHA-256 in its header: tokenizing the embedded corpus takes ~2 s, which every process that
+    builds a plan (each command, each Ray actor that trains) would pay again. A file that does
+    not load or fails its checksum logs a warning and is recomputed and rewritten; one that
+    cannot be written logs a warning and is skipped."""
     key = (hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
            hashlib.sha256("\x00".join(texts).encode()).hexdigest())
     if key not in _ENCODED:
         path = cache_dir() / "token_ids" / f"{key[0][:16]}-{key[1][:16]}.safetensors"
-        try:
-            ids = load_file(path)["ids"]
-        except (OSError, SafetensorError, KeyError):
+        ids = _cached_token_ids(path)
+        if ids is None:
             eos = tokenizer.eos_token_id
             flat: list[int] = []
             for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
                 flat.extend(enc)
                 flat.append(eos)
             ids = torch.tensor(flat, dtype=torch.int64)
-            with contextlib.suppress(OSError, ConfigError):  # a read-only cache: tokenize again next time
-                atomic_save_tensors(path, {"ids": ids})
+            try:
+                atomic_save_tensors(path, {"ids": ids}, metadata={"sha256": tensor_sha256(ids)})
+            except (OSError, ConfigError) as err:
+                logger.warning("could not cache the tokenized corpus in %s (%s); continuing without it", path, err)
         _ENCODED[key] = ids
     return _ENCODED[key]
+
+
+def _cached_token_ids(path) -> torch.Tensor | None:
+    """The ids cached in ``path`` when it loads and matches the checksum in its header, else None."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(path, "pt") as f:
+            ids, want = f.get_tensor("ids"), (f.metadata() or {}).get("sha256")
+    except (OSError, SafetensorError) as err:
+        logger.warning("tokenized-corpus cache file %s does not load (%s); tokenizing again and rewriting it", path, err)
+        return None
+    if want != tensor_sha256(ids):
+        logger.warning("tokenized-corpus cache file %s fails its checksum; tokenizing again and rewriting it", path)
+        return None
+    return ids
 
 
 def _sequences(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:

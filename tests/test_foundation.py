@@ -82,10 +82,11 @@ def test_tokenizer_roundtrip_and_cache(tiny_trainer, tiny_cfg):
     assert again.get_vocab() == tok.get_vocab()
 
 
-def test_token_ids_are_cached_on_disk_and_a_damaged_file_is_recomputed(tiny_trainer, tmp_path, monkeypatch):
+def test_token_ids_are_cached_on_disk_and_a_damaged_file_is_recomputed(tiny_trainer, tmp_path, monkeypatch, caplog):
     from safetensors.torch import load_file
 
     from currsearch import plan
+    from currsearch.manifest import atomic_save_tensors, tensor_sha256
 
     tok, texts = tiny_trainer.tokenizer, ["In the beginning", "def f(x): return x"]
     monkeypatch.setenv("CURRSEARCH_CACHE", str(tmp_path))
@@ -96,10 +97,15 @@ def test_token_ids_are_cached_on_disk_and_a_damaged_file_is_recomputed(tiny_trai
     assert ids.dtype == torch.int64 and ids.tolist() == expected
     (cached,) = (tmp_path / "token_ids").iterdir()
     assert torch.equal(load_file(cached)["ids"], ids)
-    cached.write_bytes(b"damaged")
-    monkeypatch.setattr(plan, "_ENCODED", {})
-    assert torch.equal(plan._token_ids(texts, tok), ids)  # recomputed, and the file rewritten
-    assert torch.equal(load_file(cached)["ids"], ids)
+    # a file that does not load, and one whose ids fail the checksum in its header
+    for damage in (lambda: cached.write_bytes(b"damaged"),
+                   lambda: atomic_save_tensors(cached, {"ids": ids + 1}, metadata={"sha256": tensor_sha256(ids)})):
+        damage()
+        monkeypatch.setattr(plan, "_ENCODED", {})
+        caplog.clear()
+        assert torch.equal(plan._token_ids(texts, tok), ids)  # recomputed, with a warning, and the file rewritten
+        assert "tokenizing again" in caplog.text
+        assert torch.equal(load_file(cached)["ids"], ids)
 
 
 def test_plan_shapes_domains_and_metadata(tiny_trainer, tiny_cfg):
