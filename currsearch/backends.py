@@ -293,7 +293,8 @@ class RayBackend(Backend):
     Raises:
         ConfigError: a bad argument, an unreachable ``address``, or actors that could not be
             scheduled within ``ready_timeout`` (too few CPUs/GPUs in the cluster).
-        StoreError: the store cannot be opened or lacks the estimator's terms (from an actor).
+        StoreError: the store cannot be opened or lacks the estimator's terms (both checked before
+            Ray starts), or changed before an actor opened it (from that actor).
     """
 
     def __init__(
@@ -331,6 +332,7 @@ class RayBackend(Backend):
             raise ConfigError(f"unknown estimator {estimator_name!r}; choose one of {available()}")
         kwargs = dict(estimator_kwargs or {})
         probe = get_estimator(estimator_name, **{**kwargs, "device": "cpu"})
+        probe.check_terms(store)  # a missing term fails here, before Ray and the actors start
         if probe.needs_runs:  # fit once here (real runs, cached in the store); the actors read the cache
             probe.fit(store)
         self.num_actors, self.chunk, self.max_retries = int(num_actors), int(chunk), int(max_retries)

@@ -73,11 +73,11 @@ class Estimator(ABC):
         self.eval_names: list[str] = []
         self.T = 0
 
-    def fit(self, store) -> "Estimator":
-        """Check the store holds ``required_terms``, then load what the estimator needs.
+    def check_terms(self, store) -> None:
+        """Check the store holds ``required_terms`` (reads only its manifest).
 
         Raises:
-            StoreError: a required term is missing from the store.
+            StoreError: a required term is missing from the store, naming the ``record.terms`` that provide it.
         """
         missing = [t for t in self.required_terms if t not in store.terms]
         if missing:
@@ -86,6 +86,14 @@ class Estimator(ABC):
                 f"{str(store.path)!r} lacks (it has {sorted(store.terms)}); re-record with "
                 f"record.terms including {missing} (e.g. --set 'record.terms={json.dumps(sorted(set(store.terms) | set(missing)))}')"
             )
+
+    def fit(self, store) -> "Estimator":
+        """Check the store holds ``required_terms`` (:meth:`check_terms`), then load what the estimator needs.
+
+        Raises:
+            StoreError: a required term is missing from the store.
+        """
+        self.check_terms(store)
         self.store = store
         self.eval_names = list(store.eval_names)
         self.T = store.T

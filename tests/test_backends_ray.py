@@ -100,7 +100,7 @@ def test_ray_backend_errors(store, ray_local):
         RayBackend(store.path, "additive", address=f"127.0.0.1:{port}", connect_timeout=2)
     with pytest.raises(ConfigError, match="unknown estimator"):
         RayBackend(store.path, "nope")
-    with pytest.raises(StoreError, match="readouts_checkpoint"):
+    with pytest.raises(StoreError, match="readouts_checkpoint"):  # a missing term: refused before any actor starts
         RayBackend(store.path, "additive", estimator_kwargs={"readout": "checkpoint"}, num_actors=1)
     t0 = time.perf_counter()  # issue 16 item 20: 3 one-CPU actors on a 2-CPU cluster fail at once
     with pytest.raises(ConfigError, match=r"3 Ray actors need 3 CPUs and [\d.]+ GPUs, the cluster has 2"):
