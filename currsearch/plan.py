@@ -91,16 +91,19 @@ def _token_ids(texts: list[str], tokenizer) -> torch.Tensor:
     """The texts' token ids (int64 ``[n]``), each text followed by ``eos``.
 
     Cached in-process (:data:`_ENCODED`) and on disk, as ``ids`` in a safetensors file under
-    ``cache_dir()/token_ids`` named by the tokenizer's and the texts' SHA-256, with the ids'
-    SHA-256 in its header: tokenizing the embedded corpus takes ~2 s, which every process that
+    ``cache_dir()/token_ids`` named by the SHA-256 of the tokenizer (its serialization, end-of-text
+    id and ``tokenizers`` version) and of the texts, with that full key and the ids' SHA-256 in its
+    header: tokenizing the embedded corpus takes ~2 s, which every process that
     builds a plan (each command, each Ray actor that trains) would pay again. A file that does
     not load or fails its checksum logs a warning and is recomputed and rewritten; one that
     cannot be written logs a warning and is skipped."""
-    key = (hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
-           hashlib.sha256("\x00".join(texts).encode()).hexdigest())
+    import tokenizers  # its version is part of the key: a new release may split text differently
+
+    tok_id = f"{tokenizer.backend_tokenizer.to_str()}|eos={tokenizer.eos_token_id}|tokenizers={tokenizers.__version__}"
+    key = (hashlib.sha256(tok_id.encode()).hexdigest(), hashlib.sha256("\x00".join(texts).encode()).hexdigest())
     if key not in _ENCODED:
         path = cache_dir() / "token_ids" / f"{key[0][:16]}-{key[1][:16]}.safetensors"
-        ids = _cached_token_ids(path)
+        ids = _cached_token_ids(path, "-".join(key))
         if ids is None:
             eos = tokenizer.eos_token_id
             flat: list[int] = []
@@ -109,25 +112,26 @@ def _token_ids(texts: list[str], tokenizer) -> torch.Tensor:
                 flat.append(eos)
             ids = torch.tensor(flat, dtype=torch.int64)
             try:
-                atomic_save_tensors(path, {"ids": ids}, metadata={"sha256": tensor_sha256(ids)})
+                atomic_save_tensors(path, {"ids": ids}, metadata={"key": "-".join(key), "sha256": tensor_sha256(ids)})
             except (OSError, ConfigError) as err:
                 logger.warning("could not cache the tokenized corpus in %s (%s); continuing without it", path, err)
         _ENCODED[key] = ids
     return _ENCODED[key]
 
 
-def _cached_token_ids(path) -> torch.Tensor | None:
-    """The ids cached in ``path`` when it loads and matches the checksum in its header, else None."""
+def _cached_token_ids(path, key: str) -> torch.Tensor | None:
+    """The ids cached in ``path`` when it loads, was written for ``key`` (its full header key,
+    not only the file name's prefixes) and matches the checksum in its header, else None."""
     if not path.is_file():
         return None
     try:
         with safe_open(path, "pt") as f:
-            ids, want = f.get_tensor("ids"), (f.metadata() or {}).get("sha256")
+            ids, meta = f.get_tensor("ids"), f.metadata() or {}
     except (OSError, SafetensorError) as err:
         logger.warning("tokenized-corpus cache file %s does not load (%s); tokenizing again and rewriting it", path, err)
         return None
-    if want != tensor_sha256(ids):
-        logger.warning("tokenized-corpus cache file %s fails its checksum; tokenizing again and rewriting it", path)
+    if meta.get("key") != key or meta.get("sha256") != tensor_sha256(ids):
+        logger.warning("tokenized-corpus cache file %s fails its key or checksum; tokenizing again and rewriting it", path)
         return None
     return ids
 

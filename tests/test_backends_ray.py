@@ -83,7 +83,7 @@ def test_serial_and_ray_agree_and_a_killed_actor_is_replaced(store, ray_local, o
     assert ray_local.is_initialized()  # an instance the backend did not start stays up
 
 
-def test_ray_fits_a_calibrated_estimator_once_and_its_actors_score_like_serial(store, ray_local, orders20):
+def test_ray_fits_a_calibrated_estimator_once_and_its_actor_scores_like_serial(store, ray_local, orders20):
     kw = {"n_runs": 16}
     with RayBackend(store.path, "calibrated-interactions", estimator_kwargs=kw, num_actors=1, chunk=8) as rb:
         (cache,) = store.path.glob("calibration/interactions_*.json")  # written once, by the driver

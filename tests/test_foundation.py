@@ -97,6 +97,15 @@ def test_token_ids_are_cached_on_disk_and_a_damaged_file_is_recomputed(tiny_trai
     assert ids.dtype == torch.int64 and ids.tolist() == expected
     (cached,) = (tmp_path / "token_ids").iterdir()
     assert torch.equal(load_file(cached)["ids"], ids)
+
+    class NoTokenizing:  # the same tokenizer, but tokenizing fails: the ids must come from the file
+        backend_tokenizer, eos_token_id = tok.backend_tokenizer, tok.eos_token_id
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("tokenized although the cache holds the ids")
+
+    monkeypatch.setattr(plan, "_ENCODED", {})
+    assert torch.equal(plan._token_ids(texts, NoTokenizing()), ids) and not caplog.text
     # a file that does not load, and one whose ids fail the checksum in its header
     for damage in (lambda: cached.write_bytes(b"damaged"),
                    lambda: atomic_save_tensors(cached, {"ids": ids + 1}, metadata={"sha256": tensor_sha256(ids)})):
