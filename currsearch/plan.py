@@ -102,8 +102,8 @@ def _token_ids(texts: list[str], tokenizer) -> torch.Tensor:
     tok_id = f"{tokenizer.backend_tokenizer.to_str()}|eos={tokenizer.eos_token_id}|tokenizers={tokenizers.__version__}"
     key = (hashlib.sha256(tok_id.encode()).hexdigest(), hashlib.sha256("\x00".join(texts).encode()).hexdigest())
     if key not in _ENCODED:
-        path = cache_dir() / "token_ids" / f"{key[0][:16]}-{key[1][:16]}.safetensors"
-        ids = _cached_token_ids(path, "-".join(key))
+        path, header_key = cache_dir() / "token_ids" / f"{key[0][:16]}-{key[1][:16]}.safetensors", "-".join(key)
+        ids = _cached_token_ids(path, header_key)
         if ids is None:
             eos = tokenizer.eos_token_id
             flat: list[int] = []
@@ -112,7 +112,7 @@ def _token_ids(texts: list[str], tokenizer) -> torch.Tensor:
                 flat.append(eos)
             ids = torch.tensor(flat, dtype=torch.int64)
             try:
-                atomic_save_tensors(path, {"ids": ids}, metadata={"key": "-".join(key), "sha256": tensor_sha256(ids)})
+                atomic_save_tensors(path, {"ids": ids}, metadata={"key": header_key, "sha256": tensor_sha256(ids)})
             except (OSError, ConfigError) as err:
                 logger.warning("could not cache the tokenized corpus in %s (%s); continuing without it", path, err)
         _ENCODED[key] = ids
