@@ -37,11 +37,11 @@ first k trials of a longer search are those of a search with ``n_runs = k`` (sam
 
 Resumable and kill-safe like the baselines (:mod:`currsearch.study`): each refit's proposals
 are stored in the study (user attr ``currsearch_guided_refit:<k>``) before they are enqueued,
-a proposal whose run was interrupted is enqueued again, and trials left RUNNING by a killed
-call run again. TPE is seeded per trial (:func:`~currsearch.search.seeded_per_trial`) and the
-refits' proposals depend only on the first ``p_k`` runs, so a resumed search trains the orders
-an uninterrupted one would have (an interrupted surrogate order runs after the proposals queued
-behind it; ``resumed_at`` says where calls began).
+a proposal whose run was interrupted is queued again in its place (before the proposals
+behind it), and trials left RUNNING by a killed call run again. TPE is seeded per trial
+(:func:`~currsearch.search.seeded_per_trial`) and the refits' proposals depend only on the
+first ``p_k`` runs, so a resumed search trains the orders an uninterrupted one would have, in
+the same order (``resumed_at`` says where calls began).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ from .errors import ConfigError
 from .polish import PolishResult, PolishSettings, suffix_polish
 from .search import ask_and_tell, check_resume, make_sampler, seeded_per_trial
 from .settings import Settings
-from .study import optuna_warnings_only, session_starts
+from .study import fail_unfinished, optuna_warnings_only, session_starts
 from .train import Trainer
 from .verify import VerificationResult, VerifiedCandidate
 
@@ -77,7 +77,6 @@ NAME = "guided-tpe"
 REFIT_ATTR = "currsearch_guided_refit"
 #: settings the full runs do not depend on (a journal's full runs serve every polish setting)
 POLISH_FIELDS = {"polish", "polish_moves"}
-_LIVE = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
 
 
 class GuidedSettings(Settings):
@@ -150,7 +149,8 @@ class GuidedResult:
         run_durations: per run, the wall seconds of its trial (one real training).
         resumed_at: first trial number of every later call that trained some of these runs (TPE restarted there).
         settings: the settings it ran with.
-        polish: the final polish (:class:`~currsearch.polish.PolishResult`), None with ``polish = 0``.
+        polish: the final polish (:class:`~currsearch.polish.PolishResult`), None without a polish
+            share (``polish = 0``, or a share under 2 run equivalents: :meth:`GuidedSettings.full_runs`).
     """
 
     runs: RealSearchResult
@@ -266,12 +266,15 @@ def best_new_orders(est, objective: str, cands: list[torch.Tensor], exclude: set
 
 def _enqueue_refit(study: optuna.Study, k: int, point: int, plan, objective: str, space, s: GuidedSettings,
                    proposer=propose) -> None:
-    """Make refit ``k`` (at ``point`` runs) and enqueue its proposals not trained or queued yet.
+    """Make refit ``k`` (at ``point`` runs) and queue its proposals not trained yet, in proposal order.
 
     The proposals come from the stored ``currsearch_guided_refit:<k>`` attr when an earlier
     call made them (so a resumed call never refits twice), else from ``proposer`` (:func:`propose`) on the
     first ``point`` completed runs (those with a finite loss; none when fewer than the fit's
-    minimum are), stored before they are enqueued."""
+    minimum are), stored before they are enqueued. When the queue does not hold exactly the
+    untrained proposals in proposal order (one was interrupted in-process, e.g. by Ctrl-C, and
+    told FAIL), its trials are told FAIL and every untrained proposal is queued again in order,
+    so the resumed search trains them as an uninterrupted one would have."""
     attempted = {tuple(t.user_attrs["order"]) for t in study.get_trials(deepcopy=False) if "losses" in t.user_attrs}
     proposals = study.user_attrs.get(f"{REFIT_ATTR}:{k}")
     if proposals is None:
@@ -280,10 +283,14 @@ def _enqueue_refit(study: optuna.Study, k: int, point: int, plan, objective: str
                             attempted, s) if len(runs) >= CalibratedInteractions.min_runs else []
         study.set_user_attr(f"{REFIT_ATTR}:{k}", proposals)
         logger.info("refit %d on %d runs: %d surrogate order(s) enqueued", k, point, len(proposals))
-    queued = {tuple(t.user_attrs["order"]) for t in study.get_trials(deepcopy=False, states=_LIVE) if "order" in t.user_attrs}
-    for order in proposals:
-        if tuple(order) not in attempted | queued:
-            study.enqueue_trial(space.encode(order), user_attrs={"source": f"surrogate:{k}", "order": order})
+    untrained = [order for order in proposals if tuple(order) not in attempted]
+    queued = sorted((t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+                     if "order" in t.user_attrs), key=lambda t: t.number)
+    if [t.user_attrs["order"] for t in queued] == untrained:
+        return
+    fail_unfinished(study, queued)
+    for order in untrained:
+        study.enqueue_trial(space.encode(order), user_attrs={"source": f"surrogate:{k}", "order": order})
 
 
 def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None = None, seed: int = 0,
@@ -295,15 +302,17 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
         trainer: the Trainer whose window is trained (its cached warm-up phase is shared).
         n_runs: the budget in real-run equivalents (>= 1): ``settings.full_runs(n_runs)`` full
             runs are asked (a run whose training diverges to a non-finite loss counts, with
-            loss +inf), then the polish spends at most the rest (journal study
-            ``guided-tpe-polish-<objective>-seed<seed>-budget<n_runs>-polish<its share>``).
+            loss +inf), then the polish spends the rest (journal study
+            ``guided-tpe-polish-<objective>-seed<seed>-budget<n_runs>-polish<its share>``; it
+            can exceed its share by at most one evaluation, :func:`~currsearch.polish.suffix_polish`).
         settings: :class:`GuidedSettings` (default: all defaults).
         seed: TPE's seed (the surrogate's fit and search are deterministic).
         objective: the eval set whose final loss (nats/token) is minimized.
         storage: ``None`` (in memory), a ``*.journal`` path or an Optuna storage URL; a rerun
-            with the same storage resumes, and a search with another budget or polish setting
+            with the same storage resumes, and a search with another budget or polish fraction
             reuses its full runs (they do not depend on the polish; its polish is a study of
-            its own, named by the budget and the polish's share).
+            its own, named by the budget and the polish's share). Other ``polish_moves`` at the
+            same budget and share are refused: use another storage.
         progress: tqdm bars (one tick per full run; the polish's in run equivalents).
         proposer: who proposes at each refit, with :func:`propose`'s signature and contract
             (at most ``settings.enqueue`` orders, deterministic), e.g. an ablation's
@@ -314,13 +323,16 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
         :class:`GuidedResult` with the first ``settings.full_runs(n_runs)`` completed runs and the polish.
 
     Raises:
-        ConfigError: ``n_runs < 1``, an unknown objective, or a study in ``storage`` made with
-            other settings.
+        ConfigError: ``n_runs < 1``, an unknown objective, a study in ``storage`` made with
+            other settings, or a polish share with a window of T < 3 steps (before any run).
     """
     s = settings or GuidedSettings()
     if n_runs < 1:
         raise ConfigError(f"a real-training search needs n_runs >= 1, got {n_runs}")
     budget, n_runs = n_runs, s.full_runs(n_runs)
+    if n_runs < budget and trainer.T < 3:
+        raise ConfigError(f"the suffix polish needs a window of at least 3 steps, got T = {trainer.T}; use polish = 0 "
+                          "(--polish 0) or a longer window (data.num_batches)")
     space = get_space("random_keys", BatchInfo.from_plan(trainer.plan))
     train = real_scorer(trainer, space, objective_index(trainer, objective))
     t0, surrogate_s = time.perf_counter(), 0.0

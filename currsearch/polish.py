@@ -22,12 +22,14 @@ session).
    run and stored, so every later count (and a resumed call's) uses the same number.
 3. A move with a lower loss becomes the incumbent (it shares the first ``s`` batches, so its
    states at anchors ``<= s`` are the old incumbent's and those after ``s`` come from its run).
-4. Stop before a move whose cost would take the spend over ``budget``.
+4. Stop before a move whose cost would take the spend over ``budget``, or when every order
+   :func:`move` can reach from the incumbent was trained.
 
 Every move is one trial of an Optuna study (``storage``: a ``*.journal`` path resumes after a
 kill; moves depend only on ``seed``, ``k`` and the incumbent, so a resumed call makes the moves
 an uninterrupted one would have, as far as its budget goes: it trains its incumbent again for
-the states (step 1 again, counted again: ``state_runs``), so it makes fewer).
+the states (step 1 again, counted again: ``state_runs``, also when a kill cut it short), so it
+makes fewer).
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ class PolishResult:
         departures: per move, the anchor step it resumed from.
         costs: per move, its run equivalents ``(T - s) / T + eval_fraction``.
         eval_fraction: the evaluation's seconds over one window's training seconds (measured once).
-        state_runs: full trainings of an incumbent for its states (1, plus 1 per resumed call).
+        state_runs: full trainings of an incumbent for its states, one per call whose budget
+            held it and a move (0 when the budget is too small), a killed one included.
         seconds: wall seconds of this call.
         durations: per move, the wall seconds of its trial (training and evaluation).
     """
@@ -156,13 +159,16 @@ def eval_fraction(eval_seconds: float, train_seconds: float) -> float:
     return math.ceil(round(ratio / EVAL_GRID, 9)) * EVAL_GRID
 
 
-def move(order: list[int], anchors: list[int], seed: int, k: int, tried: set[tuple[int, ...]]) -> tuple[int, list[int]]:
-    """Polish move ``k`` from ``order``: ``(anchor s, order with positions >= s transposed)``.
+def move(order: list[int], anchors: list[int], seed: int, k: int,
+         tried: set[tuple[int, ...]]) -> tuple[int, list[int]] | None:
+    """Polish move ``k`` from ``order``: ``(anchor s, order with positions >= s transposed)``,
+    or None when no draw gives an order outside ``tried``.
 
     Drawn from ``random.Random(f"{seed}:{k}")``: an anchor, then one transposition of two
     positions at or after it. An order in ``tried`` is redrawn (64 draws); when every draw was
     tried (the incumbent is a local optimum of single late transpositions), two transpositions
-    are drawn, then three, and so on. Deterministic.
+    are drawn, then three, and so on up to ``len(order)``; None after that (e.g. T = 3, whose
+    one anchor leaves a single transposition). Deterministic.
     """
     rng = random.Random(f"{seed}:{k}")
     for n_swaps in range(1, len(order) + 1):
@@ -174,7 +180,7 @@ def move(order: list[int], anchors: list[int], seed: int, k: int, tried: set[tup
                 cand[i], cand[j] = cand[j], cand[i]
             if tuple(cand) not in tried:
                 return s, cand
-    return s, cand
+    return None
 
 
 def suffix_polish(trainer: Trainer, start_order: list[int], start_loss: float, budget: float,
@@ -225,12 +231,12 @@ def suffix_polish(trainer: Trainer, start_order: list[int], start_loss: float, b
                 inc, inc_loss = list(t.user_attrs["order"]), float(t.value)
         states: dict[int, PrefixState] = {}
         if spent + 1 + 2 * (e or 0.0) + (T - anchors[-1]) / T <= budget + 1e-9:  # the states, then one move, fit
+            state_runs += 1
+            study.set_user_attr(STATES_ATTR, state_runs)  # before the run: a kill during it leaves it counted
             r = trainer.train(inc, keep=anchors)
             if e is None:
                 e = eval_fraction(r.eval_seconds, r.seconds)
                 study.set_user_attr(EVAL_ATTR, e)
-            state_runs += 1
-            study.set_user_attr(STATES_ATTR, state_runs)
             spent += 1 + e
             if float(r.eval_losses[obj]) != inc_loss:
                 logger.warning("the incumbent did not reproduce its loss (%.6f, recorded %.6f): another device or thread "
@@ -242,7 +248,10 @@ def suffix_polish(trainer: Trainer, start_order: list[int], start_loss: float, b
         bar = tqdm(total=round(budget, 2), initial=round(min(spent, budget), 2), desc="suffix polish", unit="run eq.",
                    disable=not (progress and states))
         while states:
-            a, cand = move(inc, anchors, seed, k, tried)
+            drawn = move(inc, anchors, seed, k, tried)
+            if drawn is None:
+                break
+            a, cand = drawn
             cost = (T - a) / T + e
             if spent + cost > budget + 1e-9:
                 break

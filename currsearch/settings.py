@@ -2,16 +2,20 @@
 
 Each job takes one pydantic model of its settings, the single source of its defaults: the
 CLI passes only the options a user gave, the library fills in the rest. Invalid values raise
-:class:`~currsearch.errors.ConfigError` at construction, before a job creates any file.
+:class:`~currsearch.errors.ConfigError` at construction (and in a ``model_copy`` with an update),
+before a job creates any file.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigError
+
+_S = TypeVar("_S", bound="Settings")
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
@@ -42,3 +46,13 @@ class Settings(BaseModel):
         except ValidationError as err:
             words = re.findall(r"[A-Z][a-z]*", type(self).__name__.removesuffix("Settings"))
             raise ConfigError(format_validation_error(err, "-".join(words).lower() + " settings")) from None
+
+    def model_copy(self: _S, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> _S:
+        """A copy with ``update`` applied and validated like a new instance (pydantic's own
+        ``model_copy`` skips validation, so an update could carry an invalid value into a job).
+
+        Raises:
+            ConfigError: an updated value is invalid or not a field of these settings.
+        """
+        copy = super().model_copy(deep=deep)
+        return type(self)(**{**dict(copy), **update}) if update else copy

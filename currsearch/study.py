@@ -200,6 +200,24 @@ def session_starts(study: optuna.Study) -> list[int]:
     return sorted(f for f in firsts if f > 0)
 
 
+def fail_unfinished(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Tell FAIL to each of ``trials`` (RUNNING or WAITING) through the public
+    ``BaseStorage.set_trial_state_values``, e.g. before their parameters are queued again.
+
+    Returns:
+        The trials this call failed, in the given order (one a concurrent call finished first is left out).
+    """
+    storage = study._storage  # noqa: SLF001 -- Study exposes no public storage handle; the method used is public
+    failed = []
+    for t in trials:
+        try:
+            storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)  # noqa: SLF001
+        except optuna.exceptions.UpdateFinishedTrialError:  # a concurrent rerun recovered it first
+            continue
+        failed.append(t)
+    return failed
+
+
 def recover_stale_trials(study: optuna.Study, session: Session, stale_after_s: float = STALE_AFTER_S) -> list[int]:
     """Fail the RUNNING trials of dead calls and re-enqueue their parameters.
 
@@ -226,12 +244,7 @@ def recover_stale_trials(study: optuna.Study, session: Session, stale_after_s: f
             stale.append(t)
     if not stale:
         return []
-    storage = study._storage  # noqa: SLF001 -- Study exposes no public storage handle; the method used is public
-    for t in sorted(stale + waiting, key=lambda t: t.number):
-        try:
-            storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)  # noqa: SLF001
-        except optuna.exceptions.UpdateFinishedTrialError:  # a concurrent rerun recovered it first
-            continue
+    for t in fail_unfinished(study, sorted(stale + waiting, key=lambda t: t.number)):
         attrs = {k: v for k, v in t.user_attrs.items() if k != SESSION_ATTR}
         study.enqueue_trial(t.system_attrs.get("fixed_params", t.params), user_attrs=attrs)
     numbers = [t.number for t in stale]

@@ -124,6 +124,14 @@ def test_bad_search_and_run_options(tmp_path, capsys, small_store, tiny_set_args
     assert not out.exists(), "a failed command must not leave an output folder"
 
 
+def test_guided_tpe_with_a_polish_share_refuses_a_two_step_window_before_any_run(tmp_path, capsys, tiny_set_args):
+    out = tmp_path / "out"
+    rc, _, err = _run(["run", "--strategy", "guided-tpe", "--budget", "8", *tiny_set_args, "--set", "data.num_batches=2",
+                       "--out", str(out)], capsys)
+    _assert_clean_error(rc, err, "at least 3 steps")
+    assert "--polish 0" in err and not (out / "guided.journal").exists()
+
+
 # ---------------------------------------------------------------- fuzz: >= 200 malformed inputs
 def _malformed_json_values(rng: random.Random, T: int) -> list:
     pool = [

@@ -96,10 +96,15 @@ def test_moves_are_deterministic_and_widen_once_the_neighbourhood_is_tried():
             singles.add(tuple(o))
     s, cand = move(order, [4, 6], 0, 0, singles | {tuple(order)})
     assert cand[:s] == order[:s] and tuple(cand) not in singles and sorted(cand) == order
+    # T = 3: one anchor (step 1) and one transposition; once it is tried no move is left
+    assert move([0, 1, 2], [1], 0, 0, {(0, 1, 2)}) == (1, [0, 2, 1])
+    assert move([0, 1, 2], [1], 0, 1, {(0, 1, 2), (0, 2, 1)}) is None
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         PolishSettings(starts=(0.5, 1.0))
     with pytest.raises(ValueError):
         GuidedSettings(polish=1.0)
+    with pytest.raises(ConfigError, match="polish"):  # a copy's update is validated too (pydantic's own skips it)
+        GuidedSettings().model_copy(update={"polish": 1.0})
     assert GuidedSettings(polish=0.25).full_runs(64) == 48 and GuidedSettings(polish=0.5).full_runs(1) == 1
     assert GuidedSettings().full_runs(64) == 40  # the default polish: 0.375
     assert GuidedSettings().full_runs(5) == 5 and GuidedSettings().full_runs(6) == 4  # a share under 2 goes to full runs
