@@ -95,7 +95,7 @@ class InterleaveSpace(SearchSpace):
         return {n: float(x) for n, x in zip(self.param_names(), w)}
 
     def _encode(self, order: torch.Tensor) -> dict[str, Any]:
-        D, T = len(self.names), self.T
+        D = len(self.names)
         seq = self.dom[order].tolist()
         for j in range(D):
             got = [b for b in order.tolist() if self.dom[b] == j]
@@ -125,7 +125,7 @@ class InterleaveSpace(SearchSpace):
         or beats earlier-named ones by >= m and at least ties later-named ones."""
         from scipy.optimize import linprog
 
-        D, T = len(self.names), self.T
+        D = len(self.names)
         wm = float(self.options["w_min"])
         left = np.array([len(m) for m in self.members])
         active = np.zeros(D)
