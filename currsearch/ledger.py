@@ -11,8 +11,8 @@ The unit is one **real run**: one training of the T-step window from the window 
 * ``run_equivalents``: its compute in real runs. Phases whose work is counted give it
   (a training phase: its ``real_runs``; the recording: its gradient count over a run's,
   :func:`currsearch.record.record_run_equivalents`), so a budget holds to the run whatever
-  the machine's load. Other gradient work (``fut1-hvp``'s Hessian-vector products in the
-  trust-region rounds) is counted by its time, ``max(real_runs, seconds / run_seconds)``,
+  the machine's load. Other gradient work (``fut1-hvp``'s Hessian-vector products, in the
+  trust-region rounds or as the search's estimator) is counted by its time, ``max(real_runs, seconds / run_seconds)``,
   where ``run_seconds`` is the measured wall time of one real window training in the same
   job. The Optuna sampler's and a cheap surrogate's time (the ``search`` phase) count in
   seconds only, as the sampler time of the baselines does: neither trains the model.

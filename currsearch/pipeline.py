@@ -244,10 +244,15 @@ def size_to_budget(s: PipelineSettings, trainer: Trainer, rcfg: Config, est_cls:
 
     Raises:
         BudgetTooSmallError: the budget is below the minimum, which the message names (with its parts).
-        ConfigError: ``n_runs`` given for a calibrated fit (the budget sizes it).
+        ConfigError: ``n_runs`` given for a calibrated fit (the budget sizes it), or a search
+            estimator whose estimates cost real runs (``estimate_costs_runs``: ``fut1-hvp``).
     """
     if s.budget is None:
         return s, None
+    if est_cls.estimate_costs_runs:
+        raise ConfigError(f"{est_cls.name} costs about {HVP_RUNS_PER_ESTIMATE:.0f} real runs per estimate, so a search "
+                          "on it cannot be sized to a budget (under --budget it serves the trust-region rounds, "
+                          "--rounds); search with another --estimator or use --no-budget")
     if est_cls.needs_runs and "n_runs" in s.search.estimator_kwargs:
         raise ConfigError("under a budget the fit's real runs are what the budget leaves; drop --fit-runs "
                           "(estimator_kwargs n_runs) or use --no-budget")
@@ -321,33 +326,52 @@ def _fit(store: TrajectoryStore, s: SearchSettings, ledger: ComputeLedger) -> Es
     return est
 
 
-def _verify(store: TrajectoryStore, est: Estimator, res: SearchResult, s: PipelineSettings, ledger: ComputeLedger,
-            progress: bool) -> VerificationResult:
-    """Retrain the top searched orders and the baselines (identical orders once)."""
-    trainer = store.trainer()
-    candidates = {f"search_{i + 1}": o for i, (o, _) in enumerate(res.top(s.verify.top_k))}
-    if s.verify.baselines:
-        candidates.update(baseline_orders(trainer, n_random=s.verify.random, seed=s.search.seed))
-    if not candidates:
-        raise CurrsearchError(f"the search gave no order a finite estimate ({res.n_trials} trials); nothing to verify: "
-                              "check the fit's runs for a diverged training (optim.lr) or use another --estimator")
-    est_rows = est.estimate(torch.stack([torch.as_tensor(o) for o in candidates.values()]))
+def _search(store: TrajectoryStore, est: Estimator, search: SearchSettings, s: PipelineSettings, ledger: ComputeLedger,
+            progress: bool) -> tuple[SearchResult, dict, dict]:
+    """The search phase: the surrogate search, then the orders to verify (the top searched
+    ones and the baselines) and their estimates. Its time counts in seconds only, as the
+    baselines' sampler time does (:mod:`currsearch.ledger`), unless the estimates retrain
+    (``estimate_costs_runs``: then by their time).
+
+    Returns:
+        ``(result, {name: order}, {name: estimate float64 [E]})``.
+
+    Raises:
+        CurrsearchError: no order got a finite estimate (nothing to verify).
+    """
+    with ledger.phase("search") as counts:
+        counts["equivalents"] = None if est.estimate_costs_runs else 0.0
+        res = run_search(store, search, backend=SerialBackend(est), progress=progress)
+        candidates = {f"search_{i + 1}": o for i, (o, _) in enumerate(res.top(s.verify.top_k))}
+        if s.verify.baselines:
+            candidates.update(baseline_orders(store.trainer(), n_random=s.verify.random, seed=s.search.seed))
+        if not candidates:
+            raise CurrsearchError(f"the search gave no order a finite estimate ({res.n_trials} trials); nothing to verify: "
+                                  "check the fit's runs for a diverged training (optim.lr) or use another --estimator")
+        est_rows = est.estimate(torch.stack([torch.as_tensor(o) for o in candidates.values()]))
+    return res, candidates, dict(zip(candidates, est_rows))
+
+
+def _verify(store: TrajectoryStore, est: Estimator, res: SearchResult, candidates: dict, estimates: dict,
+            s: PipelineSettings, ledger: ComputeLedger, progress: bool) -> VerificationResult:
+    """Retrain ``candidates`` (identical orders once), then add the best fit run on the objective."""
     logger.info("verifying %d orders by real training", len(candidates))
     with ledger.phase("verify") as counts:
-        result = verify(trainer, candidates, dict(zip(candidates, est_rows)), progress=progress,
-                        store=store)
+        result = verify(store.trainer(), candidates, estimates, progress=progress, store=store)
         counts["real_runs"] = counts["equivalents"] = len({tuple(c.order) for c in result.candidates.values()})
     result = result.with_search(res.top_record(s.verify.top_k))
-    return _with_best_fit_run(result, est) if est.needs_runs else result
+    return _with_best_fit_run(result, est, s.search.objectives[0]) if est.needs_runs else result
 
 
-def _with_best_fit_run(result: VerificationResult, est: Estimator) -> VerificationResult:
-    """Add the best of the orders the estimator's fit trained for real as ``fit_best`` (kind
-    ``fit``): those runs are real, already paid for, and their final eval losses are what
-    :func:`~currsearch.verify.verify` would measure (same Trainer, deterministic), so the job
-    keeps the best order it has actually trained, whether the surrogate found it or not."""
-    e = result.eval_names.index("all") if "all" in result.eval_names else 0
+def _with_best_fit_run(result: VerificationResult, est: Estimator, objective: str) -> VerificationResult:
+    """Add the best (on ``objective``) of the orders the estimator's fit trained for real as
+    ``fit_best`` (kind ``fit``): those runs are real, already paid for, and their final eval
+    losses are what :func:`~currsearch.verify.verify` would measure (same Trainer,
+    deterministic; a diverged run's non-finite loss is +inf there, and never the best here), so
+    the job keeps the best order it has actually trained, whether the surrogate found it or not."""
+    e = result.eval_names.index(objective)
     losses = torch.tensor(est.runs["losses"], dtype=torch.float64)  # [n_runs, E], nats/token
+    losses = losses.nan_to_num(nan=math.inf, posinf=math.inf, neginf=math.inf)
     i = int(losses[:, e].argmin())
     order = est.fit_orders()[i]
     cand = VerifiedCandidate("fit", order.tolist(), dict(zip(result.eval_names, losses[i].tolist())),
@@ -368,7 +392,7 @@ def _refine(cfg: Config, store: TrajectoryStore, est: Estimator, result: Verific
     logger.info("trust-region rounds from the best verified order (%d rounds, %s)", trs.rounds, trs.estimator)
     with ledger.phase("trust_region") as counts:
         result, tr = refine_verified(cfg, s.out / "trust_region", result, trs, progress=progress,
-                                     trainer=store.trainer(), estimator=est)
+                                     trainer=store.trainer(), estimator=est, store=store)
         counts["real_runs"] = tr.verified_runs + 1  # the rounds' runs + the final incumbent's verification
         # counted from the rounds' stored seconds, so rounds read back by a resumed job count what they cost
         counts["equivalents"] = tr.run_equivalents + 1.0
@@ -436,15 +460,13 @@ def run_pipeline(cfg: Config, settings: PipelineSettings | None = None, progress
         raise ConfigError(f"unknown objective eval set(s) {unknown}; the plan has {list(trainer.plan.eval_names)}")
     s, plan = size_to_budget(s, trainer, rcfg, est_cls)
     search = s.search.model_copy(update={"storage": str(s.out / "study.journal")})
-    check_study_before_fit(search, est_cls.name, fix="it was searched with another --budget or --fit-runs; use "
-                           "another --out or the same --budget / --fit-runs")
+    check_study_before_fit(search, est_cls.name, fix="it was searched with another budget split (--budget, --top-k, "
+                           "--rounds, --fit-runs) or sampler (--sampler, --seed); use another --out or the same options")
     ledger = ComputeLedger()
     store = _record(rcfg, s.out, trainer, ledger, progress)
     est = _fit(store, s.search, ledger)
-    with ledger.phase("search") as counts:  # the sampler's and the surrogate's time count in seconds only,
-        counts["equivalents"] = 0.0         # as the baselines' sampler time does (module docstring of ledger)
-        res = run_search(store, search, backend=SerialBackend(est), progress=progress)
-    result = _verify(store, est, res, s, ledger, progress)
+    res, candidates, estimates = _search(store, est, search, s, ledger, progress)
+    result = _verify(store, est, res, candidates, estimates, s, ledger, progress)
     # the ledger's unit, which the rounds' budget counts in too: the median retrained order (fit_best was not retrained)
     run_seconds = float(torch.tensor([c.seconds for c in result.candidates.values() if c.kind != "fit"]).median())
     result, tr = _refine(rcfg, store, est, result, s, plan, ledger, run_seconds, progress)

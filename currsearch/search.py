@@ -562,13 +562,22 @@ def _kwargs_meta(s: SearchSettings) -> str:
     return json.dumps(s.estimator_kwargs, sort_keys=True, default=str)  # e.g. a fit's n_runs, seed
 
 
+def _proposal_meta(s: SearchSettings) -> dict[str, Any]:
+    """The settings a resumed study must share besides its name: the estimator's options (e.g. a
+    fit's ``n_runs``) and the sampler's name, seed and options (a rerun with another ``seed`` would
+    otherwise read back the old seed's trials as its own)."""
+    return {"estimator_kwargs": _kwargs_meta(s), "sampler": s.sampler, "seed": s.seed,
+            "sampler_options": json.dumps(s.sampler_options, sort_keys=True, default=str)}
+
+
 def check_study_before_fit(s: SearchSettings, estimator_name: str, fix: str) -> None:
     """Refuse, before a fit's real runs are spent, a search that :func:`run_search` would refuse
     after them: ``s.storage`` (a ``.journal`` path) already holds this search's study with
-    other ``estimator_kwargs`` (e.g. another budget's ``n_runs``). Nothing is written.
+    other ``estimator_kwargs`` (e.g. another budget's ``n_runs``) or another sampler, seed or
+    sampler options. Nothing is written.
 
     Raises:
-        ConfigError: the stored estimator options differ; ``fix`` ends the message.
+        ConfigError: the stored options differ; ``fix`` ends the message.
     """
     if s.storage is None or not str(s.storage).endswith(".journal") or not Path(s.storage).expanduser().is_file():
         return
@@ -577,7 +586,7 @@ def check_study_before_fit(s: SearchSettings, estimator_name: str, fix: str) -> 
             study = optuna.load_study(study_name=_study_name(s, estimator_name), storage=make_storage(s.storage))
         except KeyError:  # the journal holds other studies only
             return
-    check_resume(study, {"estimator_kwargs": _kwargs_meta(s)}, fix=fix, record=False)
+    check_resume(study, _proposal_meta(s), fix=fix, record=False)
 
 
 def _open_study(store: TrajectoryStore, s: SearchSettings, sp: SearchSpace, backend, sampler) -> optuna.Study:
@@ -597,7 +606,7 @@ def _open_study(store: TrajectoryStore, s: SearchSettings, sp: SearchSpace, back
         "estimator": backend.estimator_name,
         "space": s.space,
         "space_options": json.dumps(sp.options, sort_keys=True, default=str),
-        "estimator_kwargs": _kwargs_meta(s),
+        **_proposal_meta(s),
         "objectives": objectives,
         "T": store.T,
         "store": store_identity(store),
@@ -680,7 +689,7 @@ def run_search(
     Raises:
         ConfigError: an invalid setting (unknown sampler, space, space option or objective,
             a single-objective sampler with several objectives, ``trials < 0``, ``batch < 1``),
-            a resumed study set up with another estimator/space/objectives, a backend for
+            a resumed study set up with another estimator/space/objectives/sampler/seed, a backend for
             another store, an unknown keyword.
         StoreError: the store cannot be opened or lacks a term the estimator needs.
     """

@@ -403,7 +403,7 @@ def run_trust_region(cfg: Config, out_dir, settings: TrustRegionSettings | None 
 
 
 def refine_verified(cfg: Config, out_dir, result: VerificationResult, settings: TrustRegionSettings | None = None, *,
-                    progress: bool = True, trainer=None, estimator=None, **overrides,
+                    progress: bool = True, trainer=None, estimator=None, store=None, **overrides,
                     ) -> tuple[VerificationResult, TrustRegionResult]:
     """Trust-region rounds started from the best order of a verification ``result``.
 
@@ -418,6 +418,8 @@ def refine_verified(cfg: Config, out_dir, result: VerificationResult, settings: 
         trainer: the Trainer that verifies the final incumbent (default: built from ``cfg``).
         estimator: a fitted estimator whose estimate of the final incumbent is reported next
             to the other candidates' (default: none).
+        store: a trajectory store whose Trainer is ``trainer``: the final run is kept in it
+            (:func:`~currsearch.verify.verify`), so a rerun reads it back instead of retraining.
 
     Returns:
         ``(new result, rounds)``: a copy of ``result`` with the final incumbent added as
@@ -433,7 +435,7 @@ def refine_verified(cfg: Config, out_dir, result: VerificationResult, settings: 
         trainer = Trainer.from_config(cfg)
     order = torch.tensor(res.incumbent)
     est = {"search_trust_region": estimator.estimate(order)} if estimator is not None else None
-    final = verify(trainer, {"search_trust_region": order}, est, kinds={"search_trust_region": "searched"})
+    final = verify(trainer, {"search_trust_region": order}, est, kinds={"search_trust_region": "searched"}, store=store)
     summary = RefinementSummary(start=start_name, start_loss=res.start_loss, final_loss=res.incumbent_loss,
                                 gain=res.start_loss - res.incumbent_loss, rounds=len(res.rounds),
                                 verified_runs=res.verified_runs, estimator=res.estimator, objective=s.objective)

@@ -53,6 +53,10 @@ class Estimator(ABC):
     needs_runs: ClassVar[bool] = False
     #: with ``needs_runs``: the fewest real runs ``fit`` can work with (its ``n_runs`` argument)
     min_runs: ClassVar[int] = 0
+    #: cost: an estimate recomputes the window's optimizer steps with exact Hessian-vector
+    #: products (``fut1-hvp``: about 3 real runs each, measured), so a job's ledger counts its
+    #: estimates by their time and a budgeted job does not search with it (trust-region rounds do)
+    estimate_costs_runs: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         """Check the declared capabilities against the methods.

@@ -73,6 +73,7 @@ class FUT1HVP(Estimator):
     name = "fut1-hvp"
     required_terms = ()
     has_batch_losses = True
+    estimate_costs_runs = True
 
     def __init__(self, device="cpu", chunk: int = 8, readout: str = "exact", curvature: bool = True):
         super().__init__(device)

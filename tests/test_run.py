@@ -1,6 +1,7 @@
 """End-to-end commands: `currsearch run` (record, search, verify, report), `currsearch search`
 (resumable study), and the exported order sampler."""
 
+import dataclasses
 import json
 
 import optuna
@@ -13,6 +14,7 @@ from currsearch.cli import main
 from currsearch.errors import ConfigError, OrderError
 from currsearch.export import OrderSampler, export_order
 from currsearch.orders import parse_order
+from currsearch.reports.run import comparison
 from currsearch.pipeline import PipelineSettings, RefineSettings, VerifySettings, run_pipeline, size_to_budget
 from currsearch.search import SearchSettings
 from currsearch.train import Trainer
@@ -131,6 +133,14 @@ def test_budget_is_respected_and_baselines_reproduce(tiny_cfg, tmp_path, capsys)
     sized, plan = size_to_budget(s.model_copy(update={"search": s.search.model_copy(update={"estimator": "fut1"})}),
                                  trainer, record_config(cfg, fut1), fut1)
     assert plan.fit_runs == 0 and sized.verify.top_k == 17 and sized.search.trials == 17  # fut1 records 2.3 runs
+    hvp = type(get_estimator("fut1-hvp"))  # ~3 real runs per estimate: a search on it cannot be sized to a budget
+    with pytest.raises(ConfigError, match="fut1-hvp costs about 3 real runs per estimate"):
+        size_to_budget(s, trainer, record_config(cfg, hvp), hvp)
+    # the equal-compute verdict is on the eval set the job and its baselines minimized
+    on_bible = dataclasses.replace(res, settings=s.model_copy(update={"search": s.search.model_copy(
+        update={"objectives": ["bible"]})}))
+    c = comparison(on_bible)
+    assert c["eval_set"] == "bible" and c["currsearch"][1] == min(v.verified["bible"] for v in res.verification.candidates.values())
     # trust-region rounds under a budget count in the ledger's unit (their budget rule and the ledger agree)
     with_round = s.model_copy(update={"budget": 35, "baselines": (), "out": tmp_path / "r",
                                       "refine": RefineSettings(rounds=1, trials=4, top_k=1)})
@@ -147,8 +157,11 @@ def test_budget_is_respected_and_baselines_reproduce(tiny_cfg, tmp_path, capsys)
     # another budget on the same --out is refused before its fit spends a run (its search would refuse it after)
     fits = sorted((tmp_path / "r" / "store" / "calibration").iterdir())
     before = [f.read_bytes() for f in fits]
-    with pytest.raises(ConfigError, match="another --budget"):
+    with pytest.raises(ConfigError, match="another budget split"):
         run_pipeline(cfg, with_round.model_copy(update={"budget": 36}), progress=False)
+    with pytest.raises(ConfigError, match="seed"):  # so is another sampler seed (it would read seed 0's trials back)
+        run_pipeline(cfg, with_round.model_copy(update={"search": with_round.search.model_copy(update={"seed": 1})}),
+                     progress=False)
     assert [f.read_bytes() for f in sorted((tmp_path / "r" / "store" / "calibration").iterdir())] == before
 
 

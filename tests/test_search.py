@@ -64,6 +64,8 @@ def test_resume_from_a_journal_runs_only_the_missing_trials(store, tmp_path):
     assert again.n_run == 0 and again.n_trials == 20
     with pytest.raises(ConfigError, match="another setup"):
         run_search(store, n_trials=24, storage=str(journal), study_name="s", space="lehmer", progress=False)
+    with pytest.raises(ConfigError, match="seed"):  # another seed would read the old seed's trials back as its own
+        run_search(store, n_trials=24, storage=str(journal), study_name="s", seed=1, progress=False)
     db = run_search(store, n_trials=8, storage=f"sqlite:///{tmp_path / 'study.db'}", progress=False)
     assert db.n_trials == 8
     # max_seconds: the first batch is asked in full, no later one when the time is spent

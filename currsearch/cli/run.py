@@ -56,7 +56,7 @@ def _print_summary(res: PipelineResult, paths: list[Path]) -> None:
           f"({', '.join(f'{e.phase} {e.run_equivalents:.1f}' for e in led.entries)})")
     if res.baselines:
         c = comparison(res)
-        print(f"equal compute ({c['runs']} real runs each): currsearch {c['currsearch'][1]:.4f}; "
+        print(f"equal compute ({c['runs']} real runs each, best on {c['eval_set']}): currsearch {c['currsearch'][1]:.4f}; "
               + "; ".join(f"{n} {x:.4f} ({'beaten' if c['beats'][n] else 'not beaten'})" for n, x in c["baselines"].items()))
     print(f"report: {paths[1]}")
 

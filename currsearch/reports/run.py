@@ -25,16 +25,18 @@ def render_ledger(ledger: LedgerSummary) -> str:
             + "\n".join(markdown_table(["phase", "real runs", "run equivalents", "seconds"], rows)) + "\n")
 
 
-def comparison(result: PipelineResult, eval_set: str = "all") -> dict:
-    """The equal-compute verdict: the best loss currsearch verified (searched, refined or its
-    best fit run) against each baseline's best
-    at ``result.baseline_runs`` runs (``{"runs", "currsearch": (name, loss), "baselines": {name:
-    loss}, "beats": {name: bool}}``; losses in nats/token)."""
+def comparison(result: PipelineResult) -> dict:
+    """The equal-compute verdict on the eval set the job and its baselines minimized (the first
+    objective): the best loss currsearch verified (searched, refined or its best fit run)
+    against each baseline's best at ``result.baseline_runs`` runs (``{"eval_set", "runs",
+    "currsearch": (name, loss), "baselines": {name: loss}, "beats": {name: bool}}``; losses in nats/token)."""
+    eval_set = result.settings.search.objectives[0]
     v = result.verification
     best = v.best(eval_set)  # the best order the job trained for real, whichever phase found it
     loss = v.candidates[best].verified[eval_set]
     base = {n: b.best_loss for n, b in result.baselines.items()}
-    return {"runs": result.baseline_runs, "run_equivalents": result.ledger.run_equivalents, "currsearch": [best, loss],
+    return {"eval_set": eval_set, "runs": result.baseline_runs, "run_equivalents": result.ledger.run_equivalents,
+            "currsearch": [best, loss],
             "baselines": base, "beats": {n: loss < x for n, x in base.items()}}
 
 
@@ -48,7 +50,8 @@ def render_comparison(result: PipelineResult) -> str:
     verdict = "; ".join(f"{'beats' if b else 'does not beat'} {n}" for n, b in c["beats"].items())
     return ("## Equal compute: search with real training\n\nEach baseline trains orders for real and keeps the best, "
             f"with {c['runs']} real runs (the job's budget, else its total run equivalents).\n\n"
-            + "\n".join(markdown_table(["strategy", "real-run equivalents", "best verified all (nats/token)"], rows))
+            + "\n".join(markdown_table(["strategy", "real-run equivalents", f"best verified {c['eval_set']} (nats/token)"],
+                                       rows))
             + f"\n\ncurrsearch's best {verdict}.\n")
 
 
