@@ -127,9 +127,18 @@ def save_listed_tensors(directory: Path, manifest: dict, rel: str, tensors: dict
     manifest["files"][rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
+#: name pattern of an atomic write's temporary file, ``.NAME.tmpPID`` (:func:`atomic_write_bytes`)
+PARTIAL_WRITE = ".*.tmp*"
+
+
+def is_partial_write(path: Path) -> bool:
+    """Whether ``path`` is the temporary file of an atomic write (:data:`PARTIAL_WRITE`)."""
+    return path.match(PARTIAL_WRITE)
+
+
 def remove_partial_writes(directory: Path) -> None:
-    """Delete the temporary files (``.NAME.tmpPID``) a kill in the middle of an atomic write left below ``directory``."""
-    for stray in Path(directory).rglob(".*.tmp*"):
+    """Delete the temporary files (:data:`PARTIAL_WRITE`) a kill in the middle of an atomic write left below ``directory``."""
+    for stray in Path(directory).rglob(PARTIAL_WRITE):
         stray.unlink()
 
 
@@ -177,11 +186,24 @@ def config_diff(a: dict, b: dict, sections=TRAJECTORY_SECTIONS) -> list[str]:
 
 
 class FileEntry(BaseModel):
-    """One listed file: its SHA-256 (64 lowercase hex digits) and size in bytes."""
+    """One listed file: its SHA-256 (64 lowercase hex digits) and size in bytes; while a listed
+    file is being replaced (:meth:`ManifestDirectory.write_listed_bytes`), also the new
+    content's (``next_sha256``, ``next_bytes``): the file matches one of the two."""
 
     model_config = ConfigDict(extra="forbid")
     sha256: StrictStr = Field(pattern=r"^[0-9a-f]{64}$")
     bytes: StrictInt = Field(ge=0)
+    next_sha256: Optional[StrictStr] = Field(None, pattern=r"^[0-9a-f]{64}$")
+    next_bytes: Optional[StrictInt] = Field(None, ge=0)
+
+
+def entry_versions(entry: dict) -> list[tuple[str, int]]:
+    """The ``(sha256, bytes)`` contents a listed file may hold: its entry's, and during a
+    replacement cut short by a kill also the new content's (:class:`FileEntry`)."""
+    out = [(entry["sha256"], entry["bytes"])]
+    if entry.get("next_sha256") is not None:
+        out.append((entry["next_sha256"], entry["next_bytes"]))
+    return out
 
 
 class ManifestModel(BaseModel):
@@ -362,9 +384,9 @@ class ManifestDirectory:
             f = self.path / rel
             if not f.is_file():
                 out.append((rel, self._message("file_missing", file=str(f), **kw)))
-            elif f.stat().st_size != info["bytes"]:
+            elif f.stat().st_size not in {n for _, n in entry_versions(info)}:
                 out.append((rel, self._message("file_size", file=str(f), size=f.stat().st_size, expected=info["bytes"], **kw)))
-            elif sha256_file(f) != info["sha256"]:
+            elif sha256_file(f) not in {h for h, _ in entry_versions(info)}:
                 out.append((rel, self._message("file_hash", file=str(f), **kw)))
         unlisted = {rel for rel in self.expected_files() if rel not in files}
         if self.manifest.get("phase") == "complete":
@@ -457,10 +479,20 @@ class ManifestDirectory:
             raise StoreError(self._message("not_safetensors", file=str(f), err=err, path=str(self.path))) from None
 
     @contextlib.contextmanager
-    def _manifest_lock(self):
-        """An exclusive ``flock`` on ``.manifest.lock`` while the manifest is read, changed and rewritten."""
-        with open(self.path / ".manifest.lock", "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+    def _manifest_lock(self, shared: bool = False):
+        """An ``flock`` on ``.manifest.lock``: exclusive while the manifest is read, changed and
+        rewritten; shared (``shared``) while a reader reads the manifest and a listed file, so it
+        never pairs one writer's manifest with another's file (a read-only directory, where the
+        lock file cannot be opened, is read without it)."""
+        try:
+            fh = open(self.path / ".manifest.lock", "a")
+        except OSError:
+            if not shared:
+                raise
+            yield
+            return
+        with fh:
+            fcntl.flock(fh, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             try:
                 yield
             finally:
@@ -472,22 +504,25 @@ class ManifestDirectory:
         this directory was opened).
 
         Returns:
-            The bytes, or ``None`` when the manifest does not list ``rel`` (nothing cached, or a
-            file of an older currsearch or an interrupted write: not trusted).
+            The bytes (the old or the new content of a replacement a kill cut short, whichever
+            the file holds), or ``None`` when the manifest does not list ``rel`` (nothing cached,
+            or a file of an older currsearch or a first write cut short: not trusted).
 
         Raises:
             StoreError: the listed file is missing, truncated or modified.
         """
-        entry = type(self).read_manifest(self.path)["files"].get(rel)
-        if entry is None:
-            return None
-        f, kw = self.path / rel, {"path": str(self.path), "file": str(self.path / rel)}
-        if not f.is_file():
-            raise StoreError(self._message("file_missing", **kw))
-        data = f.read_bytes()
-        if len(data) != entry["bytes"]:
+        with self._manifest_lock(shared=True):
+            entry = type(self).read_manifest(self.path)["files"].get(rel)
+            if entry is None:
+                return None
+            f, kw = self.path / rel, {"path": str(self.path), "file": str(self.path / rel)}
+            if not f.is_file():
+                raise StoreError(self._message("file_missing", **kw))
+            data = f.read_bytes()
+        versions = entry_versions(entry)
+        if len(data) not in {n for _, n in versions}:
             raise StoreError(self._message("file_size", size=len(data), expected=entry["bytes"], **kw))
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        if hashlib.sha256(data).hexdigest() not in {h for h, _ in versions}:
             raise StoreError(self._message("file_hash", **kw))
         self.manifest["files"][rel] = entry
         return data
@@ -495,15 +530,27 @@ class ManifestDirectory:
     def write_listed_bytes(self, rel: str, data: bytes) -> None:
         """Write an extra file ``rel`` atomically and list it (SHA-256, size) in the manifest,
         read again and rewritten atomically under an exclusive lock, so concurrent writers of
-        other files lose no entry.
+        other files lose no entry. A file already listed is replaced in three atomic steps: the
+        manifest lists the new content as ``next_sha256`` / ``next_bytes`` beside the old, the
+        file is replaced, the manifest keeps only the new content. A kill (or Ctrl-C) at any point
+        leaves a file that matches its entry (:func:`entry_versions`), never one that reads as damage.
 
         Raises:
             OSError: the directory is not writable.
             ConfigError: a file is in the way of ``rel``'s folder (:func:`make_output_dir`).
         """
+        new = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         with self._manifest_lock():
-            atomic_write_bytes(self.path / rel, data)
             manifest = type(self).read_manifest(self.path)
-            manifest["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+            old = manifest["files"].get(rel)
+            if old is not None and (self.path / rel).is_file():
+                versions = entry_versions(old)
+                held = versions[0] if len(versions) == 1 else next(  # a replacement a kill cut short: what the file holds
+                    (v for v in versions if v[0] == sha256_file(self.path / rel)), versions[0])
+                manifest["files"][rel] = {"sha256": held[0], "bytes": held[1],
+                                          "next_sha256": new["sha256"], "next_bytes": new["bytes"]}
+                write_manifest(self.path, manifest)
+            atomic_write_bytes(self.path / rel, data)
+            manifest["files"][rel] = new
             write_manifest(self.path, manifest)
-        self.manifest["files"][rel] = manifest["files"][rel]
+        self.manifest["files"][rel] = new

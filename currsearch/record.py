@@ -2,7 +2,8 @@
 
 Two phases, both resumable from the last completed checkpoint:
 
-1. **Reference run** (one training run of the reference order ``0..T-1``): at every anchor
+1. **Reference run** (one training run of the reference order, ``0..T-1`` unless another
+   permutation is given): at every anchor
    checkpoint t (``record.anchor_stride`` s: t = 0, s, 2s, ...) the state theta_t and the
    reference Adam moments (m, v, step) *before* step t, and the eval losses at theta_t, are
    saved; at the end theta_T and its eval losses.
@@ -67,6 +68,7 @@ from .gradients import batch_gradients, eval_gradients
 from .manifest import (
     check_output_dir,
     config_diff,
+    is_partial_write,
     make_output_dir,
     remove_partial_writes,
     save_listed_tensors,
@@ -377,7 +379,8 @@ class _Recorder:
     def _load_or_create(self) -> dict:
         mpath = self.out / "manifest.json"
         if not mpath.exists():
-            if self.out.exists() and any(self.out.iterdir()):
+            # a kill in the first manifest write leaves only its temporary file (removed by run())
+            if self.out.exists() and any(not is_partial_write(p) for p in self.out.iterdir()):
                 raise StoreError(f"output directory {str(self.out)!r} exists, is not empty and holds no store; choose another --out")
             return self._new_manifest()
         store = TrajectoryStore.open(self.out, verify=False, allow_incomplete=True)

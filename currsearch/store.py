@@ -19,7 +19,9 @@ the schema version and every checksum; a truncated, modified or missing file, an
 schema, or a config that does not match raises :class:`~currsearch.errors.StoreError`
 naming the file or the mismatched keys; so does a malformed manifest (its shape is
 validated, :class:`StoreManifest`) and a data file the manifest does not list. A damaged file
-of a store whose manifest is intact is re-recorded by running ``currsearch record`` again.
+of a store whose manifest is intact is re-recorded by running ``currsearch record`` again
+(a damaged cache of real runs, ``calibration/`` or ``verify/``, is dropped: its runs are
+trained again when needed).
 Tensors are safetensors (no pickle anywhere), loaded memory-mapped (``safe_open``) onto any
 device.
 

@@ -146,3 +146,43 @@ def test_cli_record_repairs_as_the_message_says(store, fault_cfg, tiny_set_args,
             "--set", f"record.anchor_stride={rec.anchor_stride}", "--set", f"record.terms={json.dumps(list(rec.terms))}"]
     assert main(args) == 0
     assert _payload(TrajectoryStore.open(d)) == _payload(store)
+
+
+@pytest.mark.parametrize("cut", ["before_the_file_is_replaced", "after_it_is_replaced"])
+def test_a_cache_rewrite_cut_short_by_ctrl_c_reads_back_whole(store, tmp_path, monkeypatch, cut):
+    """A listed file's replacement (a calibration or verification cache, rewritten every few runs)
+    interrupted at either side of the file's rename: the file matches its entry, old or new content,
+    so nothing reads as damage (whose repair would drop the cached runs), and the next write completes."""
+    import currsearch.manifest as manifest
+
+    rel = "calibration/x.json"
+    s = TrajectoryStore.open(_copy(store, tmp_path))
+    s.write_listed_bytes(rel, b"old runs")
+    before = cut == "before_the_file_is_replaced"
+    real = manifest.atomic_write_bytes if before else manifest.write_manifest
+    calls = []
+
+    def interrupted(path, *args):
+        calls.append(path)
+        if (before and path.name == "x.json") or (not before and len(calls) == 2):  # Ctrl-C right there
+            raise KeyboardInterrupt
+        return real(path, *args)
+
+    monkeypatch.setattr(manifest, "atomic_write_bytes" if before else "write_manifest", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        s.write_listed_bytes(rel, b"new runs!")
+    monkeypatch.undo()
+    again = TrajectoryStore.open(s.path)
+    assert "next_sha256" in again.manifest["files"][rel]  # the replacement was under way
+    assert again.read_listed_bytes(rel) == (b"old runs" if before else b"new runs!") and again.problems() == []
+    again.write_listed_bytes(rel, b"newest runs")
+    last = TrajectoryStore.open(s.path)
+    assert last.read_listed_bytes(rel) == b"newest runs" and "next_sha256" not in last.manifest["files"][rel]
+
+
+def test_a_kill_in_the_first_manifest_write_does_not_block_the_rerun(store, fault_cfg, tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / ".manifest.json.tmp4242").write_bytes(b'{"format": "currs')  # all a kill there leaves
+    again = record(fault_cfg, out, progress=False)
+    assert _payload(again) == _payload(store) and not list(out.glob(".*.tmp*"))
