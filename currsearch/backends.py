@@ -234,8 +234,10 @@ def _check_address(address: str, timeout: float) -> None:
 
 
 def _init_ray(address: str | None, cpus_needed: float, init_kwargs: dict[str, Any] | None) -> bool:
-    """Start a local Ray instance (``address`` None, with at least ``cpus_needed`` logical CPUs)
-    or join ``address``, unless Ray is already initialized here; return whether it started one.
+    """Start a new local Ray instance (``address`` None, with at least ``cpus_needed`` logical
+    CPUs; Ray's ``address="local"``, so neither a cluster already running on this machine nor
+    ``RAY_ADDRESS`` is joined by surprise) or join ``address``, unless Ray is already
+    initialized here; return whether it started one.
 
     Raises:
         ConfigError: Ray could not start or join.
@@ -244,14 +246,14 @@ def _init_ray(address: str | None, cpus_needed: float, init_kwargs: dict[str, An
     if ray.is_initialized():
         return False
     init = {"include_dashboard": False, "log_to_driver": True}
-    if address is None:
-        init["num_cpus"] = max(os.cpu_count() or 1, int(-(-cpus_needed // 1)))
+    if address is None:  # joining an existing cluster with num_cpus set is a ValueError in ray.init
+        init.update(address="local", num_cpus=max(os.cpu_count() or 1, int(-(-cpus_needed // 1))))
     else:
         init["address"] = address
     init.update(init_kwargs or {})
     try:
         ray.init(**init)
-    except (ConnectionError, TimeoutError, RuntimeError) as err:
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as err:
         raise ConfigError(f"could not start or join Ray (address={address!r}): {err}") from None
     return True
 
@@ -333,8 +335,6 @@ class RayBackend(Backend):
         kwargs = dict(estimator_kwargs or {})
         probe = get_estimator(estimator_name, **{**kwargs, "device": "cpu"})
         probe.check_terms(store)  # a missing term fails here, before Ray and the actors start
-        if probe.needs_runs:  # fit once here (real runs, cached in the store); the actors read the cache
-            probe.fit(store)
         self.num_actors, self.chunk, self.max_retries = int(num_actors), int(chunk), int(max_retries)
         self.n_replaced = 0
         self.ready_timeout = float(ready_timeout)
@@ -349,6 +349,8 @@ class RayBackend(Backend):
             self.estimator_kwargs = kwargs
             self._resources = {"num_cpus": num_cpus_per_actor, "num_gpus": num_gpus_per_actor}
             self._check_resources()
+            if probe.needs_runs:  # fit once here (real runs, cached in the store; after the cheap checks above,
+                probe.fit(store)  # so a bad address or resource request fails at once); the actors read the cache
             self._remote_cls = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor)(_ScoringWorker)
             self._threads = max(1, int(num_cpus_per_actor)) if num_cpus_per_actor else None
             started = [self._start_actor() for _ in range(self.num_actors)]

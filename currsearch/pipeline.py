@@ -49,7 +49,7 @@ from .errors import BudgetTooSmallError, ConfigError, CurrsearchError
 from .guided import GuidedResult, GuidedSettings, guided_search
 from .ledger import ComputeLedger, LedgerSummary
 from .record import record, record_run_equivalents
-from .search import SearchResult, SearchSettings, check_study_before_fit, run_search
+from .search import SearchResult, SearchSettings, check_objectives, check_study_before_fit, run_search
 from .settings import Settings
 from .store import TrajectoryStore
 from .train import Trainer
@@ -455,9 +455,7 @@ def run_pipeline(cfg: Config, settings: PipelineSettings | None = None, progress
     est_cls = type(get_estimator(s.search.estimator, **s.search.estimator_kwargs))
     rcfg = record_config(cfg, est_cls)
     trainer = Trainer.from_config(rcfg)
-    unknown = [o for o in s.search.objectives if o not in trainer.plan.eval_names]
-    if unknown:  # before anything is written (the search would find it only after the recording)
-        raise ConfigError(f"unknown objective eval set(s) {unknown}; the plan has {list(trainer.plan.eval_names)}")
+    check_objectives(s.search.objectives, trainer.plan.eval_names, "the plan")  # before the recording writes anything
     s, plan = size_to_budget(s, trainer, rcfg, est_cls)
     search = s.search.model_copy(update={"storage": str(s.out / "study.journal")})
     check_study_before_fit(search, est_cls.name, fix="it was searched with another budget split (--budget, --top-k, "

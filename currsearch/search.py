@@ -69,6 +69,7 @@ from .study import (
     make_storage,
     optuna_warnings_only,
     recover_stale_trials,
+    requeue,
     session_starts,
     STARTS_ATTR,
 )
@@ -457,8 +458,10 @@ def check_resume(study: optuna.Study, meta: dict[str, Any], fix: str = "use anot
 
 
 def _tell_batch(study: optuna.Study, trials: list, score: Callable) -> None:
-    """Score ``trials`` with one ``score`` call and tell each; on any error the trials not yet
-    told are told FAIL first, so none is left RUNNING."""
+    """Score ``trials`` with one ``score`` call and tell each; on any error (Ctrl-C included) the
+    trials not yet told are told FAIL first, so none is left RUNNING, and those that were
+    enqueued (starting trials, a surrogate's proposals) are queued again, so a rerun runs them
+    (as it does after a SIGKILL, :func:`~currsearch.study.recover_stale_trials`)."""
     told = 0
     try:
         results = score(trials)
@@ -475,6 +478,9 @@ def _tell_batch(study: optuna.Study, trials: list, score: Callable) -> None:
     except BaseException:
         for t in trials[told:]:  # leave no trial RUNNING behind
             study.tell(t, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        cut = {t.number for t in trials[told:]}
+        requeue(study, [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+                        if t.number in cut and "fixed_params" in t.system_attrs])
         raise
 
 
@@ -556,6 +562,17 @@ def _settings(settings: SearchSettings | None, legacy: dict[str, Any]) -> tuple[
 
 def _study_name(s: SearchSettings, estimator_name: str) -> str:
     return s.study_name or f"{estimator_name}-{s.space}-{'+'.join(s.objectives)}"
+
+
+def check_objectives(objectives, eval_names, holder: str = "the store") -> None:
+    """Refuse objectives that are not eval sets of ``eval_names`` (``holder`` names whose, in the message).
+
+    Raises:
+        ConfigError: naming the unknown objectives and the eval sets there are.
+    """
+    unknown = [o for o in objectives if o not in eval_names]
+    if unknown:
+        raise ConfigError(f"unknown objective eval set(s) {unknown}; {holder} has {list(eval_names)}")
 
 
 def _kwargs_meta(s: SearchSettings) -> str:
@@ -697,9 +714,7 @@ def run_search(
     s, sampler_obj = _settings(settings, legacy)
     if not isinstance(store, TrajectoryStore):
         store = TrajectoryStore.open(store)
-    unknown = [o for o in s.objectives if o not in store.eval_names]
-    if unknown:
-        raise ConfigError(f"unknown objective eval set(s) {unknown}; the store has {store.eval_names}")
+    check_objectives(s.objectives, store.eval_names)
     if sampler_obj is None:
         sampler_obj = make_sampler(s.sampler, seed=s.seed, n_objectives=len(s.objectives), **s.sampler_options)
     info = BatchInfo.from_plan(store) if info is None else info  # the store carries the plan's domains and metadata

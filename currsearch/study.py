@@ -218,6 +218,14 @@ def fail_unfinished(study: optuna.Study, trials: list[optuna.trial.FrozenTrial])
     return failed
 
 
+def requeue(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> None:
+    """Enqueue the parameters (an enqueued trial's fixed ones) and user attrs (less the session
+    tag) of ``trials`` again, in the given order: the next asks run them."""
+    for t in trials:
+        attrs = {k: v for k, v in t.user_attrs.items() if k != SESSION_ATTR}
+        study.enqueue_trial(t.system_attrs.get("fixed_params", t.params), user_attrs=attrs)
+
+
 def recover_stale_trials(study: optuna.Study, session: Session, stale_after_s: float = STALE_AFTER_S) -> list[int]:
     """Fail the RUNNING trials of dead calls and re-enqueue their parameters.
 
@@ -244,9 +252,7 @@ def recover_stale_trials(study: optuna.Study, session: Session, stale_after_s: f
             stale.append(t)
     if not stale:
         return []
-    for t in fail_unfinished(study, sorted(stale + waiting, key=lambda t: t.number)):
-        attrs = {k: v for k, v in t.user_attrs.items() if k != SESSION_ATTR}
-        study.enqueue_trial(t.system_attrs.get("fixed_params", t.params), user_attrs=attrs)
+    requeue(study, fail_unfinished(study, sorted(stale + waiting, key=lambda t: t.number)))
     numbers = [t.number for t in stale]
     logger.warning("re-queued %d trial(s) left RUNNING by a killed search: %s", len(numbers), numbers)
     return numbers

@@ -215,6 +215,20 @@ def test_in_process_kill_during_enqueue_then_resume(store, tmp_path, monkeypatch
     _check_rerun_matches(store, journal, uninterrupted, exact=True)
 
 
+def test_a_ctrl_c_in_the_first_batch_keeps_the_starting_trials(store, tmp_path, monkeypatch, uninterrupted):
+    journal = tmp_path / "study.journal"
+
+    def interrupted(self, orders):  # Ctrl-C while the batch of the enqueued starting trials is scored
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SerialBackend, "score", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(store, n_trials=24, batch_size=8, storage=str(journal), progress=False)
+    monkeypatch.undo()
+    assert not [t for t in make_storage(journal).get_all_trials(0) if t.state.name == "RUNNING"]
+    _check_rerun_matches(store, journal, uninterrupted, exact=False)  # every start evaluated, once
+
+
 # ---------------------------------------------------------------- 4. two searches on one journal
 
 

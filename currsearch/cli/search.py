@@ -12,7 +12,7 @@ from ..export import export_order
 from ..orders import parse_order
 from ..reports.common import write_json
 from ..reports.trust_region import render_trust_region_markdown, write_trust_region_report
-from ..search import SearchSettings, run_search
+from ..search import SearchSettings, check_objectives, check_study_before_fit, run_search
 from ..store import TrajectoryStore
 from ..study import make_storage
 from ..trust_region import TrustRegionSettings, run_trust_region
@@ -56,6 +56,8 @@ def cmd_search(args) -> int:
         store.check_config(resolve_config(args.config, args.set, store.config()))  # --set alone: on the store's config
     if args.storage:
         make_storage(args.storage)  # a bad URL fails here, before anything is written
+    check_objectives(s.objectives, store.eval_names)  # before the backend starts Ray and fits
+    check_study_before_fit(s, s.estimator, fix="use another --out (or --storage) or the same options")
     backend = _backend(args, store, s)
     try:  # run_search validates everything before its journal creates OUT
         res = run_search(store, s, backend=backend, progress=not args.quiet)
