@@ -79,6 +79,7 @@ from .orders import validate_orders
 from .projection import Projector
 from .store import FORMAT, SCHEMA_VERSION, TrajectoryStore, checkpoint_file, pairs_file
 from .train import Trainer
+from .warmup import environment
 
 __all__ = ["TERMS", "AnchorContext", "Term", "batch_gradients", "estimate_cost", "eval_gradients", "record", "register_term",
            "store_formula"]
@@ -366,6 +367,7 @@ class _Recorder:
             "T": self.T, "P": self.P, "eval_names": list(tr.plan.eval_names),
             "batch_domains": list(tr.plan.domains), "batch_metadata": tr.plan.metadata,
             "reference_order": self.reference_order,
+            "environment": environment(tr.device),  # a resumed recording must train bit-identically
             "anchors": self.anchors, "anchor_stride": cfg.record.anchor_stride, "terms": list(cfg.record.terms),
             "tensors": shapes, "projection": self.projector.describe(),
             "dtypes": {"params": str(tr.model.dtype).replace("torch.", ""), "losses": "float64"},
@@ -375,6 +377,24 @@ class _Recorder:
             "files": {}, "phase": "reference", "checkpoints_done": [], "pairs_done": [],
             "reference_train_loss": [], "reference_seconds": 0.0, "record_seconds": 0.0,
         }
+
+    def _check_environment(self, m: dict) -> None:
+        """Refuse to resume or repair a recording in another numerical environment (thread count,
+        versions, CPU, device: :func:`~currsearch.warmup.environment`), whose runs are not
+        bit-identical to the recorded ones: the new files would not fit those already written.
+        A store of an older currsearch holds no environment and is resumed as it is.
+
+        Raises:
+            StoreError: naming what differs.
+        """
+        old, new = m.get("environment"), environment(self.trainer.device)
+        diff = [f"{k} ({old.get(k)!r} then, {new.get(k)!r} now)" for k in sorted(set(old or {}) | set(new))
+                if old is not None and old.get(k) != new.get(k)]
+        if diff:
+            raise StoreError(
+                f"store {str(self.out)!r} was recorded in another numerical environment: {', '.join(diff)}; its files "
+                "would not fit a continuation trained here. Resume with the same thread count (torch.set_num_threads, "
+                "OMP_NUM_THREADS), versions and device, or record into another --out")
 
     def _load_or_create(self) -> dict:
         mpath = self.out / "manifest.json"
@@ -403,6 +423,8 @@ class _Recorder:
                 "record with the same reference_order to resume, or into another directory"
             )
         damaged = store.problems()
+        if m["phase"] != "complete" or damaged:
+            self._check_environment(m)
         if damaged:
             _forget_damaged(self.out, m, [rel for rel, _ in damaged])
             write_manifest(self.out, m)  # the repair is on disk even if nothing else needs writing
@@ -603,7 +625,9 @@ def record(cfg: Config, out: str | Path, progress: bool = True, check_budget: bo
     Raises:
         ConfigError: unknown term, ``out`` is a file or lies under one, ``train.device`` missing here. OrderError: ``reference_order`` is not a permutation. BudgetError: an estimate exceeds its budget.
         StoreError: ``out`` holds another store (other config, record settings, data or
-            model), a store with a corrupt or malformed manifest, or unrelated files.
+            model), a store with a corrupt or malformed manifest, or unrelated files; or an
+            incomplete or damaged store recorded in another numerical environment (thread
+            count, versions, CPU, device), which a resume would not continue bit-identically.
     """
     check_output_dir(out)
     rec = _Recorder(cfg, Path(out), progress, trainer, reference_order, response_variants)

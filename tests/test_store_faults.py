@@ -186,3 +186,19 @@ def test_a_kill_in_the_first_manifest_write_does_not_block_the_rerun(store, faul
     (out / ".manifest.json.tmp4242").write_bytes(b'{"format": "currs')  # all a kill there leaves
     again = record(fault_cfg, out, progress=False)
     assert _payload(again) == _payload(store) and not list(out.glob(".*.tmp*"))
+
+
+def test_a_repair_in_another_numerical_environment_is_refused(store, fault_cfg, tmp_path):
+    """Files re-recorded with another thread count (or versions, CPU, device) would not fit the
+    ones kept: the repair is refused, naming what differs, and nothing is changed."""
+    d = _copy(store, tmp_path)
+    (d / "pairs/pairs_00004.safetensors").unlink()
+    other_threads = lambda m: {**m, "environment": {**m["environment"], "threads": m["environment"]["threads"] + 7}}  # noqa: E731
+    _edit_manifest(d, other_threads)
+    before = (d / "manifest.json").read_bytes()
+    with pytest.raises(StoreError, match=r"another numerical environment: threads"):
+        record(fault_cfg, d, progress=False)
+    assert (d / "manifest.json").read_bytes() == before
+    intact = _copy(store, tmp_path, "intact")
+    _edit_manifest(intact, other_threads)
+    assert _payload(record(fault_cfg, intact, progress=False)) == _payload(store)  # a complete, intact store opens anywhere
