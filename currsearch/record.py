@@ -44,7 +44,9 @@ recorder can predict the store size before it starts.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import functools
 import importlib.metadata
 import logging
@@ -321,6 +323,39 @@ def _forget_damaged(out: Path, m: dict, damaged: list[str]) -> None:
             m["phase"] = "pairs"
 
 
+#: the lock file a recording holds in its output directory (:func:`recording_lock`)
+RECORD_LOCK = ".record.lock"
+
+
+@contextlib.contextmanager
+def recording_lock(out: Path):
+    """Hold an exclusive ``flock`` on ``OUT/.record.lock`` (created with ``OUT``) while a
+    recording runs, so that a second process recording into the same directory is refused at
+    once instead of deleting the first one's temporary files and interleaving its manifest
+    writes. A directory where the lock file cannot be created (read-only) is entered without
+    it: nothing can be recorded there.
+
+    Raises:
+        StoreError: another process is recording into ``out``.
+    """
+    try:
+        make_output_dir(out)
+        fh = open(Path(out) / RECORD_LOCK, "a")
+    except OSError:
+        yield
+        return
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"another process is recording into {str(out)!r}; wait for it to finish (a later run "
+                             "resumes its store) or use another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class _Recorder:
     def __init__(self, cfg: Config, out: Path, progress: bool, trainer: Trainer | None, reference_order=None,
                  response_variants=RECORDED_VARIANTS):
@@ -400,7 +435,7 @@ class _Recorder:
         mpath = self.out / "manifest.json"
         if not mpath.exists():
             # a kill in the first manifest write leaves only its temporary file (removed by run())
-            if self.out.exists() and any(not is_partial_write(p) for p in self.out.iterdir()):
+            if self.out.exists() and any(not is_partial_write(p) and p.name != RECORD_LOCK for p in self.out.iterdir()):
                 raise StoreError(f"output directory {str(self.out)!r} exists, is not empty and holds no store; choose another --out")
             return self._new_manifest()
         store = TrajectoryStore.open(self.out, verify=False, allow_incomplete=True)
@@ -447,6 +482,10 @@ class _Recorder:
 
     # -- phases
     def run(self) -> TrajectoryStore:
+        with recording_lock(self.out):
+            return self._run()
+
+    def _run(self) -> TrajectoryStore:
         m = self._load_or_create()
         if m["phase"] == "complete":
             return TrajectoryStore.open(self.out)

@@ -202,3 +202,15 @@ def test_a_repair_in_another_numerical_environment_is_refused(store, fault_cfg, 
     intact = _copy(store, tmp_path, "intact")
     _edit_manifest(intact, other_threads)
     assert _payload(record(fault_cfg, intact, progress=False)) == _payload(store)  # a complete, intact store opens anywhere
+
+
+def test_a_second_recording_into_the_same_directory_is_refused(store, fault_cfg, tmp_path):
+    import fcntl
+
+    d = _copy(store, tmp_path)
+    (d / "pairs/pairs_00004.safetensors").unlink()  # work for a recorder to do
+    with open(d / ".record.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # as a recorder in another process holds it
+        with pytest.raises(StoreError, match="another process is recording"):
+            record(fault_cfg, d, progress=False)
+    assert _payload(record(fault_cfg, d, progress=False)) == _payload(store)  # once it is free, the repair runs
