@@ -272,9 +272,11 @@ def _enqueue_refit(study: optuna.Study, k: int, point: int, plan, objective: str
     call made them (so a resumed call never refits twice), else from ``proposer`` (:func:`propose`) on the
     first ``point`` completed runs (those with a finite loss; none when fewer than the fit's
     minimum are), stored before they are enqueued. When the queue does not hold exactly the
-    untrained proposals in proposal order (one was interrupted in-process, e.g. by Ctrl-C, and
-    told FAIL), its trials are told FAIL and every untrained proposal is queued again in order,
-    so the resumed search trains them as an uninterrupted one would have."""
+    untrained proposals in proposal order (none of them being trained by a live call), its
+    trials are told FAIL and every untrained proposal is queued again in order, so the resumed
+    search trains them as an uninterrupted one would have (an interrupted batch and a killed
+    call requeue in order themselves: :func:`~currsearch.search.ask_and_tell`,
+    :func:`~currsearch.study.recover_stale_trials`)."""
     attempted = {tuple(t.user_attrs["order"]) for t in study.get_trials(deepcopy=False) if "losses" in t.user_attrs}
     proposals = study.user_attrs.get(f"{REFIT_ATTR}:{k}")
     if proposals is None:
@@ -283,7 +285,9 @@ def _enqueue_refit(study: optuna.Study, k: int, point: int, plan, objective: str
                             attempted, s) if len(runs) >= CalibratedInteractions.min_runs else []
         study.set_user_attr(f"{REFIT_ATTR}:{k}", proposals)
         logger.info("refit %d on %d runs: %d surrogate order(s) enqueued", k, point, len(proposals))
-    untrained = [order for order in proposals if tuple(order) not in attempted]
+    running = {tuple(t.user_attrs["order"]) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+               if "order" in t.user_attrs}  # another live call trains them
+    untrained = [order for order in proposals if tuple(order) not in attempted | running]
     queued = sorted((t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
                      if "order" in t.user_attrs), key=lambda t: t.number)
     if [t.user_attrs["order"] for t in queued] == untrained:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator, model_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
@@ -195,6 +195,12 @@ class FileEntry(BaseModel):
     bytes: StrictInt = Field(ge=0)
     next_sha256: Optional[StrictStr] = Field(None, pattern=r"^[0-9a-f]{64}$")
     next_bytes: Optional[StrictInt] = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _next_pair(self) -> "FileEntry":
+        if (self.next_sha256 is None) != (self.next_bytes is None):
+            raise ValueError("next_sha256 and next_bytes are listed together or not at all")
+        return self
 
 
 def entry_versions(entry: dict) -> list[tuple[str, int]]:
@@ -489,6 +495,8 @@ class ManifestDirectory:
         except OSError:
             if not shared:
                 raise
+            fh = None
+        if fh is None:
             yield
             return
         with fh:

@@ -22,8 +22,8 @@ session).
    run and stored, so every later count (and a resumed call's) uses the same number.
 3. A move with a lower loss becomes the incumbent (it shares the first ``s`` batches, so its
    states at anchors ``<= s`` are the old incumbent's and those after ``s`` come from its run).
-4. Stop before a move whose cost would take the spend over ``budget``, or when every order
-   :func:`move` can reach from the incumbent was trained.
+4. Stop before a move whose cost would take the spend over ``budget``, or when :func:`move`
+   finds no untried order.
 
 Every move is one trial of an Optuna study (``storage``: a ``*.journal`` path resumes after a
 kill; moves depend only on ``seed``, ``k`` and the incumbent, so a resumed call makes the moves

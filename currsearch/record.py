@@ -45,6 +45,7 @@ recorder can predict the store size before it starts.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import fcntl
 import functools
@@ -309,9 +310,16 @@ def _forget_damaged(out: Path, m: dict, damaged: list[str]) -> None:
     are recomputed in the pair phase; any other listed file (a calibration cache, the verified runs) is dropped.
     Each damaged file is deleted and its entry removed.
     """
+    _rewind(m, damaged)
+    for rel in damaged:
+        (out / rel).unlink(missing_ok=True)
+
+
+def _rewind(m: dict, damaged: list[str]) -> None:
+    """The manifest part of :func:`_forget_damaged`: drop the entries of ``damaged`` and rewind
+    the progress keys to what must be recorded again (no file is touched)."""
     for rel in damaged:
         m["files"].pop(rel, None)
-        (out / rel).unlink(missing_ok=True)
         ckpt, pair = re.fullmatch(r"checkpoints/ckpt_(\d+)\.safetensors", rel), re.fullmatch(r"pairs/pairs_(\d+)\.safetensors", rel)
         if ckpt or rel == "final.safetensors":
             if ckpt:
@@ -342,6 +350,8 @@ def recording_lock(out: Path):
         make_output_dir(out)
         fh = open(Path(out) / RECORD_LOCK, "a")
     except OSError:
+        fh = None
+    if fh is None:
         yield
         return
     with fh:
@@ -436,6 +446,7 @@ class _Recorder:
         if not mpath.exists():
             # a kill in the first manifest write leaves only its temporary file (removed by run())
             if self.out.exists() and any(not is_partial_write(p) and p.name != RECORD_LOCK for p in self.out.iterdir()):
+                (self.out / RECORD_LOCK).unlink(missing_ok=True)  # created by recording_lock in a folder that is no store
                 raise StoreError(f"output directory {str(self.out)!r} exists, is not empty and holds no store; choose another --out")
             return self._new_manifest()
         store = TrajectoryStore.open(self.out, verify=False, allow_incomplete=True)
@@ -458,7 +469,9 @@ class _Recorder:
                 "record with the same reference_order to resume, or into another directory"
             )
         damaged = store.problems()
-        if m["phase"] != "complete" or damaged:
+        repaired = copy.deepcopy(m)
+        _rewind(repaired, [rel for rel, _ in damaged])
+        if repaired["phase"] != "complete":  # it will train (a resume, or a repair beyond dropping a run cache)
             self._check_environment(m)
         if damaged:
             _forget_damaged(self.out, m, [rel for rel, _ in damaged])

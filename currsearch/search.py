@@ -20,7 +20,9 @@ How it works (DESIGN.md section 5):
   cluster). Rerunning with the same ``study_name`` continues the study: trials already
   completed count toward ``trials`` and only the rest run. A kill at any point is safe
   (:mod:`currsearch.study`): a stale journal lock is released, trials a killed call left
-  RUNNING are failed and queued again, and the starting trials are enqueued exactly once.
+  RUNNING are failed and queued again, and the starting trials are enqueued exactly once. An
+  enqueued trial whose batch raised (Ctrl-C, a backend error) is queued again in its place too,
+  so a trial whose scoring fails every time stops every rerun, with its error.
 * The study is seeded (``enqueue_trial``) with the heuristic curricula the space can
   represent (:func:`search_spaces.heuristic_params`; ``reference`` among them) and, when
   the estimator has an optimum of its own (``assignment_optimum``: exact for the additive
@@ -68,6 +70,7 @@ from .study import (
     known_values,
     make_storage,
     optuna_warnings_only,
+    fail_unfinished,
     recover_stale_trials,
     requeue,
     session_starts,
@@ -460,8 +463,9 @@ def check_resume(study: optuna.Study, meta: dict[str, Any], fix: str = "use anot
 def _tell_batch(study: optuna.Study, trials: list, score: Callable) -> None:
     """Score ``trials`` with one ``score`` call and tell each; on any error (Ctrl-C included) the
     trials not yet told are told FAIL first, so none is left RUNNING, and those that were
-    enqueued (starting trials, a surrogate's proposals) are queued again, so a rerun runs them
-    (as it does after a SIGKILL, :func:`~currsearch.study.recover_stale_trials`)."""
+    enqueued (starting trials, a surrogate's proposals) are queued again in their place, before
+    the WAITING trials, so a rerun runs them in the original order (as after a SIGKILL,
+    :func:`~currsearch.study.recover_stale_trials`)."""
     told = 0
     try:
         results = score(trials)
@@ -479,8 +483,11 @@ def _tell_batch(study: optuna.Study, trials: list, score: Callable) -> None:
         for t in trials[told:]:  # leave no trial RUNNING behind
             study.tell(t, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         cut = {t.number for t in trials[told:]}
-        requeue(study, [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
-                        if t.number in cut and "fixed_params" in t.system_attrs])
+        lost = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+                if t.number in cut and "fixed_params" in t.system_attrs]
+        if lost:  # queued again with the WAITING trials, in trial-number order (as recover_stale_trials does)
+            waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+            requeue(study, sorted(lost + fail_unfinished(study, waiting), key=lambda t: t.number))
         raise
 
 

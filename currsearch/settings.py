@@ -48,11 +48,15 @@ class Settings(BaseModel):
             raise ConfigError(format_validation_error(err, "-".join(words).lower() + " settings")) from None
 
     def model_copy(self: _S, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> _S:
-        """A copy with ``update`` applied and validated like a new instance (pydantic's own
-        ``model_copy`` skips validation, so an update could carry an invalid value into a job).
+        """A copy with ``update`` applied, built and validated as a new instance from the
+        fields given to this one plus ``update`` (pydantic's own ``model_copy`` skips validation,
+        so an update could carry an invalid value into a job; defaults and values derived by
+        validators are derived again).
 
         Raises:
             ConfigError: an updated value is invalid or not a field of these settings.
         """
         copy = super().model_copy(deep=deep)
-        return type(self)(**{**dict(copy), **update}) if update else copy
+        if not update:
+            return copy
+        return type(self)(**{**{k: getattr(copy, k) for k in copy.model_fields_set}, **update})

@@ -11,7 +11,9 @@ continues it. This module holds the parts that make that safe (issue 16):
   heartbeat time, first trial number), so that a rerun can tell a dead call's RUNNING trials
   from a live concurrent call's.
 * :func:`recover_stale_trials` fails a dead call's RUNNING trials and re-enqueues them (with
-  the WAITING trials, in trial-number order, so that they are evaluated in the original order).
+  the WAITING trials, in trial-number order, so that they are evaluated in the original order);
+  :func:`~currsearch.search.ask_and_tell` does the same for the enqueued trials of a batch that
+  raised (Ctrl-C, a backend error), with :func:`fail_unfinished` and :func:`requeue`.
 * :func:`enqueue_starts` enqueues the starting trials idempotently (``skip_if_exists``) and
   records completion in the user attr ``currsearch_starts_done``.
 * :func:`known_values` maps each evaluated order to its stored trial, so that an order is

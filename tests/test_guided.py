@@ -82,9 +82,10 @@ def test_resumes_after_an_interruption_and_retrains_the_interrupted_surrogate_or
     with pytest.raises(Killed):  # interrupted at the first surrogate order (the 17th run)
         guided_search(InterruptedTrainer(trainer, 17), 18, S, seed=1, storage=journal, progress=False)
     res = guided_search(trainer, 18, S, seed=1, storage=journal, progress=False)
-    # trials 0-15 TPE, 16 the interrupted surrogate order, 17 its queued sibling, 18 the interrupted one queued
-    # again by the interrupted call (behind its sibling); the resumed call queues both again in order from 19
-    assert res.n_runs == 18 and res.resumed_at == [19] and res.refits == 1
+    # trials 0-15 TPE, 16 the interrupted surrogate order, 17 its queued sibling; the interrupted call queued
+    # both again in their order (18, 19), and the resumed call trained those: its own sampler proposed none
+    # of these 18 runs (resumed_at lists where a later call's fresh sampler took over)
+    assert res.n_runs == 18 and res.resumed_at == [] and res.refits == 1
     # TPE seeded per trial and the interrupted surrogate order queued again in its place (before
     # its sibling): the resumed search trains the orders the uninterrupted one did, in its order
     assert res.runs.orders == run.runs.orders[:18] and res.runs.losses == run.runs.losses[:18]

@@ -105,6 +105,9 @@ def test_moves_are_deterministic_and_widen_once_the_neighbourhood_is_tried():
         GuidedSettings(polish=1.0)
     with pytest.raises(ConfigError, match="polish"):  # a copy's update is validated too (pydantic's own skips it)
         GuidedSettings().model_copy(update={"polish": 1.0})
+    # and derived values are derived again: without a budget the job refines (2 rounds), under one it does not
+    assert PipelineSettings(budget=None).refine.rounds == 2
+    assert PipelineSettings(budget=None).model_copy(update={"budget": 64}).refine.rounds == 0 == PipelineSettings().refine.rounds
     assert GuidedSettings(polish=0.25).full_runs(64) == 48 and GuidedSettings(polish=0.5).full_runs(1) == 1
     assert GuidedSettings().full_runs(64) == 40  # the default polish: 0.375
     assert GuidedSettings().full_runs(5) == 5 and GuidedSettings().full_runs(6) == 4  # a share under 2 goes to full runs
