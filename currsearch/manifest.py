@@ -136,10 +136,29 @@ def is_partial_write(path: Path) -> bool:
     return path.match(PARTIAL_WRITE)
 
 
-def remove_partial_writes(directory: Path) -> None:
-    """Delete the temporary files (:data:`PARTIAL_WRITE`) a kill in the middle of an atomic write left below ``directory``."""
+def remove_partial_writes(directory: Path, dead_only: bool = False) -> None:
+    """Delete the temporary files (:data:`PARTIAL_WRITE`) a kill in the middle of an atomic write
+    left below ``directory``; with ``dead_only``, only those whose writer (the PID in the name)
+    is not running on this host, so a concurrent writer's file is kept (a cache several processes
+    write to)."""
     for stray in Path(directory).rglob(PARTIAL_WRITE):
-        stray.unlink()
+        if dead_only and _writer_alive(stray):
+            continue
+        stray.unlink(missing_ok=True)
+
+
+def _writer_alive(tmp: Path) -> bool:
+    """Whether the process whose PID ends the temporary file's name (``.NAME.tmpPID``) runs here
+    (an unparsable name counts as alive: the file is not ours to delete)."""
+    try:
+        os.kill(int(tmp.name.rsplit(".tmp", 1)[1]), 0)
+    except ValueError:
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def trainer_hashes(trainer) -> dict[str, str]:

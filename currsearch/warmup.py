@@ -41,7 +41,8 @@ from pydantic import StrictInt, StrictStr
 from .adam import AdamState
 from .data import cache_dir
 from .errors import ConfigError, StoreError
-from .manifest import ManifestDirectory, ManifestModel, save_listed_tensors, trainer_hashes, write_manifest
+from .manifest import (ManifestDirectory, ManifestModel, remove_partial_writes, save_listed_tensors, trainer_hashes,
+                       write_manifest)
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +213,8 @@ def save_warmup(trainer, theta: torch.Tensor, adam: AdamState, seconds: float) -
                 "key_fields": fields, "config": trainer.cfg.to_dict(), "hashes": fields["hashes"], "step": adam.step,
                 "seconds": seconds, "files": {}}
     try:
+        if path.is_dir():  # a killed earlier write left its temporary file (3 P floats) here
+            remove_partial_writes(path, dead_only=True)
         save_listed_tensors(path, manifest, STATE_FILE, {"theta": theta, "adam_m": adam.m, "adam_v": adam.v})
         write_manifest(path, manifest)
     except (OSError, ConfigError) as err:  # ConfigError: a file lies in the cache's path (make_output_dir)

@@ -104,7 +104,12 @@ def _foreign_entry(entry, cache):
     shutil.copytree(_entry(cfg), entry)
 
 
-@pytest.mark.parametrize("damage", [_damage_file, _truncate_file, _garble_manifest, _foreign_entry])
+def _killed_write(entry, cache):
+    """A save killed mid-write: the state file never renamed into place, its temporary file left behind."""
+    (entry / STATE_FILE).rename(entry / f".{STATE_FILE}.tmp{2**22 + 1}")  # above any PID: a writer no longer running
+
+
+@pytest.mark.parametrize("damage", [_damage_file, _truncate_file, _garble_manifest, _foreign_entry, _killed_write])
 def test_unusable_entry_is_recomputed_with_a_warning(tiny_cfg, tmp_path, caplog, damage):
     cfg = _cfg(tiny_cfg, tmp_path / "cache")
     ref = Trainer.from_config(cfg).window_start()
@@ -120,6 +125,7 @@ def test_unusable_entry_is_recomputed_with_a_warning(tiny_cfg, tmp_path, caplog,
     caplog.clear()
     _same_start(Trainer.from_config(cfg).window_start(), ref)  # the entry was rewritten
     assert "loaded from the cache" in caplog.text and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not list(entry.glob(".*.tmp*"))  # a killed write's temporary file does not stay behind
 
 
 def test_entry_of_wrong_shape_is_refused(tiny_cfg, tmp_path, caplog):
