@@ -181,9 +181,10 @@ def get_estimator(name: str, **kwargs) -> Estimator:
     """Instantiate a registered estimator by name.
 
     Raises:
-        ConfigError: unknown name (the message lists the known ones), or a keyword the
+        ConfigError: unknown name (the message lists the known ones), a keyword the
             estimator does not take (e.g. ``n_runs``, a fit's real runs, for an estimator
-            that is not fitted to real runs; the message lists the ones it takes).
+            that is not fitted to real runs; the message lists the ones it takes), or an
+            option value the estimator refuses (its ``ValueError``, named).
     """
     if name not in _REGISTRY:
         raise ConfigError(f"unknown estimator {name!r}; choose one of {sorted(_REGISTRY)}")
@@ -195,7 +196,12 @@ def get_estimator(name: str, **kwargs) -> Estimator:
             hint = " (--fit-runs applies only to estimators fitted to real runs)" if "n_runs" in unknown else ""
             raise ConfigError(f"estimator {name!r} takes no option(s) {unknown}{hint}; "
                               f"its options are {sorted(params) or 'none'}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:  # an option value the estimator refuses: one clear error, not a traceback
+        raise ConfigError(f"estimator {name!r}: {err}") from None
 
 
 def available() -> list[str]:

@@ -64,7 +64,7 @@ class FUT1HVP(Estimator):
     """First-order FUT with exact HVPs and recomputed Adam moments (see module docstring).
 
     Args:
-        chunk: orders processed together in one vmapped call.
+        chunk: orders processed together in one vmapped call (>= 1).
         readout: ``"exact"`` or ``"taylor"``.
         curvature: ``False`` drops the HVP term (zeroth order in theta, Adam still recomputed),
             an ablation that shows what the curvature term contributes.
@@ -79,6 +79,8 @@ class FUT1HVP(Estimator):
         super().__init__(device)
         if readout not in ("exact", "taylor"):
             raise ValueError(f"readout must be 'exact' or 'taylor', got {readout!r}")
+        if chunk < 1:
+            raise ValueError(f"chunk (orders per vmapped call) must be >= 1, got {chunk}")
         self.chunk, self.readout, self.curvature = chunk, readout, curvature
 
     def _fit(self, store) -> None:

@@ -124,7 +124,7 @@ class Precedence(Estimator):
     """``linear-response`` plus the curvature-precedence term (module docstring).
 
     Args:
-        chunk: orders per vectorized block of the O(T^2 E) pairwise sum (memory bound).
+        chunk: orders per vectorized block of the O(T^2 E) pairwise sum (memory bound; >= 1).
     """
 
     name = "precedence"
@@ -133,6 +133,8 @@ class Precedence(Estimator):
 
     def __init__(self, device="cpu", chunk: int = 512):
         super().__init__(device)
+        if chunk < 1:
+            raise ValueError(f"chunk (orders per batched call) must be >= 1, got {chunk}")
         self.chunk = chunk
 
     def _fit(self, store) -> None:

@@ -35,6 +35,14 @@ def test_capabilities_are_declared_and_match_the_methods():
             assert caps == expected[name], name
         assert cls.has_optimum == callable(getattr(cls, "assignment_optimum", None)), name
         assert cls.has_batch_losses == (cls.estimate_batch_losses is not Estimator.estimate_batch_losses), name
+    assert {n for n, cls in _REGISTRY.items() if cls.estimate_costs_runs} == {"fut1-hvp"}
+
+
+@pytest.mark.parametrize("name, option, fragment", [("fut1-hvp", {"chunk": 0}, "chunk"), ("fut1-hvp", {"readout": "x"}, "readout"),
+                                                    ("precedence", {"chunk": 0}, "chunk"), ("additive", {"readout": "x"}, "readout")])
+def test_a_refused_option_value_is_one_config_error(name, option, fragment):
+    with pytest.raises(ConfigError, match=f"estimator '{name}': {fragment}"):
+        get_estimator(name, **option)
 
 
 def test_a_wrong_capability_declaration_is_refused():
