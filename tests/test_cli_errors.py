@@ -108,6 +108,8 @@ def test_search_set_applies_to_the_store_config(tmp_path, capsys, small_store):
     (["run", "--fit-runs", "20", "--budget", "40"], "fit-runs"),
     (["run", "--fit-runs", "20", "--no-budget", "--estimator", "additive"], "fit-runs"),  # not fitted to runs
     (["run", "--budget", "40", "--no-budget"], "not allowed with"),
+    (["run", "--strategy", "guided-tpe", "--fit-runs", "30", "--random", "2"], "--fit-runs, --random are not used by the guided-tpe"),
+    (["run", "--polish", "0.5"], "--polish is not used by the surrogate strategy"),
     (["ablate", "search", "--top-k", "-1"], "top_k"),                               # 19
     (["search", "--estimator", "bogus", "--trials", "2"], "bogus"),                 # 21
     (["search", "--space", "bogus", "--trials", "2"], "bogus"),                     # 21

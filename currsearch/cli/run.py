@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..guided import GuidedSettings
 from ..pipeline import PipelineResult, PipelineSettings, RefineSettings, VerifySettings, run_pipeline
 from ..reports.run import comparison, write_run_report
@@ -14,12 +15,33 @@ from .common import add_config_options, csv_list, given, print_table, resolve_co
 from .search import SEARCH_OPTIONS, add_search_options
 
 
+#: options only one strategy uses (argparse dests): the other would ignore them
+SURROGATE_ONLY = ("estimator", "space", "sampler", "trials", "batch", "fit_runs", "random", "tr_trials")
+GUIDED_ONLY = ("first_batch", "refit_every", "enqueue", "polish")
+
+
+def _check_strategy_options(args) -> None:
+    """Refuse options the chosen ``--strategy`` does not use.
+
+    Raises:
+        ConfigError: naming them and the strategy that uses them.
+    """
+    guided = args.strategy == "guided-tpe"
+    unused = [f"--{k.replace('_', '-')}" for k in (SURROGATE_ONLY if guided else GUIDED_ONLY) if getattr(args, k, None) is not None]
+    if unused:
+        raise ConfigError(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by the "
+                          f"{'guided-tpe' if guided else 'surrogate'} strategy; drop "
+                          f"{'it' if len(unused) == 1 else 'them'} or use --strategy {'surrogate' if guided else 'guided-tpe'}")
+
+
 def settings_from_args(args) -> PipelineSettings:
     """The :class:`PipelineSettings` of the command line (unset options keep the models' defaults).
 
     Raises:
-        ConfigError: an invalid value, naming the setting.
+        ConfigError: an invalid value, naming the setting, or an option the chosen strategy
+            does not use (it would be ignored silently).
     """
+    _check_strategy_options(args)
     fit = {"estimator_kwargs": {"n_runs": args.fit_runs}} if args.fit_runs is not None else {}
     search = SearchSettings(**{"estimator": "calibrated-interactions", **given(args, *SEARCH_OPTIONS), **fit})
     verify = VerifySettings(**given(args, "top_k", "random"))
