@@ -418,6 +418,8 @@ class RayBackend(Backend):
                 try:
                     ray.get(a.pid.remote(), timeout=30)
                     continue
+                except ray.exceptions.GetTimeoutError:  # alive, busy with a long chunk queued before the call
+                    continue
                 except ray.exceptions.RayActorError:
                     pass
             try:
