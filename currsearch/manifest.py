@@ -151,14 +151,51 @@ def _writer_alive(tmp: Path) -> bool:
     """Whether the process whose PID ends the temporary file's name (``.NAME.tmpPID``) runs here
     (an unparsable name counts as alive: the file is not ours to delete)."""
     try:
-        os.kill(int(tmp.name.rsplit(".tmp", 1)[1]), 0)
+        pid = int(tmp.name.rsplit(".tmp", 1)[1])
     except ValueError:
         return True
+    return pid_running(pid)
+
+
+def pid_running(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (one this process may not signal counts as running)."""
+    try:
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
     return True
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, shared: bool = False, wait: bool = True, optional: bool = False):
+    """Hold an ``flock`` on ``path`` (created if absent): exclusive, or shared with ``shared``.
+
+    Args:
+        wait: block until the lock is free; else raise at once.
+        optional: a lock file that cannot be opened (a read-only directory) is skipped, and the
+            block runs without the lock.
+
+    Raises:
+        BlockingIOError: ``wait`` is False and another process holds a conflicting lock.
+        OSError: the lock file cannot be opened (unless ``optional``).
+    """
+    try:
+        fh = open(path, "a")
+    except OSError:
+        if not optional:
+            raise
+        fh = None
+    if fh is None:
+        yield
+        return
+    with fh:
+        fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def trainer_hashes(trainer) -> dict[str, str]:
@@ -503,27 +540,12 @@ class ManifestDirectory:
         except (SafetensorError, OSError) as err:
             raise StoreError(self._message("not_safetensors", file=str(f), err=err, path=str(self.path))) from None
 
-    @contextlib.contextmanager
     def _manifest_lock(self, shared: bool = False):
-        """An ``flock`` on ``.manifest.lock``: exclusive while the manifest is read, changed and
-        rewritten; shared (``shared``) while a reader reads the manifest and a listed file, so it
-        never pairs one writer's manifest with another's file (a read-only directory, where the
-        lock file cannot be opened, is read without it)."""
-        try:
-            fh = open(self.path / ".manifest.lock", "a")
-        except OSError:
-            if not shared:
-                raise
-            fh = None
-        if fh is None:
-            yield
-            return
-        with fh:
-            fcntl.flock(fh, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        """An ``flock`` on ``.manifest.lock`` (:func:`file_lock`): exclusive while the manifest is
+        read, changed and rewritten; shared (``shared``) while a reader reads the manifest and a
+        listed file, so it never pairs one writer's manifest with another's file (a read-only
+        directory, where the lock file cannot be opened, is read without it)."""
+        return file_lock(self.path / ".manifest.lock", shared=shared, optional=shared)
 
     def read_listed_bytes(self, rel: str) -> bytes | None:
         """The bytes of an extra file ``rel`` written with :meth:`write_listed_bytes`, checked

@@ -47,7 +47,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import fcntl
 import functools
 import importlib.metadata
 import logging
@@ -71,6 +70,7 @@ from .gradients import batch_gradients, eval_gradients
 from .manifest import (
     check_output_dir,
     config_diff,
+    file_lock,
     is_partial_write,
     make_output_dir,
     remove_partial_writes,
@@ -301,23 +301,17 @@ def _record_settings(cfg: Config) -> dict:
 
 
 # ---------------------------------------------------------------------------- recording
-def _forget_damaged(out: Path, m: dict, damaged: list[str]) -> None:
-    """Make a manifest forget damaged files so the recorder writes them again (in place).
+def _rewound(m: dict, damaged: list[str]) -> dict:
+    """A copy of manifest ``m`` that forgets the ``damaged`` files, so the recorder writes them
+    again (in place; the caller deletes them).
 
     A damaged checkpoint t rewinds the reference run to the last intact checkpoint before it
     (the later checkpoints and the final state are recomputed, bit-identically); a damaged final
     state reruns the reference run from its last checkpoint; damaged pair or eval-gradient files
     are recomputed in the pair phase; any other listed file (a calibration cache, the verified runs) is dropped.
-    Each damaged file is deleted and its entry removed.
+    Each damaged file's entry is removed.
     """
-    _rewind(m, damaged)
-    for rel in damaged:
-        (out / rel).unlink(missing_ok=True)
-
-
-def _rewind(m: dict, damaged: list[str]) -> None:
-    """The manifest part of :func:`_forget_damaged`: drop the entries of ``damaged`` and rewind
-    the progress keys to what must be recorded again (no file is touched)."""
+    m = copy.deepcopy(m)
     for rel in damaged:
         m["files"].pop(rel, None)
         ckpt, pair = re.fullmatch(r"checkpoints/ckpt_(\d+)\.safetensors", rel), re.fullmatch(r"pairs/pairs_(\d+)\.safetensors", rel)
@@ -329,6 +323,7 @@ def _rewind(m: dict, damaged: list[str]) -> None:
             m["pairs_done"] = [t for t in m["pairs_done"] if t != int(pair.group(1))]
         if m["phase"] == "complete" and (pair or rel == "final_eval_grads.safetensors"):
             m["phase"] = "pairs"
+    return m
 
 
 #: the lock file a recording holds in its output directory (:func:`recording_lock`)
@@ -346,24 +341,15 @@ def recording_lock(out: Path):
     Raises:
         StoreError: another process is recording into ``out``.
     """
-    try:
+    with contextlib.suppress(OSError):
         make_output_dir(out)
-        fh = open(Path(out) / RECORD_LOCK, "a")
-    except OSError:
-        fh = None
-    if fh is None:
-        yield
-        return
-    with fh:
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.enter_context(file_lock(Path(out) / RECORD_LOCK, wait=False, optional=True))
         except BlockingIOError:
             raise StoreError(f"another process is recording into {str(out)!r}; wait for it to finish (a later run "
                              "resumes its store) or use another --out") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        yield
 
 
 class _Recorder:
@@ -469,12 +455,13 @@ class _Recorder:
                 "record with the same reference_order to resume, or into another directory"
             )
         damaged = store.problems()
-        repaired = copy.deepcopy(m)
-        _rewind(repaired, [rel for rel, _ in damaged])
+        repaired = _rewound(m, [rel for rel, _ in damaged])
         if repaired["phase"] != "complete":  # it will train (a resume, or a repair beyond dropping a run cache)
             self._check_environment(m)
         if damaged:
-            _forget_damaged(self.out, m, [rel for rel, _ in damaged])
+            for rel, _ in damaged:
+                (self.out / rel).unlink(missing_ok=True)
+            m = repaired
             write_manifest(self.out, m)  # the repair is on disk even if nothing else needs writing
             logger.warning("store %s: re-recording %d damaged file(s): %s", self.out, len(damaged), "; ".join(e for _, e in damaged))
         return m

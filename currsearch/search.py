@@ -67,10 +67,10 @@ from .store import TrajectoryStore
 from .study import (
     Session,
     enqueue_starts,
+    fail_unfinished,
     known_values,
     make_storage,
     optuna_warnings_only,
-    fail_unfinished,
     recover_stale_trials,
     requeue,
     session_starts,

@@ -36,7 +36,7 @@ import optuna
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
 from .errors import ConfigError
-from .manifest import make_output_dir
+from .manifest import make_output_dir, pid_running
 
 logger = logging.getLogger(__name__)
 
@@ -186,13 +186,7 @@ def _alive(record: dict[str, Any] | None, stale_after_s: float) -> bool:
     if not record:
         return False
     if record.get("host") == socket.gethostname():
-        try:
-            os.kill(int(record["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
+        return pid_running(int(record["pid"]))
     return time.time() - float(record.get("heartbeat", 0)) < stale_after_s
 
 
