@@ -167,8 +167,8 @@ def _normalize(dd, cfg: DataConfig, where: str):
     out = {}
     for split, ds in dd.items():
         domain_col = df if df in ds.column_names else ("domain" if "domain" in ds.column_names else None)
-        texts = ds[tf]
-        domains = ds[domain_col] if domain_col else ["all"] * len(texts)
+        texts, *domains = columns(ds, tf, *([domain_col] if domain_col else []))
+        domains = domains[0] if domains else ["all"] * len(texts)
         rows = [(t, str(d)) for t, d in zip(texts, domains) if isinstance(t, str) and t.strip()]
         out[split] = rows
     if "validation" not in out:
@@ -198,12 +198,22 @@ def _hold_out(rows: list[tuple[str, str]]) -> tuple[list, list]:
     return train, valid
 
 
+def columns(ds, *names: str) -> tuple[list, ...]:
+    """The named columns of a ``datasets.Dataset`` as Python lists, read in one batch.
+
+    ``ds[name]`` is a lazy ``Column`` in ``datasets`` >= 4, and iterating it formats one row at a
+    time: ~23 us per row, 12x a batch read (the embedded corpus's 2,785 train rows: 64 ms vs 5 ms
+    per column, measured), which every plan paid once per domain and split.
+    """
+    batch = ds.select_columns(list(names))[:]
+    return tuple(batch[n] for n in names)
+
+
 def corpus_fingerprint(corpus) -> str:
     """SHA-256 (hex) of every (split, domain, text) row of a loaded corpus, in order."""
     h = hashlib.sha256()
     for split in ("train", "validation"):
-        ds = corpus[split]
-        for t, d in zip(ds["text"], ds["domain"]):
+        for t, d in zip(*columns(corpus[split], "text", "domain")):
             h.update(f"{split}\x00{d}\x00".encode())
             h.update(t.encode())
             h.update(b"\x01")
@@ -259,7 +269,7 @@ def _get_tokenizer(cfg: DataConfig, corpus, corpus_hash: str):
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tok.train_from_iterator(corpus["train"]["text"], trainer=trainer)
+        tok.train_from_iterator(columns(corpus["train"], "text")[0], trainer=trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tok.save(str(tmp))

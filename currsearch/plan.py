@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import Config
-from .data import cache_dir
+from .data import cache_dir, columns
 from .errors import ConfigError, CorpusError
 from .manifest import atomic_save_tensors, tensor_sha256
 
@@ -147,7 +147,7 @@ def _domain_sequences(corpus, tokenizer, cfg: Config, names: list[str], g: torch
     ``eval_seqs_per_domain`` validation sequences), plus the ``all`` eval set (their union)."""
     d, S = cfg.data, cfg.data.seq_len
     train_seqs, eval_sets = {}, {}
-    cols = {split: (corpus[split]["text"], corpus[split]["domain"]) for split in ("train", "validation")}  # read once
+    cols = {split: columns(corpus[split], "text", "domain") for split in ("train", "validation")}  # read once
     for name in names:
         texts = [t for t, dom in zip(*cols["train"]) if dom == name]
         seqs = _sequences(texts, tokenizer, S)
@@ -260,7 +260,7 @@ def build_plan(cfg: Config, corpus, tokenizer) -> BatchPlan:
             which setting to lower.
     """
     B, S = cfg.data.batch_size, cfg.data.seq_len
-    names = sorted(set(corpus["train"]["domain"]))
+    names = sorted(set(columns(corpus["train"], "domain")[0]))
     g = torch.Generator().manual_seed(cfg.data.plan_seed)
     train_seqs, eval_sets = _domain_sequences(corpus, tokenizer, cfg, names, g)
     batches_t, domains, used = _pack_batches(train_seqs, names, cfg, g)
