@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -47,7 +46,8 @@ class RealSearchResult:
         losses: their final ``objective`` eval loss, nats/token, in trial order.
         objective: the eval set minimized.
         seed: the sampler seed.
-        seconds: wall seconds of the runs made by this call.
+        seconds: wall seconds of its runs, each trial's duration (training, evaluation and the
+            sampler's suggestion), also of the trials an earlier call of a resumed search ran.
     """
 
     name: str
@@ -80,9 +80,11 @@ class RealSearchResult:
 
     @classmethod
     def from_trials(cls, name: str, trials: list[optuna.trial.FrozenTrial], objective: str, seed: int,
-                    seconds: float) -> "RealSearchResult":
-        """The result of completed ``trials`` told by :func:`real_scorer` (their ``order`` user attr and value)."""
-        return cls(name, [t.user_attrs["order"] for t in trials], [float(t.value) for t in trials], objective, seed, seconds)
+                    ) -> "RealSearchResult":
+        """The result of completed ``trials`` told by :func:`real_scorer` (their ``order`` user
+        attr, value and duration)."""
+        return cls(name, [t.user_attrs["order"] for t in trials], [float(t.value) for t in trials], objective, seed,
+                   sum(t.duration.total_seconds() for t in trials))
 
 
 def objective_index(trainer: Trainer, objective: str) -> int:
@@ -167,11 +169,10 @@ def real_search(trainer: Trainer, name: str, n_runs: int, seed: int = 0, objecti
     if n_runs < 1:
         raise ConfigError(f"a real-training search needs n_runs >= 1, got {n_runs}")
     score = real_scorer(trainer, get_space("random_keys", BatchInfo.from_plan(trainer.plan)), objective_index(trainer, objective))
-    t0 = time.perf_counter()
     with optuna_warnings_only():
         study, session = open_real_study(f"{name}-{objective}-seed{seed}", make_sampler(BASELINES[name], seed=seed), storage,
                                          trainer)
         done = len(complete_trials(study))
         ask_and_tell(study, max(0, n_runs - done), 1, score, progress=progress, desc=name, session=session,
                      sampler_for=seeded_per_trial(BASELINES[name], seed))
-    return RealSearchResult.from_trials(name, complete_trials(study)[:n_runs], objective, seed, time.perf_counter() - t0)
+    return RealSearchResult.from_trials(name, complete_trials(study)[:n_runs], objective, seed)

@@ -141,7 +141,8 @@ class GuidedResult:
 
     Attributes:
         runs: the full real runs (:class:`~currsearch.baselines.RealSearchResult` named ``guided-tpe``:
-            orders, objective losses in nats/token, in trial order; ``seconds``: this call's wall time).
+            orders, objective losses in nats/token, in trial order; ``seconds``: the sum of their
+            trials' durations, also of trials an earlier call of a resumed search ran).
         eval_names: the E eval sets; eval_losses: ``[n_runs][E]`` every final eval loss of each run, nats/token.
         sources: per run ``"tpe"`` or ``"surrogate:<k>"`` (proposed by the k-th refit).
         refits: refits whose proposals are in the study.
@@ -339,7 +340,7 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
                           "(--polish 0) or a longer window (data.num_batches)")
     space = get_space("random_keys", BatchInfo.from_plan(trainer.plan))
     train = real_scorer(trainer, space, objective_index(trainer, objective))
-    t0, surrogate_s = time.perf_counter(), 0.0
+    surrogate_s = 0.0
     with optuna_warnings_only():
         study, session = open_real_study(f"{NAME}-{objective}-seed{seed}", make_sampler("tpe", seed=seed), storage,
                                          trainer)
@@ -364,7 +365,7 @@ def guided_search(trainer: Trainer, n_runs: int, settings: GuidedSettings | None
                 m = min(max(1, stop - done), left)
                 ask_and_tell(study, m, 1, score, session=session, sampler_for=seeded_per_trial("tpe", seed))
                 left -= m
-    res = _result(study, trainer, n_runs, objective, seed, s, time.perf_counter() - t0, surrogate_s)
+    res = _result(study, trainer, n_runs, objective, seed, s, surrogate_s)
     if n_runs == budget:
         return res
     pol = suffix_polish(trainer, res.best_order, res.best_loss, budget - n_runs, s.polish_moves, seed, objective, storage,
@@ -380,12 +381,12 @@ def _proposer_name(proposer) -> str:
 
 
 def _result(study: optuna.Study, trainer: Trainer, n_runs: int, objective: str, seed: int, s: GuidedSettings,
-            seconds: float, surrogate_seconds: float) -> GuidedResult:
+            surrogate_seconds: float) -> GuidedResult:
     """Read the first ``n_runs`` completed runs of ``study`` back into a :class:`GuidedResult`."""
     trials = complete_trials(study)[:n_runs]
     refits = sum(f"{REFIT_ATTR}:{k}" in study.user_attrs for k in range(len(s.refit_points(n_runs))))  # of these runs
     return GuidedResult(
-        runs=RealSearchResult.from_trials(NAME, trials, objective, seed, seconds),
+        runs=RealSearchResult.from_trials(NAME, trials, objective, seed),
         eval_names=list(trainer.plan.eval_names), eval_losses=[list(t.user_attrs["losses"]) for t in trials],
         sources=[str(t.user_attrs.get("source", "tpe")) for t in trials], refits=refits,
         surrogate_seconds=surrogate_seconds, run_durations=[t.duration.total_seconds() for t in trials],

@@ -54,7 +54,7 @@ from .settings import Settings
 from .store import TrajectoryStore
 from .train import Trainer
 from .trust_region import TrustRegionResult, TrustRegionSettings, record_config, refine_verified
-from .verify import VerificationResult, VerifiedCandidate, baseline_orders, verify
+from .verify import VerificationResult, VerifiedCandidate, baseline_orders, verified_runs, verify
 
 logger = logging.getLogger(__name__)
 
@@ -319,10 +319,12 @@ def _record(cfg: Config, out: Path, trainer: Trainer, ledger: ComputeLedger, pro
 
 def _fit(store: TrajectoryStore, s: SearchSettings, ledger: ComputeLedger) -> Estimator:
     """The search's estimator fitted on ``store``; a calibrated estimator's real runs enter the
-    ledger (also when cached in the store by an earlier job)."""
+    ledger (also when cached in the store by an earlier job, with the seconds they took then)."""
     with ledger.phase("fit") as counts:
         est = get_estimator(s.estimator, **s.estimator_kwargs).fit(store)
         counts["real_runs"] = counts["equivalents"] = est.n_runs if est.needs_runs else 0
+        if est.needs_runs:
+            counts["earlier_seconds"], counts["untimed_runs"] = est.fit_runs_read_back()
     return est
 
 
@@ -354,11 +356,15 @@ def _search(store: TrajectoryStore, est: Estimator, search: SearchSettings, s: P
 
 def _verify(store: TrajectoryStore, est: Estimator, res: SearchResult, candidates: dict, estimates: dict,
             s: PipelineSettings, ledger: ComputeLedger, progress: bool) -> VerificationResult:
-    """Retrain ``candidates`` (identical orders once), then add the best fit run on the objective."""
+    """Retrain ``candidates`` (identical orders once; those an earlier call verified are read
+    back from the store, with the seconds they took then), then add the best fit run on the objective."""
     logger.info("verifying %d orders by real training", len(candidates))
     with ledger.phase("verify") as counts:
+        earlier = verified_runs(store)
         result = verify(store.trainer(), candidates, estimates, progress=progress, store=store)
-        counts["real_runs"] = counts["equivalents"] = len({tuple(c.order) for c in result.candidates.values()})
+        orders = {tuple(c.order) for c in result.candidates.values()}
+        counts["real_runs"] = counts["equivalents"] = len(orders)
+        counts["earlier_seconds"] = sum(earlier[o][1] for o in orders & set(earlier))
     result = result.with_search(res.top_record(s.verify.top_k))
     return _with_best_fit_run(result, est, s.search.objectives[0]) if est.needs_runs else result
 
@@ -417,8 +423,7 @@ def _run_guided(cfg: Config, s: PipelineSettings, progress: bool) -> PipelineRes
     res = guided_search(trainer, s.budget, s.guided, seed=s.search.seed, objective=s.search.objectives[0],
                         storage=str(s.out / "guided.journal"), progress=progress)
     ledger = ComputeLedger()
-    ledger.add("guided_runs", max(0.0, res.runs.seconds - res.surrogate_seconds), real_runs=res.n_runs,
-               equivalents=res.n_runs)
+    ledger.add("guided_runs", res.runs.seconds, real_runs=res.n_runs, equivalents=res.n_runs)  # its trials' durations
     ledger.add("surrogate", res.surrogate_seconds, real_runs=0, equivalents=0.0)
     if res.polish is not None:
         ledger.add("polish", res.polish.seconds, real_runs=res.polish.state_runs,  # its moves train parts of a window

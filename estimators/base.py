@@ -155,9 +155,26 @@ class Estimator(ABC):
         Raises:
             RuntimeError: the estimator performs no runs (``needs_runs`` False) or was not fitted.
         """
-        if not self.needs_runs or self.store is None:
-            raise RuntimeError(f"{type(self).__name__} has no fit orders (needs_runs={self.needs_runs}, fitted={self.store is not None})")
+        self._check_runs()
         return torch.tensor(self.runs["orders"], dtype=torch.int64)
+
+    def fit_runs_read_back(self) -> tuple[float, int]:
+        """The real runs ``fit`` read back from the store's calibration caches instead of
+        training them (``needs_runs`` estimators, after ``fit``; ``runs["read_back"]``): their
+        recorded training wall seconds, summed (seconds), and how many have no recorded time
+        (cached by a currsearch that did not keep it). A job's ledger adds the seconds to its
+        fit phase (:mod:`currsearch.ledger`).
+
+        Raises:
+            RuntimeError: as :meth:`fit_orders`.
+        """
+        self._check_runs()
+        back = [t for t, rb in zip(self.runs["seconds"], self.runs["read_back"]) if rb]
+        return float(sum(t for t in back if t is not None)), sum(t is None for t in back)
+
+    def _check_runs(self) -> None:
+        if not self.needs_runs or self.store is None:
+            raise RuntimeError(f"{type(self).__name__} has no fit runs (needs_runs={self.needs_runs}, fitted={self.store is not None})")
 
     @abstractmethod
     def _fit(self, store) -> None: ...

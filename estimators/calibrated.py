@@ -117,10 +117,14 @@ def fit_ridge(X: np.ndarray, y: np.ndarray, alphas=tuple(np.logspace(-4, 3, 30))
     return fit(X, y, sw, min(alphas, key=cv))
 
 
-def cached_runs(store, exclude: str = "") -> dict[tuple[int, ...], list[float]]:
-    """Final eval losses (``[E]``, nats/token) of every order trained for a fit cached in
-    ``STORE/calibration/`` (files the manifest lists, checksums checked; ``exclude`` skipped),
-    keyed by the order. A run depends only on the store's Trainer and the order, so a calibrated
+#: the keys of :func:`load_or_fit_runs`'s output that a fitted estimator keeps as ``runs``
+RUN_KEYS = ("orders", "kinds", "losses", "seconds", "read_back")
+
+
+def cached_runs(store, exclude: str = "") -> dict[tuple[int, ...], tuple[list[float], float | None]]:
+    """Final eval losses (``[E]``, nats/token) and training wall seconds (None when the cache
+    predates run times) of every order trained for a fit cached in ``STORE/calibration/`` (files
+    the manifest lists, checksums checked; ``exclude`` skipped), keyed by the order. A run depends only on the store's Trainer and the order, so a calibrated
     estimator reuses them instead of retraining (e.g. ``calibrated-interactions`` and ``hybrid``
     draw the same orders from :func:`calibration_orders` at equal ``n_runs`` and seed).
 
@@ -131,8 +135,15 @@ def cached_runs(store, exclude: str = "") -> dict[tuple[int, ...], list[float]]:
     for rel in sorted(type(store).read_manifest(store.path)["files"]):  # on disk: other processes may have fitted
         if rel.startswith("calibration/") and rel != exclude:
             d = json.loads(store.read_listed_bytes(rel) or b"{}")
-            out.update({tuple(o): list(l) for o, l in zip(d.get("orders", []), d.get("losses", []))})
+            out.update({tuple(o): (list(l), t) for o, l, t in zip(d.get("orders", []), d.get("losses", []), _run_seconds(d))})
     return out
+
+
+def _run_seconds(data: dict) -> list:
+    """Per cached run its training wall seconds, None for the runs of a cache written before
+    currsearch kept them (no or a shorter ``seconds`` list)."""
+    t = list(data.get("seconds", []))
+    return t + [None] * (len(data.get("losses", [])) - len(t))
 
 
 def load_or_fit_runs(store, name: str, run_settings: list, make_orders, regress, fit_settings: list = (),
@@ -153,8 +164,11 @@ def load_or_fit_runs(store, name: str, run_settings: list, make_orders, regress,
             (:func:`cached_runs`).
 
     Returns:
-        ``{"orders": [n][T], "kinds": [n], "losses": [n][E] (nats/token), "fit": coefficients,
-        "fit_key": fit_settings}``. The cache file is listed in the store's checksummed manifest
+        ``{"orders": [n][T], "kinds": [n], "losses": [n][E] (nats/token), "seconds": [n] (each
+        run's training wall seconds; None for runs cached before currsearch kept them), "fit":
+        coefficients, "fit_key": fit_settings}`` as cached, plus ``read_back`` ([n] bools, not
+        cached: True for a run this call did not train, read from this cache or another fit's),
+        from which a job's ledger counts the time of the runs an earlier call trained. The cache file is listed in the store's checksummed manifest
         (``store.write_listed_bytes``); a cache file the manifest does not list (an older
         currsearch, an interrupted write) is not trusted and is refitted, with a warning; when
         the store is read-only a warning says that every process fitting this estimator repeats
@@ -175,7 +189,7 @@ def load_or_fit_runs(store, name: str, run_settings: list, make_orders, regress,
                        "not trusting it, refitting", name, path)
     data = json.loads(raw) if raw is not None else {}
     if "fit" in data and data.get("fit_key", []) == fit_key:
-        return data
+        return {**data, "seconds": _run_seconds(data), "read_back": [True] * len(data["losses"])}
 
     def save():
         try:
@@ -188,7 +202,9 @@ def load_or_fit_runs(store, name: str, run_settings: list, make_orders, regress,
         orders, kinds = make_orders()
         data = {"orders": orders.tolist(), "kinds": list(kinds), "losses": []}
     data.setdefault("losses", [])
+    data["seconds"] = _run_seconds(data)
     todo = range(len(data["losses"]), len(data["orders"]))
+    read_back = [True] * len(data["orders"])
     if todo:
         trained = cached_runs(store, exclude=rel)
         reused = sum(tuple(data["orders"][i]) in trained for i in todo)
@@ -200,14 +216,18 @@ def load_or_fit_runs(store, name: str, run_settings: list, make_orders, regress,
         # default shows it only on a terminal, so a redirected 1,024-run fit went silent)
         for i in tqdm(todo, desc=f"{name} runs", unit="run", leave=False, disable=not logger.isEnabledFor(logging.INFO)):
             known = trained.get(tuple(data["orders"][i]))
-            data["losses"].append(known if known is not None else
-                                  tr.train(torch.tensor(data["orders"][i])).eval_losses.tolist())
+            if known is None:  # train it: the run's wall seconds as verification times its runs
+                t0 = time.perf_counter()
+                losses = tr.train(torch.tensor(data["orders"][i])).eval_losses.tolist()
+                known, read_back[i] = (losses, time.perf_counter() - t0), False
+            data["losses"].append(known[0])
+            data["seconds"].append(known[1])
             if (i + 1) % save_every == 0:
                 save()
         save()
     data["fit"], data["fit_key"] = regress(data), fit_key
     save()  # the coefficients are cached too, so every process (Ray actors) scores identically
-    return data
+    return {**data, "read_back": read_back}
 
 
 @register
@@ -219,7 +239,8 @@ class CalibratedAdditive(AdditiveEstimator):
         seed: seed of those orders.
 
     Attributes (after fit): ``fit_seconds`` (seconds, retraining included unless cached),
-    ``runs`` (``{"orders": [n_runs][T], "losses": [n_runs][E]}``, nats/token).
+    ``runs`` (``{"orders": [n_runs][T], "losses": [n_runs][E]}``, nats/token, and ``seconds``,
+    ``read_back``: :func:`load_or_fit_runs`).
     """
 
     name = "calibrated"
@@ -243,7 +264,7 @@ class CalibratedAdditive(AdditiveEstimator):
             return torch.stack([torch.randperm(T, generator=g) for _ in range(self.n_runs)]), ["random"] * self.n_runs
 
         data = load_or_fit_runs(store, "runs", [self.n_runs, self.seed], make_orders, lambda r: self._regress(r, T))
-        self.runs = {"orders": data["orders"], "losses": data["losses"]}
+        self.runs = {k: data[k] for k in RUN_KEYS if k != "kinds"}
         self.cost = torch.tensor(data["fit"]["cost"], dtype=torch.float64, device=self.device)  # [T, T, E]
         self.ref = torch.tensor(data["fit"]["ref"], dtype=torch.float64, device=self.device)  # [E]
         self.fit_seconds = time.perf_counter() - t0
@@ -384,7 +405,7 @@ class CalibratedInteractions(Estimator):
         seed: seed of those orders.
         clumped_weight: weight of the clumped runs in the fit (> 0).
 
-    Attributes (after fit): ``fit_seconds`` (seconds), ``runs`` (``orders``, ``kinds``,
+    Attributes (after fit): ``fit_seconds`` (seconds), ``runs`` (``orders``, ``kinds``, ``seconds``, ``read_back``,
     ``losses`` nats/token), ``groups`` (int64 ``[T]``), ``group_kind`` (str).
     """
 
@@ -424,7 +445,7 @@ class CalibratedInteractions(Estimator):
 
     def _load(self, data: dict) -> None:
         """Keep the runs and the fitted coefficients of ``data`` (:meth:`_regress`'s ``fit``)."""
-        self.runs = {k: data[k] for k in ("orders", "kinds", "losses")}
+        self.runs = {k: data[k] for k in RUN_KEYS}
         self.groups = self.groups.to(self.device)
         self.W = torch.tensor(data["fit"]["w"], dtype=torch.float64, device=self.device)  # [F, E]
         self.b = torch.tensor(data["fit"]["b"], dtype=torch.float64, device=self.device)  # [E]
@@ -474,7 +495,8 @@ class CalibratedInteractions(Estimator):
         est = cls(device=device, n_runs=o.shape[0], clumped_weight=clumped_weight)
         est.store, est.eval_names, est.T = plan, list(eval_names), o.shape[1]
         est._set_groups(plan)
-        data = {"orders": o.tolist(), "kinds": kinds, "losses": y.tolist()}
+        n = o.shape[0]  # runs trained elsewhere: not by this fit (read_back), their seconds unknown here
+        data = {"orders": o.tolist(), "kinds": kinds, "losses": y.tolist(), "seconds": [None] * n, "read_back": [True] * n}
         est._load({**data, "fit": est._regress(data)})
         est.fit_seconds = time.perf_counter() - t0
         return est

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .base import Estimator, register
-from .calibrated import batch_groups, calibration_orders, fit_ridge, load_or_fit_runs, set_fit_runs
+from .calibrated import RUN_KEYS, batch_groups, calibration_orders, fit_ridge, load_or_fit_runs, set_fit_runs
 from .common import swap_descent
 from .response import LinearResponse, Precedence, Transported
 from .simple import assignment_order
@@ -52,7 +52,7 @@ class FewShotHybrid(Estimator):
     Raises:
         ConfigError: ``n_runs < 8`` or ``clumped_weight <= 0``.
 
-    Attributes (after fit): ``runs`` (``orders``, ``kinds``, ``losses`` nats/token), ``fit_seconds``.
+    Attributes (after fit): ``runs`` (``orders``, ``kinds``, ``losses`` nats/token, ``seconds``, ``read_back``), ``fit_seconds``.
     """
 
     name = "hybrid"
@@ -99,7 +99,7 @@ class FewShotHybrid(Estimator):
                                 lambda: calibration_orders(store.T, store.reference_order, self.groups.cpu(), self.n_runs,
                                                            self.seed, self.NEAR_K),
                                 regress, fit_settings=[self.clumped_weight, self.FEATURES_VERSION])
-        self.runs = {k: data[k] for k in ("orders", "kinds", "losses")}
+        self.runs = {k: data[k] for k in RUN_KEYS}
         self.W = torch.tensor(data["fit"]["w"], dtype=torch.float64, device=self.device)  # [F, E]
         self.b = torch.tensor(data["fit"]["b"], dtype=torch.float64, device=self.device)  # [E]
         self.fit_seconds = time.perf_counter() - t0

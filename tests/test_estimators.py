@@ -110,6 +110,11 @@ def test_missing_term_names_term_and_record_option(tiny_cfg, tmp_path):
         get_estimator("additive", readout="checkpoint").fit(s)
 
 
+def _cached(runs: dict) -> dict:
+    """The parts of an estimator's ``runs`` that do not depend on which call trained them."""
+    return {k: runs[k] for k in ("orders", "kinds", "losses") if k in runs}
+
+
 def _swap(order: torch.Tensor, s: int, t: int) -> torch.Tensor:
     out = order.clone()
     out[s], out[t] = order[t], order[s]
@@ -141,7 +146,7 @@ def test_calibrated_fits_real_runs_caches_them_and_its_assignment_optimum_is_exa
         four = est.estimate(torch.stack([a, _swap(a, s, t), b, _swap(b, s, t)]))
         torch.testing.assert_close(four[0] - four[1], four[2] - four[3], rtol=0, atol=1e-12)
     again = get_estimator("calibrated", n_runs=12).fit(store)  # served from the cache: same model
-    assert torch.equal(again.cost, est.cost) and again.runs == est.runs
+    assert torch.equal(again.cost, est.cost) and _cached(again.runs) == _cached(est.runs)
     perms = torch.tensor(list(itertools.permutations(range(store.T))))
     all_est = est.estimate(perms)[:, store.eval_names.index("all")]
     best = est.assignment_optimum("all")
@@ -161,7 +166,11 @@ def test_calibrated_interactions_fits_three_families_caches_them_and_finds_a_swa
     assert sorted(o[0].tolist()) == list(range(store.T))
     assert est.estimate(o).shape == (16, len(store.eval_names)) and est.estimate(o).dtype == torch.float64
     again = get_estimator("calibrated-interactions", n_runs=16).fit(store)  # from the cache
-    assert torch.equal(again.W, est.W) and again.runs == est.runs
+    assert torch.equal(again.W, est.W) and _cached(again.runs) == _cached(est.runs)
+    # each run's training seconds are cached: a fit that reads runs back reports the time they took
+    secs = est.runs["seconds"]
+    assert all(t > 0 for t in secs) and est.runs["read_back"] == [False] * 16 and est.fit_runs_read_back() == (0.0, 0)
+    assert again.runs["read_back"] == [True] * 16 and again.fit_runs_read_back() == (pytest.approx(sum(secs)), 0)
     # an interrupted fit (5 of 16 runs saved, no coefficients) resumes and gives the same model
     (cache,) = store.path.glob("calibration/interactions_*.json")
     partial = json.loads(cache.read_text())
@@ -169,18 +178,28 @@ def test_calibrated_interactions_fits_three_families_caches_them_and_finds_a_swa
     del partial["fit"]
     store.write_listed_bytes(cache.relative_to(store.path).as_posix(), json.dumps(partial).encode())  # as the fit's saves
     resumed = get_estimator("calibrated-interactions", n_runs=16).fit(store)
-    assert resumed.runs == est.runs and torch.allclose(resumed.W, est.W)
+    assert _cached(resumed.runs) == _cached(est.runs) and torch.allclose(resumed.W, est.W)
+    assert resumed.runs["read_back"] == [True] * 5 + [False] * 11 and resumed.runs["seconds"][:5] == secs[:5]
+    assert resumed.fit_runs_read_back() == (pytest.approx(sum(secs[:5])), 0)
+    secs = resumed.runs["seconds"]
     # a setting of the fit only (the clumped runs' weight) refits from the cached runs, no retraining
     def no_training(*args, **kwargs):
         raise AssertionError("refitting must not retrain")
 
     monkeypatch.setattr(Trainer, "train", no_training)
     reweighted = get_estimator("calibrated-interactions", n_runs=16, clumped_weight=1.0).fit(store)
-    assert reweighted.runs == est.runs and not torch.equal(reweighted.W, est.W)
+    assert _cached(reweighted.runs) == _cached(est.runs) and not torch.equal(reweighted.W, est.W)
     # another fit on this store whose orders were trained for this one reuses their runs, no retraining
     some = [est.runs["orders"][i] for i in (7, 2, 11)]
     other = load_or_fit_runs(store, "other", ["x"], lambda: (torch.tensor(some), ["random"] * 3), lambda runs: {})
     assert other["losses"] == [est.runs["losses"][i] for i in (7, 2, 11)]
+    assert other["seconds"] == [secs[i] for i in (7, 2, 11)] and other["read_back"] == [True] * 3
+    # a cache written before run times were kept: its runs are read back untimed
+    legacy = json.loads(cache.read_text())
+    del legacy["seconds"]
+    store.write_listed_bytes(cache.relative_to(store.path).as_posix(), json.dumps(legacy).encode())
+    old = get_estimator("calibrated-interactions", n_runs=16).fit(store)
+    assert old.runs["seconds"] == [None] * 16 and old.fit_runs_read_back() == (0.0, 16)
     monkeypatch.undo()
     # features: a fully blocked order has T - G adjacent same-group steps; in any order the counts
     # a_l of same-group batches after batch l sum to sum_d k_d (k_d - 1) / 2 (k_d: group sizes)

@@ -64,3 +64,21 @@ def test_verify_leaves_its_inputs_alone(tiny_trainer):
     assert torch.equal(ests["reference"], keep_e["reference"]) and set(ests) == {"reference"}
     assert r.candidates["search_1"].estimated is None and r.candidates["reference"].kind == "reference"
     assert VerificationResult.from_json(json.loads(json.dumps(to_json(r)))) == r
+
+
+def test_ledger_counts_read_back_runs_with_their_seconds_and_names_untimed_ones():
+    from currsearch.ledger import ComputeLedger
+    from currsearch.reports.run import render_ledger
+
+    led = ComputeLedger()
+    led.add("record", 2.0, real_runs=1, equivalents=1.0)
+    with led.phase("fit") as counts:  # 3 runs read back: 4.5 s recorded, one of them untimed
+        counts["real_runs"] = counts["equivalents"] = 3
+        counts["earlier_seconds"], counts["untimed_runs"] = 4.5, 1
+    s = led.summary(run_seconds=1.5)
+    fit = s.entries[1]
+    assert fit.real_runs == 3 and fit.run_equivalents == 3.0 and fit.untimed_runs == 1 and 4.5 <= fit.seconds < 5.0
+    assert s.seconds == 2.0 + fit.seconds and s.real_runs == 4
+    md = render_ledger(s)
+    assert "| fit | 3 | 3.0 | 4.5 |" in md and "1 of the real runs were read back from a cache written before" in md
+    assert "read back" not in render_ledger(ComputeLedger([("record", 1, 2.0, 1.0, 0)]).summary(1.0))

@@ -152,6 +152,14 @@ def test_budget_is_respected_and_baselines_reproduce(tiny_cfg, tmp_path, capsys)
     # a resumed job reads its rounds back and still counts what they cost
     again = run_pipeline(cfg, with_round, progress=False)
     assert again.trust_region.rounds == tr.rounds
+    # ... and the seconds its fit's and verification's runs took when they were trained (read back, not retrained)
+    store = tmp_path / "r" / "store"
+    (fit_cache,) = (store / "calibration").iterdir()
+    fit_s = sum(json.loads(fit_cache.read_text())["seconds"])
+    verify_s = sum({tuple(c.order): c.seconds for n, c in again.verification.candidates.items() if n in ("search_1", "search_2")}.values())
+    led = {e.phase: e for e in again.ledger.entries}
+    assert led["fit"].seconds >= fit_s > 0 and led["verify"].seconds >= verify_s > 0
+    assert led["fit"].untimed_runs == led["verify"].untimed_runs == 0
     assert next(e for e in again.ledger.entries if e.phase == "trust_region").run_equivalents == pytest.approx(
         tr.run_equivalents * res.ledger.run_seconds / again.ledger.run_seconds + 1)
     # another budget on the same --out is refused before its fit spends a run (its search would refuse it after)

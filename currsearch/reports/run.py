@@ -18,11 +18,15 @@ def render_ledger(ledger: LedgerSummary) -> str:
     """The compute ledger as a markdown section: per phase real runs, run equivalents and seconds, and the total."""
     rows = [[e.phase, str(e.real_runs), f"{e.run_equivalents:.1f}", f"{e.seconds:.1f}"] for e in ledger.entries]
     rows.append(["**total**", f"**{ledger.real_runs}**", f"**{ledger.run_equivalents:.1f}**", f"**{ledger.seconds:.1f}**"])
+    untimed = sum(e.untimed_runs for e in ledger.entries)
     return ("## Compute ledger\n\nOne run equivalent = one real training of the window "
             f"({ledger.run_seconds:.3f} s here). Training and recording count their runs and gradients; other work "
             "(surrogate estimates, fut1-hvp's Hessian-vector products) counts by its time. Work reused from an earlier "
-            "job (the recorded store, a fit's cached runs) counts too.\n\n"
-            + "\n".join(markdown_table(["phase", "real runs", "run equivalents", "seconds"], rows)) + "\n")
+            "job (the recorded store, a fit's cached runs, verified runs) counts too, with the seconds it took when it "
+            "ran.\n\n"
+            + "\n".join(markdown_table(["phase", "real runs", "run equivalents", "seconds"], rows)) + "\n"
+            + (f"\n{untimed} of the real runs were read back from a cache written before currsearch kept run times; "
+               "their seconds are not in the table.\n" if untimed else ""))
 
 
 def comparison(result: PipelineResult) -> dict:
