@@ -8,11 +8,12 @@ The unit is one **real run**: one training of the T-step window from the window 
   from an earlier job (a recorded store, cached calibration runs) still counts: it is part
   of what the result cost;
 * ``seconds``: its wall time, including the recorded time of real runs it read back from an
-  earlier call of the same job instead of training them (a resumed job's cached fit runs,
-  verified runs and baseline trials: ``earlier_seconds``), so a job interrupted and resumed
-  reports what its result cost, not what its last call did. Runs cached by a currsearch that
-  did not record run times count as ``untimed_runs``. The trust-region rounds, the polish and
-  a guided job's surrogate fits count this call's time only;
+  earlier call of the same job instead of training them (a resumed job's cached fit runs and
+  verified runs: ``earlier_seconds``; a guided job's runs are its trials' durations), so a job
+  interrupted and resumed reports what its runs cost, not only what its last call did. Runs
+  cached by a currsearch that did not record run times count as ``untimed_runs``. The search,
+  the trust-region rounds, the polish and a guided job's surrogate fits count this call's time
+  only, and work lost at a kill (fit runs after the last save, a killed trial) is not counted;
 * ``run_equivalents``: its compute in real runs. Phases whose work is counted give it
   (a training phase: its ``real_runs``; the recording: its gradient count over a run's,
   :func:`currsearch.record.record_run_equivalents`), so a budget holds to the run whatever

@@ -140,10 +140,11 @@ def cached_runs(store, exclude: str = "") -> dict[tuple[int, ...], tuple[list[fl
 
 
 def _run_seconds(data: dict) -> list:
-    """Per cached run its training wall seconds, None for the runs of a cache written before
-    currsearch kept them (no or a shorter ``seconds`` list)."""
-    t = list(data.get("seconds", []))
-    return t + [None] * (len(data.get("losses", [])) - len(t))
+    """Per cached run (``losses``) its training wall seconds, None for the runs of a cache
+    written before currsearch kept them (no or a shorter ``seconds`` list; a longer one is cut)."""
+    n = len(data.get("losses", []))
+    t = list(data.get("seconds", []))[:n]
+    return t + [None] * (n - len(t))
 
 
 def load_or_fit_runs(store, name: str, run_settings: list, make_orders, regress, fit_settings: list = (),
@@ -495,8 +496,8 @@ class CalibratedInteractions(Estimator):
         est = cls(device=device, n_runs=o.shape[0], clumped_weight=clumped_weight)
         est.store, est.eval_names, est.T = plan, list(eval_names), o.shape[1]
         est._set_groups(plan)
-        n = o.shape[0]  # runs trained elsewhere: not by this fit (read_back), their seconds unknown here
-        data = {"orders": o.tolist(), "kinds": kinds, "losses": y.tolist(), "seconds": [None] * n, "read_back": [True] * n}
+        n = o.shape[0]  # runs trained elsewhere, given: none read back from a cache, their seconds unknown here
+        data = {"orders": o.tolist(), "kinds": kinds, "losses": y.tolist(), "seconds": [None] * n, "read_back": [False] * n}
         est._load({**data, "fit": est._regress(data)})
         est.fit_seconds = time.perf_counter() - t0
         return est

@@ -26,9 +26,10 @@ if DEVICE.startswith("cuda"):  # cuBLAS reproducibility (read when CUDA initiali
 #: xdist's own order is by number of tests), so no long file starts last on one worker while the
 #: other idles. Unlisted files are short and follow in collection order.
 FILE_SECONDS = {
-    "test_backends_ray.py": 36, "test_run.py": 24, "test_guided.py": 19, "test_response.py": 12,
-    "test_search_resume.py": 11, "test_estimators.py": 10, "test_trust_region.py": 9, "test_positions.py": 8,
-    "test_cli_errors.py": 7, "test_foundation.py": 6, "test_ablate.py": 6, "test_polish.py": 6, "test_record.py": 5,
+    "test_backends_ray.py": 30, "test_run.py": 25, "test_guided.py": 14, "test_search_resume.py": 9,
+    "test_response.py": 8, "test_estimators.py": 8, "test_positions.py": 7, "test_trust_region.py": 7,
+    "test_polish.py": 5, "test_record.py": 5, "test_ablate.py": 4, "test_search.py": 4, "test_arch.py": 3,
+    "test_warmup.py": 3, "test_search_spaces.py": 3,
 }
 
 

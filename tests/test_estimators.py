@@ -174,12 +174,13 @@ def test_calibrated_interactions_fits_three_families_caches_them_and_finds_a_swa
     # an interrupted fit (5 of 16 runs saved, no coefficients) resumes and gives the same model
     (cache,) = store.path.glob("calibration/interactions_*.json")
     partial = json.loads(cache.read_text())
-    partial["losses"] = partial["losses"][:5]
+    partial["losses"], partial["seconds"] = partial["losses"][:5], partial["seconds"][:5]
     del partial["fit"]
     store.write_listed_bytes(cache.relative_to(store.path).as_posix(), json.dumps(partial).encode())  # as the fit's saves
     resumed = get_estimator("calibrated-interactions", n_runs=16).fit(store)
     assert _cached(resumed.runs) == _cached(est.runs) and torch.allclose(resumed.W, est.W)
     assert resumed.runs["read_back"] == [True] * 5 + [False] * 11 and resumed.runs["seconds"][:5] == secs[:5]
+    assert len(resumed.runs["seconds"]) == 16
     assert resumed.fit_runs_read_back() == (pytest.approx(sum(secs[:5])), 0)
     secs = resumed.runs["seconds"]
     # a setting of the fit only (the clumped runs' weight) refits from the cached runs, no retraining
