@@ -85,7 +85,15 @@ class Backend(ABC):
     @abstractmethod
     def assignment_optimum(self, eval_set: str) -> torch.Tensor | None:
         """The estimator's own optimum order for ``eval_set`` (int64 ``[T]``) when it has one
-        (estimators with ``has_optimum``), else ``None``."""
+        (estimators with ``has_optimum``), else ``None``.
+
+        Raises:
+            ConfigError: ``eval_set`` is not one of :attr:`eval_names`.
+        """
+
+    def _check_eval_set(self, eval_set: str) -> None:
+        if eval_set not in self.eval_names:
+            raise ConfigError(f"unknown eval set {eval_set!r}; the store has {self.eval_names}")
 
     def close(self) -> None:
         """Release resources (no-op by default)."""
@@ -137,7 +145,12 @@ class SerialBackend(Backend):
 
     def assignment_optimum(self, eval_set: str) -> torch.Tensor | None:
         """The estimator's own optimum order for ``eval_set`` (int64 ``[T]``) when it has
-        one (``assignment_optimum``, additive and calibrated estimators), else ``None``."""
+        one (``assignment_optimum``, additive and calibrated estimators), else ``None``.
+
+        Raises:
+            ConfigError: an eval set the store lacks.
+        """
+        self._check_eval_set(eval_set)
         return self.estimator.assignment_optimum(eval_set).cpu() if self.estimator.has_optimum else None
 
     def __repr__(self) -> str:
@@ -183,6 +196,21 @@ class _ScoringWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def _actor_error(err, what: str) -> CurrsearchError:
+    """The error a Ray actor's method raised (``ray.exceptions.RayTaskError``), without Ray's
+    remote traceback: the actor's own :class:`CurrsearchError` (a damaged store, a bad setting)
+    as it is, anything else (CUDA out of memory, a device the actor's node lacks) as a
+    CurrsearchError naming the cause, ``what`` the actor was doing and what to try."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, CurrsearchError):
+        return cause
+    said = f"{type(cause).__name__}: {cause}" if cause is not None else str(err).strip().splitlines()[-1]
+    return CurrsearchError(
+        f"a Ray actor failed {what}: {said}. If it ran out of memory, use a smaller chunk or "
+        "fewer actors per GPU; if its node lacks the device, set the estimator's device or num_gpus_per_actor"
+    )
 
 
 def gpus_per_actor(device: str, num_actors: int, cluster_gpus: float) -> float:
@@ -385,10 +413,13 @@ class RayBackend(Backend):
 
         Raises:
             ConfigError: not ready within ``ready_timeout``. StoreError: the store changed.
+            CurrsearchError: an actor's setup raised (:func:`_actor_error`).
         """
         import ray
         try:
             ready = ray.get(list(refs), timeout=self.ready_timeout)
+        except ray.exceptions.RayTaskError as err:
+            raise _actor_error(err, "to start (opening the store and fitting the estimator)") from None
         except ray.exceptions.GetTimeoutError:
             def pick(r):
                 return {k: r.get(k, 0) for k in ("CPU", "GPU")}
@@ -446,7 +477,8 @@ class RayBackend(Backend):
 
         Raises:
             OrderError: an invalid order. CurrsearchError: a chunk failed more than
-            ``max_retries`` times because its actor died.
+            ``max_retries`` times because its actor died, or its estimate raised in the actor
+            (:func:`_actor_error`).
         """
         import ray
         if self._pool is None:
@@ -485,6 +517,8 @@ class RayBackend(Backend):
                     self._pool.submit(fn, i)
                     submitted.append(i)
                     continue
+                except ray.exceptions.RayTaskError as err:
+                    raise _actor_error(err, f"scoring chunk {i} of {len(chunks)}") from None
                 done += 1
                 if on_chunk is not None:
                     on_chunk(done, len(chunks))
@@ -497,9 +531,17 @@ class RayBackend(Backend):
 
     def assignment_optimum(self, eval_set: str) -> torch.Tensor | None:
         """The estimator's own optimum order for ``eval_set`` (int64 ``[T]``, computed on one
-        actor) when it has one (``has_optimum``), else ``None``."""
+        actor) when it has one (``has_optimum``), else ``None``.
+
+        Raises:
+            ConfigError: an eval set the store lacks. CurrsearchError: the actor raised (:func:`_actor_error`).
+        """
         import ray
-        out = ray.get(self.actors[0].assignment_optimum.remote(eval_set))
+        self._check_eval_set(eval_set)
+        try:
+            out = ray.get(self.actors[0].assignment_optimum.remote(eval_set))
+        except ray.exceptions.RayTaskError as err:
+            raise _actor_error(err, "computing the assignment optimum") from None
         return None if out is None else torch.tensor(out, dtype=torch.int64)
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from currsearch.backends import RayBackend, SerialBackend, gpus_per_actor
-from currsearch.errors import ConfigError, StoreError
+from currsearch.errors import ConfigError, CurrsearchError, StoreError
 from currsearch.orders import random_order
 from currsearch.search import run_search
 from estimators import get_estimator
@@ -76,6 +76,9 @@ def test_serial_and_ray_agree_and_a_killed_actor_is_replaced(store, ray_local, o
         assert torch.equal(rb.score(orders20), expected)
         assert rb.n_replaced == 2 and len(rb.actors) == 2
         assert torch.equal(rb.assignment_optimum("all"), serial.assignment_optimum("all"))
+        for backend in (rb, serial):  # an unknown eval set: one clear error, not the estimator's ValueError
+            with pytest.raises(ConfigError, match="unknown eval set 'nope'"):
+                backend.assignment_optimum("nope")
         # the same search over either backend gives the same trials
         a = run_search(store, n_trials=16, batch_size=8, progress=False, backend=serial)
         b = run_search(store, n_trials=16, batch_size=8, progress=False, backend=rb)
@@ -102,6 +105,10 @@ def test_ray_backend_errors(store, ray_local):
         RayBackend(store.path, "nope")
     with pytest.raises(StoreError, match="readouts_checkpoint"):  # a missing term: refused before any actor starts
         RayBackend(store.path, "additive", estimator_kwargs={"readout": "checkpoint"}, num_actors=1)
+    if not torch.cuda.is_available():  # an error inside an actor (here: a device its node lacks) reads as one line
+        with pytest.raises(CurrsearchError, match=r"a Ray actor failed to start.*: .*CUDA.*device") as info:
+            RayBackend(store.path, "additive", estimator_kwargs={"device": "cuda"}, num_actors=1)
+        assert "Traceback" not in str(info.value)
     t0 = time.perf_counter()  # issue 16 item 20: 3 one-CPU actors on a 2-CPU cluster fail at once
     with pytest.raises(ConfigError, match=r"3 Ray actors need 3 CPUs and [\d.]+ GPUs, the cluster has 2"):
         RayBackend(store.path, "additive", num_actors=3)
