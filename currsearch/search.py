@@ -67,12 +67,11 @@ from .store import TrajectoryStore
 from .study import (
     Session,
     enqueue_starts,
-    fail_unfinished,
     known_values,
     make_storage,
     optuna_warnings_only,
     recover_stale_trials,
-    requeue,
+    requeue_in_order,
     session_starts,
     STARTS_ATTR,
 )
@@ -486,8 +485,7 @@ def _tell_batch(study: optuna.Study, trials: list, score: Callable) -> None:
         lost = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
                 if t.number in cut and "fixed_params" in t.system_attrs]
         if lost:  # queued again with the WAITING trials, in trial-number order (as recover_stale_trials does)
-            waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-            requeue(study, sorted(lost + fail_unfinished(study, waiting), key=lambda t: t.number))
+            requeue_in_order(study, lost)
         raise
 
 

@@ -13,7 +13,7 @@ continues it. This module holds the parts that make that safe (issue 16):
 * :func:`recover_stale_trials` fails a dead call's RUNNING trials and re-enqueues them (with
   the WAITING trials, in trial-number order, so that they are evaluated in the original order);
   :func:`~currsearch.search.ask_and_tell` does the same for the enqueued trials of a batch that
-  raised (Ctrl-C, a backend error), with :func:`fail_unfinished` and :func:`requeue`.
+  raised (Ctrl-C, a backend error); both queue through :func:`requeue_in_order`.
 * :func:`enqueue_starts` enqueues the starting trials idempotently (``skip_if_exists``) and
   records completion in the user attr ``currsearch_starts_done``.
 * :func:`known_values` maps each evaluated order to its stored trial, so that an order is
@@ -44,7 +44,6 @@ LOCK_GRACE_S = 30.0  # a journal lock older than this is stale (Optuna holds it 
 STALE_AFTER_S = 600.0  # a session on another host without a heartbeat this long is dead
 SESSION_ATTR = "currsearch_session"
 STARTS_ATTR = "currsearch_starts_done"
-_LIVE = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
 
 
 @contextlib.contextmanager
@@ -214,10 +213,13 @@ def fail_unfinished(study: optuna.Study, trials: list[optuna.trial.FrozenTrial])
     return failed
 
 
-def requeue(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> None:
-    """Enqueue the parameters (an enqueued trial's fixed ones) and user attrs (less the session
-    tag) of ``trials`` again, in the given order: the next asks run them."""
-    for t in trials:
+def requeue_in_order(study: optuna.Study, failed: list[optuna.trial.FrozenTrial]) -> None:
+    """Queue the ``failed`` trials (already told FAIL) again together with every WAITING trial
+    (told FAIL here, :func:`fail_unfinished`), all in trial-number order, so that the next asks
+    run them in the order an uninterrupted call would have: each keeps its parameters (an
+    enqueued trial's fixed ones) and user attrs (less the session tag)."""
+    waiting = fail_unfinished(study, study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+    for t in sorted(failed + waiting, key=lambda t: t.number):
         attrs = {k: v for k, v in t.user_attrs.items() if k != SESSION_ATTR}
         study.enqueue_trial(t.system_attrs.get("fixed_params", t.params), user_attrs=attrs)
 
@@ -236,11 +238,8 @@ def recover_stale_trials(study: optuna.Study, session: Session, stale_after_s: f
     """
     sessions = {k.split(":", 1)[1]: v for k, v in study.user_attrs.items() if k.startswith(f"{SESSION_ATTR}:")}
     now = time.time()
-    stale, waiting = [], []
-    for t in study.get_trials(deepcopy=False, states=_LIVE):
-        if t.state == optuna.trial.TrialState.WAITING:
-            waiting.append(t)
-            continue
+    stale = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         sid = t.user_attrs.get(SESSION_ATTR)
         if sid != session.id and (
             not _alive(sessions.get(sid), stale_after_s) if sid else now - t.datetime_start.timestamp() > stale_after_s
@@ -248,7 +247,7 @@ def recover_stale_trials(study: optuna.Study, session: Session, stale_after_s: f
             stale.append(t)
     if not stale:
         return []
-    requeue(study, fail_unfinished(study, sorted(stale + waiting, key=lambda t: t.number)))
+    requeue_in_order(study, fail_unfinished(study, stale))
     numbers = [t.number for t in stale]
     logger.warning("re-queued %d trial(s) left RUNNING by a killed search: %s", len(numbers), numbers)
     return numbers
